@@ -1,0 +1,219 @@
+// The `blockgate` command: `serve` runs the gateway; everything else is a
+// request to a running gateway over its admin socket.
+
+import path from 'node:path';
+import { callGateway } from '../control/admin-client';
+import { BlockgateError } from '../errors';
+import { parseListenAddress } from '../nbd/listen-address';
+import { serve } from '../serve';
+import type { VolumeInfo } from '../volume/manager';
+import { parseSize } from '../util/size';
+import { parseArgs, Parsed, UsageError } from './args';
+import { bytes, keyValues, table } from './format';
+
+const DEFAULT_DATA = './blockgate-data';
+const DEFAULT_LISTEN = '127.0.0.1:10809';
+
+const USAGE = `usage:
+  blockgate serve [--data DIR] [--listen ADDR]... [--admin PATH]
+  blockgate [--admin PATH | --data DIR] COMMAND ...
+commands:
+  volume create NAME --size SIZE [--backend raw|memory] [--read-only] [--path FILE|DEVICE]
+  volume list [--json]
+  volume info NAME [--json]
+  volume delete NAME
+  volume resize NAME --size SIZE
+  stats [--json]
+ADDR is HOST:PORT or unix:PATH (default ${DEFAULT_LISTEN}); SIZE takes K, M, G, T (binary).
+`;
+
+/** Contract commands whose subsystems have not landed yet. */
+const NOT_YET = new Set([
+  'snapshot',
+  'rollback',
+  'clone',
+  'replica',
+  'promote',
+  'demote',
+  'verify',
+  'seed',
+  'fsck',
+]);
+
+const SPEC = {
+  flags: ['json', 'read-only', 'help'],
+  values: ['admin', 'data', 'size', 'backend', 'path'],
+  repeatable: ['listen'],
+};
+
+function adminPath(p: Parsed): string {
+  const explicit = p.values.get('admin');
+  if (explicit) return explicit;
+  return path.join(p.values.get('data') ?? DEFAULT_DATA, 'admin.sock');
+}
+
+function expectPositionals(p: Parsed, count: number, usage: string): void {
+  if (p.positionals.length < count) throw new UsageError(`missing argument: ${usage}`);
+  if (p.positionals.length > count) {
+    throw new UsageError(`unexpected argument '${p.positionals[count]}': ${usage}`);
+  }
+}
+
+function onlyOptions(p: Parsed, allowed: string[]): void {
+  const given = [...p.flags, ...p.values.keys(), ...p.repeated.keys()];
+  const global = ['admin', 'data'];
+  for (const o of given) {
+    if (!allowed.includes(o) && !global.includes(o)) throw new UsageError(`--${o} does not apply here`);
+  }
+}
+
+function print(p: Parsed, result: unknown, human: (r: never) => string): void {
+  process.stdout.write(p.flags.has('json') ? JSON.stringify(result, null, 2) + '\n' : human(result as never));
+}
+
+function volumeRow(v: VolumeInfo): string[] {
+  return [
+    v.name,
+    bytes(v.size),
+    v.backend,
+    v.readOnly ? 'ro' : 'rw',
+    bytes(v.allocatedBytes),
+    String(v.clients),
+  ];
+}
+
+async function volumeCommand(p: Parsed): Promise<void> {
+  const sub = p.positionals[1];
+  const sock = adminPath(p);
+  switch (sub) {
+    case 'create': {
+      expectPositionals(p, 3, 'volume create NAME --size SIZE');
+      onlyOptions(p, ['size', 'backend', 'read-only', 'path', 'json']);
+      const size = p.values.get('size');
+      const info = (await callGateway(sock, 'volume.create', {
+        name: p.positionals[2],
+        ...(size !== undefined ? { size: parseSize(size) } : {}),
+        ...(p.values.has('backend') ? { backend: p.values.get('backend') } : {}),
+        ...(p.values.has('path') ? { path: path.resolve(p.values.get('path')!) } : {}),
+        readOnly: p.flags.has('read-only'),
+      })) as VolumeInfo;
+      return print(p, info, (v: VolumeInfo) => `created volume ${v.name} (${bytes(v.size)}, ${v.backend})\n`);
+    }
+    case 'list': {
+      expectPositionals(p, 2, 'volume list');
+      onlyOptions(p, ['json']);
+      const list = await callGateway(sock, 'volume.list');
+      return print(p, list, (l: VolumeInfo[]) =>
+        table(['NAME', 'SIZE', 'BACKEND', 'MODE', 'ALLOCATED', 'CLIENTS'], l.map(volumeRow)),
+      );
+    }
+    case 'info': {
+      expectPositionals(p, 3, 'volume info NAME');
+      onlyOptions(p, ['json']);
+      const info = await callGateway(sock, 'volume.info', { name: p.positionals[2] });
+      return print(p, info, (v: VolumeInfo) =>
+        keyValues([
+          ['name', v.name],
+          ['size', `${bytes(v.size)} (${v.size} bytes)`],
+          ['backend', v.backend],
+          ['mode', v.readOnly ? 'read-only' : 'read-write'],
+          ...(v.path ? [['path', v.path] as [string, string]] : []),
+          ['allocated', bytes(v.allocatedBytes)],
+          ['clients', String(v.clients)],
+          ['created', v.created],
+        ]),
+      );
+    }
+    case 'delete': {
+      expectPositionals(p, 3, 'volume delete NAME');
+      onlyOptions(p, ['json']);
+      const r = await callGateway(sock, 'volume.delete', { name: p.positionals[2] });
+      return print(p, r, () => `deleted volume ${p.positionals[2]}\n`);
+    }
+    case 'resize': {
+      expectPositionals(p, 3, 'volume resize NAME --size SIZE');
+      onlyOptions(p, ['size', 'json']);
+      const size = p.values.get('size');
+      if (size === undefined) throw new UsageError('volume resize needs --size SIZE');
+      const info = await callGateway(sock, 'volume.resize', {
+        name: p.positionals[2],
+        size: parseSize(size),
+      });
+      return print(p, info, (v: VolumeInfo) => `volume ${v.name} is now ${bytes(v.size)}\n`);
+    }
+    default:
+      throw new UsageError(
+        sub
+          ? `unknown volume command '${sub}'`
+          : 'volume needs a command: create, list, info, delete, resize',
+      );
+  }
+}
+
+interface Stats {
+  volumes: number;
+  connections: number;
+  logicalBytes: number;
+  allocatedBytes: number;
+  rssBytes: number;
+  heapUsedBytes: number;
+  uptimeSeconds: number;
+  listeners: string[];
+}
+
+async function main(argv: string[]): Promise<void> {
+  const p = parseArgs(argv, SPEC);
+  const command = p.positionals[0];
+  if (p.flags.has('help') || command === 'help') {
+    process.stdout.write(USAGE);
+    return;
+  }
+  switch (command) {
+    case 'serve': {
+      expectPositionals(p, 1, 'serve');
+      onlyOptions(p, ['listen']);
+      const dataDir = p.values.get('data') ?? DEFAULT_DATA;
+      const listen = (p.repeated.get('listen') ?? [DEFAULT_LISTEN]).map((a) => {
+        try {
+          return parseListenAddress(a);
+        } catch (err) {
+          throw new UsageError(`--listen: ${(err as Error).message}`);
+        }
+      });
+      return serve({ dataDir, listen, adminPath: p.values.get('admin') ?? path.join(dataDir, 'admin.sock') });
+    }
+    case 'volume':
+      return volumeCommand(p);
+    case 'stats': {
+      expectPositionals(p, 1, 'stats');
+      onlyOptions(p, ['json']);
+      const s = (await callGateway(adminPath(p), 'stats')) as Stats;
+      return print(p, s, (x: Stats) =>
+        keyValues([
+          ['volumes', String(x.volumes)],
+          ['connections', String(x.connections)],
+          ['logical', bytes(x.logicalBytes)],
+          ['allocated', bytes(x.allocatedBytes)],
+          ['memory (RSS)', bytes(x.rssBytes)],
+          ['uptime', `${x.uptimeSeconds} s`],
+          ['listening', x.listeners.join(', ')],
+        ]),
+      );
+    }
+    case undefined:
+      throw new UsageError('no command given (try blockgate --help)');
+    default:
+      if (NOT_YET.has(command))
+        throw new UsageError(`'${command}' is not available in this version of blockgate yet`);
+      throw new UsageError(`unknown command '${command}' (try blockgate --help)`);
+  }
+}
+
+main(process.argv.slice(2)).catch((err: unknown) => {
+  const message = err instanceof Error ? err.message : String(err);
+  process.stderr.write(`blockgate: ${message}\n`);
+  if (!(err instanceof UsageError || err instanceof BlockgateError)) {
+    process.stderr.write(`${(err as Error)?.stack ?? ''}\n`);
+  }
+  process.exit(err instanceof UsageError ? 2 : 1);
+});

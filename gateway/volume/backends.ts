@@ -1,0 +1,46 @@
+// Builds a volume's stack of layers from its record: the backend at the
+// bottom, filters above it. Later layers (dedup store, splitter) slot in here.
+
+import fs from 'node:fs';
+import path from 'node:path';
+import type { BlockDevice } from '../device/block-device';
+import { MemoryDevice } from '../device/memory';
+import { RawDevice } from '../device/raw';
+import { ReadOnlyLayer } from '../device/read-only';
+import type { VolumeRecord } from './catalog';
+
+export function volumeFile(dataDir: string, name: string): string {
+  return path.join(dataDir, 'volumes', `${name}.img`);
+}
+
+export function openStack(dataDir: string, rec: VolumeRecord): BlockDevice {
+  let device: BlockDevice;
+  switch (rec.backend) {
+    case 'memory':
+      device = new MemoryDevice(rec.size);
+      break;
+    case 'raw': {
+      const own = rec.path === undefined;
+      const file = rec.path ?? volumeFile(dataDir, rec.name);
+      if (own) fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o700 });
+      device = RawDevice.open({ path: file, size: own ? rec.size : undefined, readOnly: rec.readOnly });
+      break;
+    }
+  }
+  return rec.readOnly ? new ReadOnlyLayer(device) : device;
+}
+
+/** Bytes a volume really occupies on this gateway's disk. */
+export function allocatedBytes(dataDir: string, rec: VolumeRecord): number {
+  if (rec.backend !== 'raw' || rec.path !== undefined) return 0;
+  try {
+    return fs.statSync(volumeFile(dataDir, rec.name)).blocks * 512;
+  } catch {
+    return 0;
+  }
+}
+
+export function removeBackingStore(dataDir: string, rec: VolumeRecord): void {
+  if (rec.backend === 'raw' && rec.path === undefined)
+    fs.rmSync(volumeFile(dataDir, rec.name), { force: true });
+}

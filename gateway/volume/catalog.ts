@@ -1,0 +1,63 @@
+// The list of volumes and their settings, persisted as one JSON file in the
+// data directory, replaced atomically (write, fsync, rename, fsync the
+// directory) so a crash leaves either the old list or the new one.
+
+import fs from 'node:fs';
+import path from 'node:path';
+
+export type Backend = 'raw' | 'memory';
+export const BACKENDS: readonly Backend[] = ['raw', 'memory'];
+
+export interface VolumeRecord {
+  name: string;
+  size: number;
+  backend: Backend;
+  readOnly: boolean;
+  /** For raw volumes on a file or block device of the operator's; absent for the gateway's own files. */
+  path?: string;
+  created: string;
+}
+
+interface CatalogFile {
+  version: 1;
+  volumes: VolumeRecord[];
+}
+
+export class Catalog {
+  private readonly file: string;
+
+  constructor(readonly dataDir: string) {
+    this.file = path.join(dataDir, 'volumes.json');
+  }
+
+  exists(): boolean {
+    return fs.existsSync(this.file);
+  }
+
+  load(): VolumeRecord[] {
+    const parsed = JSON.parse(fs.readFileSync(this.file, 'utf8')) as CatalogFile;
+    if (parsed.version !== 1 || !Array.isArray(parsed.volumes)) {
+      throw new Error(`${this.file}: unknown catalog version ${String(parsed.version)}`);
+    }
+    return parsed.volumes;
+  }
+
+  save(volumes: VolumeRecord[]): void {
+    const body: CatalogFile = { version: 1, volumes };
+    const tmp = `${this.file}.tmp`;
+    const fd = fs.openSync(tmp, 'w', 0o600);
+    try {
+      fs.writeSync(fd, JSON.stringify(body, null, 2) + '\n');
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+    fs.renameSync(tmp, this.file);
+    const dir = fs.openSync(this.dataDir, 'r');
+    try {
+      fs.fsyncSync(dir);
+    } finally {
+      fs.closeSync(dir);
+    }
+  }
+}

@@ -1,0 +1,263 @@
+// The registry of volumes: creates, opens, resizes and deletes them, keeps
+// the catalog on disk, and knows which NBD clients use which volume.
+
+import type { BlockDevice } from '../device/block-device';
+import { toBlockError } from '../device/errors';
+import {
+  BackendError,
+  InvalidArgumentError,
+  VolumeBusyError,
+  VolumeExistsError,
+  VolumeNotFoundError,
+} from '../errors';
+import type { ClientInfo, ExportRegistry, NbdExport } from '../nbd/registry';
+import type { Logger } from '../util/log';
+import { formatSize } from '../util/size';
+import { allocatedBytes, openStack, removeBackingStore } from './backends';
+import { Backend, BACKENDS, Catalog, VolumeRecord } from './catalog';
+
+export const DEFAULT_VOLUME = 'disk0';
+export const DEFAULT_VOLUME_SIZE = 8 * 2 ** 30;
+const NAME = /^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$/;
+/** Largest volume: offsets must stay exact in a JS number. */
+const MAX_SIZE = 2 ** 52;
+
+export interface VolumeInfo {
+  name: string;
+  size: number;
+  backend: Backend;
+  readOnly: boolean;
+  path: string | null;
+  allocatedBytes: number;
+  clients: number;
+  created: string;
+}
+
+export interface CreateOptions {
+  name: string;
+  size?: number;
+  backend?: Backend;
+  readOnly?: boolean;
+  path?: string;
+}
+
+class Volume implements NbdExport {
+  readonly clients = new Map<number, ClientInfo>();
+  constructor(
+    public record: VolumeRecord,
+    readonly device: BlockDevice,
+  ) {}
+  get name(): string {
+    return this.record.name;
+  }
+  get description(): string {
+    return `${this.record.backend} volume, ${formatSize(this.device.size)}${this.record.readOnly ? ', read-only' : ''}`;
+  }
+}
+
+export class VolumeManager implements ExportRegistry {
+  private readonly volumes = new Map<string, Volume>();
+  private readonly catalog: Catalog;
+  /** Serialises changes so two admin commands never interleave their catalog writes. */
+  private queue: Promise<unknown> = Promise.resolve();
+
+  private constructor(
+    readonly dataDir: string,
+    private readonly log: Logger,
+  ) {
+    this.catalog = new Catalog(dataDir);
+  }
+
+  /** Opens every volume of the data directory; an empty directory gets the default volume. */
+  static async open(dataDir: string, log: Logger): Promise<VolumeManager> {
+    const m = new VolumeManager(dataDir, log);
+    if (!m.catalog.exists()) {
+      m.catalog.save([]);
+      await m.create({ name: DEFAULT_VOLUME, size: DEFAULT_VOLUME_SIZE });
+      log.info(`created default volume ${DEFAULT_VOLUME} (${formatSize(DEFAULT_VOLUME_SIZE)}, thin)`);
+      return m;
+    }
+    for (const rec of m.catalog.load()) {
+      try {
+        m.volumes.set(rec.name, new Volume(rec, openStack(dataDir, rec)));
+      } catch (err) {
+        // One broken volume must not keep the others offline.
+        log.error(`volume ${rec.name} could not be opened: ${(err as Error).message}`);
+      }
+    }
+    return m;
+  }
+
+  private exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.queue.then(fn, fn);
+    this.queue = run.catch(() => undefined);
+    return run;
+  }
+
+  private records(): VolumeRecord[] {
+    return [...this.volumes.values()].map((v) => v.record);
+  }
+
+  private volume(name: string): Volume {
+    const v = this.volumes.get(name);
+    if (!v) throw new VolumeNotFoundError(`no volume named '${name}'`);
+    return v;
+  }
+
+  create(opts: CreateOptions): Promise<VolumeInfo> {
+    return this.exclusive(async () => {
+      if (!NAME.test(opts.name)) {
+        throw new InvalidArgumentError(
+          `invalid volume name '${opts.name}': use letters, digits, '.', '_', '+', '-' (at most 128)`,
+        );
+      }
+      if (this.volumes.has(opts.name)) throw new VolumeExistsError(`volume '${opts.name}' already exists`);
+      const backend = opts.backend ?? 'raw';
+      if (!BACKENDS.includes(backend)) {
+        throw new InvalidArgumentError(`unknown backend '${backend}': use ${BACKENDS.join(' or ')}`);
+      }
+      if (opts.path !== undefined && backend !== 'raw') {
+        throw new InvalidArgumentError('--path is only for the raw backend');
+      }
+      if (opts.size === undefined && opts.path === undefined)
+        throw new InvalidArgumentError('--size is required');
+      if (opts.size !== undefined) checkSize(opts.size);
+      const record: VolumeRecord = {
+        name: opts.name,
+        size: opts.size ?? 0,
+        backend,
+        readOnly: opts.readOnly ?? false,
+        ...(opts.path !== undefined ? { path: opts.path } : {}),
+        created: new Date().toISOString(),
+      };
+      let device: BlockDevice;
+      try {
+        device = openStack(this.dataDir, record);
+      } catch (err) {
+        throw new BackendError(`cannot create volume '${opts.name}': ${toBlockError(err, 'open').message}`);
+      }
+      record.size = device.size;
+      const vol = new Volume(record, device);
+      this.volumes.set(record.name, vol);
+      try {
+        this.catalog.save(this.records());
+      } catch (err) {
+        this.volumes.delete(record.name);
+        await device.close();
+        removeBackingStore(this.dataDir, record);
+        throw err;
+      }
+      this.log.info(`volume ${record.name} created: ${vol.description}`);
+      return this.describe(vol);
+    });
+  }
+
+  delete(name: string): Promise<void> {
+    return this.exclusive(async () => {
+      const vol = this.volume(name);
+      if (vol.clients.size > 0) {
+        throw new VolumeBusyError(
+          `volume '${name}' has ${vol.clients.size} connected client(s); disconnect them first`,
+        );
+      }
+      this.volumes.delete(name);
+      this.catalog.save(this.records());
+      await vol.device.close();
+      removeBackingStore(this.dataDir, vol.record);
+      this.log.info(`volume ${name} deleted`);
+    });
+  }
+
+  resize(name: string, size: number): Promise<VolumeInfo> {
+    return this.exclusive(async () => {
+      const vol = this.volume(name);
+      checkSize(size);
+      if (vol.record.readOnly) throw new InvalidArgumentError(`volume '${name}' is read-only`);
+      if (size < vol.device.size && vol.clients.size > 0) {
+        throw new VolumeBusyError(
+          `cannot shrink volume '${name}' while ${vol.clients.size} client(s) are connected`,
+        );
+      }
+      try {
+        await vol.device.resize(size);
+      } catch (err) {
+        throw new BackendError(`cannot resize volume '${name}': ${toBlockError(err, 'resize').message}`);
+      }
+      vol.record = { ...vol.record, size };
+      this.catalog.save(this.records());
+      this.log.info(`volume ${name} resized to ${formatSize(size)}`);
+      return this.describe(vol);
+    });
+  }
+
+  info(name: string): VolumeInfo {
+    return this.describe(this.volume(name));
+  }
+
+  listVolumes(): VolumeInfo[] {
+    return [...this.volumes.values()]
+      .map((v) => this.describe(v))
+      .sort((a, b) => a.name.localeCompare(b.name));
+  }
+
+  private describe(v: Volume): VolumeInfo {
+    return {
+      name: v.record.name,
+      size: v.device.size,
+      backend: v.record.backend,
+      readOnly: v.record.readOnly,
+      path: v.record.path ?? null,
+      allocatedBytes: allocatedBytes(this.dataDir, v.record),
+      clients: v.clients.size,
+      created: v.record.created,
+    };
+  }
+
+  // ExportRegistry: every volume is an export of the same name.
+
+  defaultExport(): string | null {
+    if (this.volumes.has(DEFAULT_VOLUME)) return DEFAULT_VOLUME;
+    return this.volumes.size === 1 ? [...this.volumes.keys()][0]! : null;
+  }
+
+  list(): Array<{ name: string; description: string }> {
+    return [...this.volumes.values()].map((v) => ({ name: v.name, description: v.description }));
+  }
+
+  get(name: string): NbdExport | null {
+    return this.volumes.get(name) ?? null;
+  }
+
+  attach(name: string, client: ClientInfo): () => void {
+    const vol = this.volume(name);
+    vol.clients.set(client.id, client);
+    return () => vol.clients.delete(client.id);
+  }
+
+  connectionCount(): number {
+    let n = 0;
+    for (const v of this.volumes.values()) n += v.clients.size;
+    return n;
+  }
+
+  /** Flushes and closes every volume; for shutdown. */
+  async close(): Promise<void> {
+    await this.exclusive(async () => {
+      for (const v of this.volumes.values()) {
+        try {
+          await v.device.flush();
+        } catch (err) {
+          this.log.error(`flush of ${v.name} at shutdown failed: ${(err as Error).message}`);
+        }
+        await v.device.close();
+      }
+      this.volumes.clear();
+    });
+  }
+}
+
+function checkSize(size: number): void {
+  if (!Number.isSafeInteger(size) || size <= 0) throw new InvalidArgumentError(`invalid size ${size}`);
+  if (size > MAX_SIZE)
+    throw new InvalidArgumentError(`size ${formatSize(size)} exceeds the ${formatSize(MAX_SIZE)} limit`);
+}

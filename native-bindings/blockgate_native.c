@@ -1,0 +1,244 @@
+/*
+ * What Node's fs and net modules lack and blockgate needs: fallocate() with
+ * PUNCH_HOLE / ZERO_RANGE (TRIM and WRITE_ZEROES that free or zero space
+ * without writing it), lseek() with SEEK_DATA / SEEK_HOLE (honest block
+ * status on sparse files), readahead hints for NBD_CMD_CACHE, the size of a block device, and the credentials
+ * of the peer on a Unix socket (who is talking to the admin socket).
+ *
+ * Errors are thrown as Error objects carrying `code` (e.g. "EOPNOTSUPP") and
+ * `errno`, the same shape Node's own fs errors have, so the TypeScript side
+ * maps them to block errors in one place.
+ */
+#include <node_api.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define CHECK(call)                                                            \
+  do {                                                                         \
+    if ((call) != napi_ok) {                                                   \
+      napi_throw_error(env, NULL, "N-API call failed: " #call);                \
+      return NULL;                                                             \
+    }                                                                          \
+  } while (0)
+
+static const char *errno_code(int err) {
+  switch (err) {
+  case EOPNOTSUPP: return "EOPNOTSUPP";
+  case EBADF: return "EBADF";
+  case EINVAL: return "EINVAL";
+  case ENOSPC: return "ENOSPC";
+  case EIO: return "EIO";
+  case ENXIO: return "ENXIO";
+  case EPERM: return "EPERM";
+  case EFBIG: return "EFBIG";
+  case ENOTTY: return "ENOTTY";
+  case ENODEV: return "ENODEV";
+  case ENOTSOCK: return "ENOTSOCK";
+  case EINTR: return "EINTR";
+  default: return "EUNKNOWN";
+  }
+}
+
+static napi_value make_errno_error(napi_env env, int err, const char *syscall) {
+  char msg[256];
+  napi_value code, message, error, num;
+  snprintf(msg, sizeof msg, "%s: %s", syscall, strerror(err));
+  napi_create_string_utf8(env, errno_code(err), NAPI_AUTO_LENGTH, &code);
+  napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &message);
+  napi_create_error(env, code, message, &error);
+  napi_create_int32(env, -err, &num);
+  napi_set_named_property(env, error, "errno", num);
+  napi_set_named_property(env, error, "code", code);
+  return error;
+}
+
+static int get_args(napi_env env, napi_callback_info info, size_t want, napi_value *argv) {
+  size_t argc = want;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < want) {
+    napi_throw_type_error(env, NULL, "wrong number of arguments");
+    return 0;
+  }
+  return 1;
+}
+
+static int get_i64(napi_env env, napi_value v, int64_t *out, const char *what) {
+  if (napi_get_value_int64(env, v, out) != napi_ok || *out < 0) {
+    char msg[96];
+    snprintf(msg, sizeof msg, "%s must be a non-negative integer", what);
+    napi_throw_type_error(env, NULL, msg);
+    return 0;
+  }
+  return 1;
+}
+
+/* fallocate runs on the libuv pool: punching a large hole can take long. */
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  int fd;
+  int mode;
+  int64_t offset;
+  int64_t length;
+  int err;
+} falloc_job;
+
+static void falloc_execute(napi_env env, void *data) {
+  (void)env;
+  falloc_job *job = data;
+  int r;
+  do {
+    r = fallocate(job->fd, job->mode, job->offset, job->length);
+  } while (r < 0 && errno == EINTR);
+  job->err = r < 0 ? errno : 0;
+}
+
+static void falloc_complete(napi_env env, napi_status status, void *data) {
+  falloc_job *job = data;
+  napi_value result;
+  if (status != napi_ok) {
+    job->err = EIO;
+  }
+  if (job->err) {
+    napi_reject_deferred(env, job->deferred, make_errno_error(env, job->err, "fallocate"));
+  } else {
+    napi_get_undefined(env, &result);
+    napi_resolve_deferred(env, job->deferred, result);
+  }
+  napi_delete_async_work(env, job->work);
+  free(job);
+}
+
+/* fallocate(fd, mode, offset, length) -> Promise<void> */
+static napi_value js_fallocate(napi_env env, napi_callback_info info) {
+  napi_value argv[4], promise, name;
+  int64_t fd, mode, offset, length;
+  if (!get_args(env, info, 4, argv)) return NULL;
+  if (!get_i64(env, argv[0], &fd, "fd") || !get_i64(env, argv[1], &mode, "mode") ||
+      !get_i64(env, argv[2], &offset, "offset") || !get_i64(env, argv[3], &length, "length"))
+    return NULL;
+  falloc_job *job = calloc(1, sizeof *job);
+  if (!job) {
+    napi_throw_error(env, "ENOMEM", "out of memory");
+    return NULL;
+  }
+  job->fd = (int)fd;
+  job->mode = (int)mode;
+  job->offset = offset;
+  job->length = length;
+  CHECK(napi_create_promise(env, &job->deferred, &promise));
+  CHECK(napi_create_string_utf8(env, "blockgate:fallocate", NAPI_AUTO_LENGTH, &name));
+  CHECK(napi_create_async_work(env, NULL, name, falloc_execute, falloc_complete, job, &job->work));
+  CHECK(napi_queue_async_work(env, job->work));
+  return promise;
+}
+
+/* seek(fd, offset, whence) -> number; -1 when there is no further data (ENXIO). */
+static napi_value js_seek(napi_env env, napi_callback_info info) {
+  napi_value argv[3], result;
+  int64_t fd, offset, whence;
+  if (!get_args(env, info, 3, argv)) return NULL;
+  if (!get_i64(env, argv[0], &fd, "fd") || !get_i64(env, argv[1], &offset, "offset") ||
+      !get_i64(env, argv[2], &whence, "whence"))
+    return NULL;
+  off_t r = lseek((int)fd, (off_t)offset, (int)whence);
+  if (r < 0) {
+    if (errno == ENXIO) {
+      CHECK(napi_create_int64(env, -1, &result));
+      return result;
+    }
+    napi_throw(env, make_errno_error(env, errno, "lseek"));
+    return NULL;
+  }
+  CHECK(napi_create_int64(env, (int64_t)r, &result));
+  return result;
+}
+
+/* willNeed(fd, offset, length): start readahead of a range (posix_fadvise WILLNEED). */
+static napi_value js_will_need(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int64_t fd, offset, length;
+  if (!get_args(env, info, 3, argv)) return NULL;
+  if (!get_i64(env, argv[0], &fd, "fd") || !get_i64(env, argv[1], &offset, "offset") ||
+      !get_i64(env, argv[2], &length, "length"))
+    return NULL;
+  int err = posix_fadvise((int)fd, (off_t)offset, (off_t)length, POSIX_FADV_WILLNEED);
+  if (err) {
+    napi_throw(env, make_errno_error(env, err, "posix_fadvise"));
+    return NULL;
+  }
+  return NULL;
+}
+
+/* blockDeviceSize(fd) -> number of bytes of a block device. */
+static napi_value js_block_device_size(napi_env env, napi_callback_info info) {
+  napi_value argv[1], result;
+  int64_t fd;
+  uint64_t size = 0;
+  if (!get_args(env, info, 1, argv)) return NULL;
+  if (!get_i64(env, argv[0], &fd, "fd")) return NULL;
+  if (ioctl((int)fd, BLKGETSIZE64, &size) < 0) {
+    napi_throw(env, make_errno_error(env, errno, "ioctl(BLKGETSIZE64)"));
+    return NULL;
+  }
+  CHECK(napi_create_int64(env, (int64_t)size, &result));
+  return result;
+}
+
+/* peerCredentials(fd) -> { pid, uid, gid } of the process at the other end of a Unix socket. */
+static napi_value js_peer_credentials(napi_env env, napi_callback_info info) {
+  napi_value argv[1], result, v;
+  int64_t fd;
+  struct ucred cred;
+  socklen_t len = sizeof cred;
+  if (!get_args(env, info, 1, argv)) return NULL;
+  if (!get_i64(env, argv[0], &fd, "fd")) return NULL;
+  if (getsockopt((int)fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
+    napi_throw(env, make_errno_error(env, errno, "getsockopt(SO_PEERCRED)"));
+    return NULL;
+  }
+  CHECK(napi_create_object(env, &result));
+  CHECK(napi_create_int32(env, cred.pid, &v));
+  CHECK(napi_set_named_property(env, result, "pid", v));
+  CHECK(napi_create_uint32(env, cred.uid, &v));
+  CHECK(napi_set_named_property(env, result, "uid", v));
+  CHECK(napi_create_uint32(env, cred.gid, &v));
+  CHECK(napi_set_named_property(env, result, "gid", v));
+  return result;
+}
+
+static napi_value set_int(napi_env env, napi_value obj, const char *name, int64_t value) {
+  napi_value v;
+  CHECK(napi_create_int64(env, value, &v));
+  CHECK(napi_set_named_property(env, obj, name, v));
+  return obj;
+}
+
+static napi_value init(napi_env env, napi_value exports) {
+  napi_property_descriptor props[] = {
+      {"fallocate", NULL, js_fallocate, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"seek", NULL, js_seek, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"willNeed", NULL, js_will_need, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"blockDeviceSize", NULL, js_block_device_size, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"peerCredentials", NULL, js_peer_credentials, NULL, NULL, NULL, napi_enumerable, NULL},
+  };
+  CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
+  if (!set_int(env, exports, "FALLOC_FL_KEEP_SIZE", FALLOC_FL_KEEP_SIZE)) return NULL;
+  if (!set_int(env, exports, "FALLOC_FL_PUNCH_HOLE", FALLOC_FL_PUNCH_HOLE)) return NULL;
+  if (!set_int(env, exports, "FALLOC_FL_ZERO_RANGE", FALLOC_FL_ZERO_RANGE)) return NULL;
+  if (!set_int(env, exports, "SEEK_DATA", SEEK_DATA)) return NULL;
+  if (!set_int(env, exports, "SEEK_HOLE", SEEK_HOLE)) return NULL;
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)

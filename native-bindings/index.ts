@@ -1,0 +1,25 @@
+// Typed access to the N-API addon built from blockgate_native.c by node-gyp
+// during `npm ci`.
+
+import path from 'node:path';
+
+export interface NativeBindings {
+  /** fallocate(2) on the libuv pool. Rejects with an Error carrying `code` (e.g. EOPNOTSUPP). */
+  fallocate(fd: number, mode: number, offset: number, length: number): Promise<void>;
+  /** lseek(2) with SEEK_DATA/SEEK_HOLE; -1 where no data follows (ENXIO). */
+  seek(fd: number, offset: number, whence: number): number;
+  /** posix_fadvise(WILLNEED): asks the kernel to read a range ahead. */
+  willNeed(fd: number, offset: number, length: number): void;
+  blockDeviceSize(fd: number): number;
+  peerCredentials(fd: number): { pid: number; uid: number; gid: number };
+  readonly FALLOC_FL_KEEP_SIZE: number;
+  readonly FALLOC_FL_PUNCH_HOLE: number;
+  readonly FALLOC_FL_ZERO_RANGE: number;
+  readonly SEEK_DATA: number;
+  readonly SEEK_HOLE: number;
+}
+
+// Compiled to dist/native-bindings/index.js; the addon lives in build/Release at the package root.
+export const native: NativeBindings = require(
+  path.join(__dirname, '..', '..', 'build', 'Release', 'blockgate_native.node'),
+) as NativeBindings;
