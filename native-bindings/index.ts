@@ -20,6 +20,8 @@ export interface NativeBindings {
 }
 
 // Compiled to dist/native-bindings/index.js; the addon lives in build/Release at the package root.
+// A computed path, so require() rather than import.
+// eslint-disable-next-line @typescript-eslint/no-require-imports
 export const native: NativeBindings = require(
   path.join(__dirname, '..', '..', 'build', 'Release', 'blockgate_native.node'),
 ) as NativeBindings;

@@ -3,10 +3,9 @@
 
 import fs from 'node:fs';
 import path from 'node:path';
+import { flockSync } from 'fs-ext';
 import { DataDirLockedError } from '../errors';
 
-// fs-ext ships no type declarations; this is the one call used.
-const { flockSync } = require('fs-ext') as { flockSync(fd: number, flags: 'exnb' | 'un'): void };
 
 export class DataDirLock {
   private constructor(private readonly fd: number) {}
