@@ -6,7 +6,6 @@ import path from 'node:path';
 import { flockSync } from 'fs-ext';
 import { DataDirLockedError } from '../errors';
 
-
 export class DataDirLock {
   private constructor(private readonly fd: number) {}
 
