@@ -22,6 +22,7 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #define CHECK(call)                                                            \
@@ -46,6 +47,10 @@ static const char *errno_code(int err) {
   case ENODEV: return "ENODEV";
   case ENOTSOCK: return "ENOTSOCK";
   case EINTR: return "EINTR";
+  case EAGAIN: return "EAGAIN";
+  case EFAULT: return "EFAULT";
+  case EDQUOT: return "EDQUOT";
+  case EROFS: return "EROFS";
   default: return "EUNKNOWN";
   }
 }
@@ -164,6 +169,171 @@ static napi_value js_seek(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/*
+ * readNoWait / writeNoWait(fd, buffer, offset) -> bytes transferred, or -1
+ * when the kernel would have to block (data not in the page cache, dirty
+ * throttling). preadv2/pwritev2 with RWF_NOWAIT let the event loop serve
+ * cached I/O in a couple of microseconds and send only the rest to the
+ * thread pool, whose round trip costs far more than a cached 4 KiB copy.
+ */
+static napi_value nowait_io(napi_env env, napi_callback_info info, int write) {
+  napi_value argv[3], result;
+  int64_t fd, offset;
+  void *data;
+  size_t length;
+  if (!get_args(env, info, 3, argv)) return NULL;
+  if (!get_i64(env, argv[0], &fd, "fd") || !get_i64(env, argv[2], &offset, "offset")) return NULL;
+  if (napi_get_buffer_info(env, argv[1], &data, &length) != napi_ok) {
+    napi_throw_type_error(env, NULL, "buffer must be a Buffer");
+    return NULL;
+  }
+  struct iovec iov = {data, length};
+  ssize_t n;
+  do {
+    n = write ? pwritev2((int)fd, &iov, 1, (off_t)offset, RWF_NOWAIT)
+              : preadv2((int)fd, &iov, 1, (off_t)offset, RWF_NOWAIT);
+  } while (n < 0 && errno == EINTR);
+  if (n < 0) {
+    if (errno == EAGAIN || errno == EOPNOTSUPP) {
+      CHECK(napi_create_int64(env, -1, &result));
+      return result;
+    }
+    napi_throw(env, make_errno_error(env, errno, write ? "pwritev2" : "preadv2"));
+    return NULL;
+  }
+  CHECK(napi_create_int64(env, (int64_t)n, &result));
+  return result;
+}
+
+static napi_value js_read_no_wait(napi_env env, napi_callback_info info) { return nowait_io(env, info, 0); }
+static napi_value js_write_no_wait(napi_env env, napi_callback_info info) { return nowait_io(env, info, 1); }
+
+/*
+ * ioBatch(fd, write, buffers, offsets) -> Promise<Int32Array of errno per item, 0 = done>.
+ * One thread-pool job for every request of a tick: the event loop pays one
+ * round trip per batch instead of one per 4 KiB block. Items are transferred
+ * in full (short transfers are retried); a read past end of file fills zeroes.
+ */
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  napi_ref buffers_ref;
+  int fd;
+  int write;
+  uint32_t count;
+  void **data;
+  size_t *length;
+  int64_t *offset;
+  int32_t *err;
+} io_batch;
+
+static void io_batch_free(io_batch *b) {
+  free(b->data);
+  free(b->length);
+  free(b->offset);
+  free(b->err);
+  free(b);
+}
+
+static void io_batch_execute(napi_env env, void *arg) {
+  (void)env;
+  io_batch *b = arg;
+  for (uint32_t i = 0; i < b->count; i++) {
+    size_t done = 0;
+    b->err[i] = 0;
+    while (done < b->length[i]) {
+      char *p = (char *)b->data[i] + done;
+      size_t left = b->length[i] - done;
+      off_t at = (off_t)(b->offset[i] + (int64_t)done);
+      ssize_t n = b->write ? pwrite(b->fd, p, left, at) : pread(b->fd, p, left, at);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        b->err[i] = errno;
+        break;
+      }
+      if (n == 0) {
+        if (b->write) {
+          b->err[i] = EIO;
+        } else {
+          memset(p, 0, left);
+        }
+        break;
+      }
+      done += (size_t)n;
+    }
+  }
+}
+
+static void io_batch_complete(napi_env env, napi_status status, void *arg) {
+  io_batch *b = arg;
+  napi_value ab, result;
+  void *out;
+  if (status != napi_ok) {
+    for (uint32_t i = 0; i < b->count; i++) b->err[i] = EIO;
+  }
+  if (napi_create_arraybuffer(env, b->count * sizeof(int32_t), &out, &ab) == napi_ok &&
+      napi_create_typedarray(env, napi_int32_array, b->count, ab, 0, &result) == napi_ok) {
+    memcpy(out, b->err, b->count * sizeof(int32_t));
+    napi_resolve_deferred(env, b->deferred, result);
+  } else {
+    napi_reject_deferred(env, b->deferred, make_errno_error(env, ENOMEM, "ioBatch"));
+  }
+  napi_delete_reference(env, b->buffers_ref);
+  napi_delete_async_work(env, b->work);
+  io_batch_free(b);
+}
+
+static napi_value js_io_batch(napi_env env, napi_callback_info info) {
+  napi_value argv[4], promise, name, item;
+  int64_t fd, offset;
+  bool write;
+  uint32_t count, offsets_count;
+  if (!get_args(env, info, 4, argv)) return NULL;
+  if (!get_i64(env, argv[0], &fd, "fd")) return NULL;
+  if (napi_get_value_bool(env, argv[1], &write) != napi_ok ||
+      napi_get_array_length(env, argv[2], &count) != napi_ok ||
+      napi_get_array_length(env, argv[3], &offsets_count) != napi_ok || count != offsets_count || count == 0) {
+    napi_throw_type_error(env, NULL, "ioBatch(fd, write, buffers[], offsets[]) with equal non-empty arrays");
+    return NULL;
+  }
+  io_batch *b = calloc(1, sizeof *b);
+  if (b) {
+    b->data = calloc(count, sizeof *b->data);
+    b->length = calloc(count, sizeof *b->length);
+    b->offset = calloc(count, sizeof *b->offset);
+    b->err = calloc(count, sizeof *b->err);
+  }
+  if (!b || !b->data || !b->length || !b->offset || !b->err) {
+    if (b) io_batch_free(b);
+    napi_throw_error(env, "ENOMEM", "out of memory");
+    return NULL;
+  }
+  b->fd = (int)fd;
+  b->write = write;
+  b->count = count;
+  for (uint32_t i = 0; i < count; i++) {
+    if (napi_get_element(env, argv[2], i, &item) != napi_ok ||
+        napi_get_buffer_info(env, item, &b->data[i], &b->length[i]) != napi_ok ||
+        napi_get_element(env, argv[3], i, &item) != napi_ok || !get_i64(env, item, &offset, "offset")) {
+      io_batch_free(b);
+      napi_throw_type_error(env, NULL, "ioBatch: buffers must be Buffers and offsets non-negative integers");
+      return NULL;
+    }
+    b->offset[i] = offset;
+  }
+  /* The array keeps every buffer alive until the pool thread is done with it. */
+  if (napi_create_reference(env, argv[2], 1, &b->buffers_ref) != napi_ok ||
+      napi_create_promise(env, &b->deferred, &promise) != napi_ok) {
+    io_batch_free(b);
+    napi_throw_error(env, NULL, "ioBatch: N-API failure");
+    return NULL;
+  }
+  CHECK(napi_create_string_utf8(env, "blockgate:ioBatch", NAPI_AUTO_LENGTH, &name));
+  CHECK(napi_create_async_work(env, NULL, name, io_batch_execute, io_batch_complete, b, &b->work));
+  CHECK(napi_queue_async_work(env, b->work));
+  return promise;
+}
+
 /* willNeed(fd, offset, length): start readahead of a range (posix_fadvise WILLNEED). */
 static napi_value js_will_need(napi_env env, napi_callback_info info) {
   napi_value argv[3];
@@ -228,6 +398,9 @@ static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"fallocate", NULL, js_fallocate, NULL, NULL, NULL, napi_enumerable, NULL},
       {"seek", NULL, js_seek, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"readNoWait", NULL, js_read_no_wait, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"writeNoWait", NULL, js_write_no_wait, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"ioBatch", NULL, js_io_batch, NULL, NULL, NULL, napi_enumerable, NULL},
       {"willNeed", NULL, js_will_need, NULL, NULL, NULL, napi_enumerable, NULL},
       {"blockDeviceSize", NULL, js_block_device_size, NULL, NULL, NULL, napi_enumerable, NULL},
       {"peerCredentials", NULL, js_peer_credentials, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -8,6 +8,15 @@ export interface NativeBindings {
   fallocate(fd: number, mode: number, offset: number, length: number): Promise<void>;
   /** lseek(2) with SEEK_DATA/SEEK_HOLE; -1 where no data follows (ENXIO). */
   seek(fd: number, offset: number, whence: number): number;
+  /** preadv2(RWF_NOWAIT): bytes read, or -1 if it would block (not cached). */
+  readNoWait(fd: number, buf: Buffer, offset: number): number;
+  /** pwritev2(RWF_NOWAIT): bytes written, or -1 if it would block. */
+  writeNoWait(fd: number, buf: Buffer, offset: number): number;
+  /**
+   * pread/pwrite of many buffers in one thread-pool job. Resolves with one errno per
+   * item (0 = transferred in full; reads past end of file are zero-filled).
+   */
+  ioBatch(fd: number, write: boolean, buffers: Buffer[], offsets: number[]): Promise<Int32Array>;
   /** posix_fadvise(WILLNEED): asks the kernel to read a range ahead. */
   willNeed(fd: number, offset: number, length: number): void;
   blockDeviceSize(fd: number): number;
