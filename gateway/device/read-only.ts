@@ -7,13 +7,13 @@ export class ReadOnlyLayer extends Layer {
   override capabilities(): Capabilities {
     return { ...this.next.capabilities(), readOnly: true, trim: false, zero: false, fastZero: false };
   }
-  override write(): Promise<void> {
+  override write(_offset: number, _data: Buffer): Promise<void> {
     return refuse();
   }
-  override trim(): Promise<void> {
+  override trim(_offset: number, _length: number): Promise<void> {
     return refuse();
   }
-  override writeZeroes(): Promise<void> {
+  override writeZeroes(_offset: number, _length: number): Promise<void> {
     return refuse();
   }
 }

@@ -23,7 +23,13 @@ export function openStack(dataDir: string, rec: VolumeRecord): BlockDevice {
       const own = rec.path === undefined;
       const file = rec.path ?? volumeFile(dataDir, rec.name);
       if (own) fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o700 });
-      device = RawDevice.open({ path: file, size: own ? rec.size : undefined, readOnly: rec.readOnly });
+      // The gateway's own file is always opened for writing (it is created and sized here);
+      // read-only is the ReadOnlyLayer's job. An operator's file or device is opened as asked.
+      device = RawDevice.open({
+        path: file,
+        size: own ? rec.size : undefined,
+        readOnly: !own && rec.readOnly,
+      });
       break;
     }
   }
