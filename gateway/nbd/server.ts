@@ -103,19 +103,29 @@ export class NbdServer {
 
   /** Stops listening, lets every connection finish what is in flight, then closes them. */
   async close(): Promise<void> {
-    await Promise.all(this.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
+    // close() stops accepting at once, but its callback waits for every connection to end:
+    // start it, drain the connections, then wait for it.
+    const listenersClosed = this.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve())));
     this.servers.length = 0;
     await Promise.all(
       [...this.connections].map(async ({ socket, loop }) => {
         if (loop) await loop.drain();
         await new Promise<void>((resolve) => {
           if (socket.destroyed) return resolve();
-          socket.once('close', () => resolve());
+          // Bounded wait for the client to close its side. The timer stays referenced and the
+          // socket reading (its data is ignored once draining): a paused socket keeps no libuv
+          // handle active, and the process would otherwise fall out of its event loop here.
+          const timer = setTimeout(() => socket.destroy(), 2000);
+          socket.once('close', () => {
+            clearTimeout(timer);
+            resolve();
+          });
           socket.end();
-          setTimeout(() => socket.destroy(), 2000).unref();
+          socket.resume();
         });
       }),
     );
+    await Promise.all(listenersClosed);
   }
 }
 

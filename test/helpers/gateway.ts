@@ -29,7 +29,8 @@ export class Gateway {
     readonly proc: ChildProcess,
   ) {
     proc.stderr!.on('data', (c: Buffer) => (this.stderr += c.toString()));
-    this.exited = new Promise((resolve) => proc.on('exit', (code, signal) => resolve({ code, signal })));
+    // 'close', not 'exit': only then has all of stderr been read.
+    this.exited = new Promise((resolve) => proc.on('close', (code, signal) => resolve({ code, signal })));
   }
 
   static async start(opts: GatewayOptions = {}): Promise<Gateway> {

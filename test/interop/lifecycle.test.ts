@@ -1,0 +1,121 @@
+// The gateway as a process: what survives a restart, one gateway per data
+// directory, clean shutdown under load, and one shared state for all
+// connections of an export (multi-conn).
+
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { describe, it } from 'node:test';
+import { Cmd } from '../../protocol/nbd/constants';
+import { BIN, Gateway } from '../helpers/gateway';
+import { RawClient } from '../helpers/raw-client';
+import { check, run } from '../helpers/run';
+
+describe('gateway lifecycle', () => {
+  it('keeps volumes and their data across a restart', async () => {
+    const gw = await Gateway.start();
+    try {
+      assert.equal((await gw.cli('volume', 'create', 'keep', '--size', '16M', '--read-only')).code, 0);
+      assert.equal((await gw.cli('volume', 'create', 'data', '--size', '16M')).code, 0);
+      await check('qemu-io', ['-f', 'raw', gw.uri('data'), '-c', 'write -P 0x42 1M 64k']);
+      assert.deepEqual(await gw.stop(), { code: 0, signal: null });
+      const again = await Gateway.start({ dataDir: gw.dataDir });
+      try {
+        const info = JSON.parse((await again.cli('volume', 'info', 'keep', '--json')).stdout) as {
+          size: number;
+          readOnly: boolean;
+        };
+        assert.deepEqual([info.size, info.readOnly], [16 * 2 ** 20, true]);
+        await check('qemu-io', ['-f', 'raw', again.uri('data'), '-c', 'read -P 0x42 1M 64k']);
+      } finally {
+        await again.stop();
+      }
+    } finally {
+      await gw.destroy();
+    }
+  });
+
+  it('refuses a second gateway on the same data directory at once', async () => {
+    const gw = await Gateway.start();
+    try {
+      const r = await run(
+        process.execPath,
+        [BIN, 'serve', '--data', gw.dataDir, '--listen', 'unix:/tmp/unused.sock'],
+        {
+          timeoutMs: 10_000,
+        },
+      );
+      assert.equal(r.code, 1);
+      assert.match(r.stderr, /is in use by another gateway \(pid \d+\)/);
+      await check('nbdinfo', ['--size', gw.uri()]);
+    } finally {
+      await gw.destroy();
+    }
+  });
+
+  it('refuses a malformed --listen address with a usage error', async () => {
+    const r = await run(process.execPath, [BIN, 'serve', '--data', '/tmp/x', '--listen', 'nowhere']);
+    assert.equal(r.code, 2);
+    assert.match(r.stderr, /--listen: 'nowhere' is not HOST:PORT or unix:PATH/);
+  });
+
+  it('finishes in-flight requests and exits 0 on SIGTERM under load', async () => {
+    const gw = await Gateway.start();
+    try {
+      const fio = spawn(
+        'fio',
+        [
+          '--name=load',
+          '--ioengine=nbd',
+          `--uri=${gw.uri()}`,
+          '--rw=randwrite',
+          '--bs=64k',
+          '--iodepth=16',
+          '--size=64M',
+          '--time_based',
+          '--runtime=20',
+        ],
+        { stdio: 'ignore' },
+      );
+      await new Promise((r) => setTimeout(r, 1500));
+      const status = await gw.stop('SIGTERM');
+      fio.kill('SIGKILL');
+      assert.deepEqual(status, { code: 0, signal: null });
+      assert.match(gw.log, /stopped cleanly/);
+    } finally {
+      await gw.destroy();
+    }
+  });
+
+  it('serves the same state to every connection of an export (multi-conn)', async () => {
+    const gw = await Gateway.start();
+    try {
+      const a = await RawClient.connect(gw.socket);
+      const b = await RawClient.connect(gw.socket);
+      await a.go('disk0');
+      await b.go('disk0');
+      a.request({ type: Cmd.WRITE, cookieLo: 1, offset: 4096 }, Buffer.alloc(4096, 0x77));
+      assert.equal((await a.simpleReply()).error, 0);
+      b.request({ type: Cmd.FLUSH, cookieLo: 2 });
+      assert.equal((await b.simpleReply()).error, 0);
+      b.request({ type: Cmd.READ, cookieLo: 3, offset: 4096, length: 4096 });
+      assert.equal((await b.simpleReply()).error, 0);
+      assert.ok((await b.read(4096)).every((x) => x === 0x77));
+      a.disconnect();
+      b.disconnect();
+    } finally {
+      await gw.destroy();
+    }
+  });
+
+  it('listens on TCP as well as Unix sockets', async () => {
+    const gw = await Gateway.start({ listen: ['127.0.0.1:0'] });
+    try {
+      const port = /listening on 127\.0\.0\.1:(\d+)/.exec(gw.log)?.[1];
+      assert.ok(port, gw.log);
+      const r = await check('nbdinfo', ['--size', `nbd://127.0.0.1:${port}/disk0`]);
+      assert.equal(r.stdout.trim(), String(8 * 2 ** 30));
+    } finally {
+      await gw.destroy();
+    }
+  });
+});
