@@ -44,6 +44,7 @@ export interface BlockDevice {
   capabilities(): Capabilities;
   /** Fills `into` (whose length is the request's) with the bytes at `offset`. */
   read(offset: number, into: Buffer): Promise<void>;
+  /** Writes `data`; the device must not keep a reference to it once the promise settles. */
   write(offset: number, data: Buffer, flags?: WriteFlags): Promise<void>;
   trim(offset: number, length: number, flags?: WriteFlags): Promise<void>;
   writeZeroes(offset: number, length: number, flags?: ZeroFlags): Promise<void>;

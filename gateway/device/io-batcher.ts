@@ -9,6 +9,11 @@ import { toBlockError } from './errors';
 const ERRNO_NAME = new Map<number, string>(Object.entries(os.constants.errno).map(([name, n]) => [n, name]));
 /** Items per job: bounds how long one pool thread is busy with one batch. */
 const MAX_BATCH = 256;
+/**
+ * Bytes per job. Batching saves pool round trips for small requests; large ones
+ * are worth a thread each, or a tick's 1 MiB writes would run one after another.
+ */
+const MAX_BATCH_BYTES = 256 * 1024;
 
 interface Pending {
   resolve(): void;
@@ -19,6 +24,7 @@ export class IoBatcher {
   private buffers: Buffer[] = [];
   private offsets: number[] = [];
   private waiters: Pending[] = [];
+  private bytes = 0;
   private scheduled = false;
   private readonly flush = (): void => this.submit();
 
@@ -34,7 +40,8 @@ export class IoBatcher {
       this.buffers.push(buf);
       this.offsets.push(offset);
       this.waiters.push({ resolve, reject });
-      if (this.buffers.length >= MAX_BATCH) this.submit();
+      this.bytes += buf.length;
+      if (this.buffers.length >= MAX_BATCH || this.bytes >= MAX_BATCH_BYTES) this.submit();
       else if (!this.scheduled) {
         this.scheduled = true;
         queueMicrotask(this.flush);
@@ -51,6 +58,7 @@ export class IoBatcher {
     this.buffers = [];
     this.offsets = [];
     this.waiters = [];
+    this.bytes = 0;
     native.ioBatch(this.fd, this.write, buffers, offsets).then(
       (errs) => {
         for (let i = 0; i < waiters.length; i++) {

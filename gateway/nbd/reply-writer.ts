@@ -11,6 +11,7 @@ import {
   Extent,
   OFFSET_DATA_PREFIX,
 } from '../../protocol/nbd/transmission';
+import { sharedBufferPool } from '../util/buffer-pool';
 import { SlabAllocator } from '../util/slab';
 
 export class ReplyWriter {
@@ -33,7 +34,8 @@ export class ReplyWriter {
 
   /** A buffer for a READ reply; the data goes at `readPrefix`. */
   allocRead(length: number): Buffer {
-    return this.slab.alloc(this.readPrefix + length);
+    const n = this.readPrefix + length;
+    return n < sharedBufferPool.minSize ? this.slab.alloc(n) : sharedBufferPool.acquire(n);
   }
 
   /** Sends a READ reply whose data was read into `buf` at `readPrefix`. */
@@ -51,7 +53,9 @@ export class ReplyWriter {
     } else {
       encodeSimpleReply(buf, 0, 0, cookieHi, cookieLo);
     }
-    this.send(buf);
+    if (buf.length < sharedBufferPool.minSize) return this.send(buf);
+    // Recycled once the socket is done with it (written, or the connection gone).
+    this.send(buf, () => sharedBufferPool.release(buf));
   }
 
   sendOk(cookieHi: number, cookieLo: number): void {
@@ -80,13 +84,13 @@ export class ReplyWriter {
     );
   }
 
-  private send(buf: Buffer): void {
+  private send(buf: Buffer, done?: () => void): void {
     if (this.socket.destroyed) return;
     if (!this.corked) {
       this.corked = true;
       this.socket.cork();
       process.nextTick(this.uncork);
     }
-    this.socket.write(buf);
+    this.socket.write(buf, done);
   }
 }

@@ -9,6 +9,7 @@ import { NbdProtocolError } from '../../protocol/nbd/errors';
 import { IncomingRequest, RequestReader } from '../../protocol/nbd/framing';
 import type { Extent } from '../device/block-device';
 import { BlockError } from '../device/errors';
+import { sharedBufferPool } from '../util/buffer-pool';
 import type { Logger } from '../util/log';
 import { BLOCK_SIZE } from './export-flags';
 import { BASE_ALLOCATION_ID, Negotiated } from './negotiation';
@@ -44,7 +45,7 @@ class RequestError extends Error {
 }
 
 export class RequestLoop {
-  private readonly reader = new RequestReader(MAX_PAYLOAD);
+  private readonly reader = new RequestReader(MAX_PAYLOAD, (n) => sharedBufferPool.acquire(n));
   private readonly replies: ReplyWriter;
   private readonly readOnly: boolean;
   private readonly fastZero: boolean;
@@ -198,6 +199,7 @@ export class RequestLoop {
   private complete(req: IncomingRequest, cost: number, result: unknown, err: unknown): void {
     this.inflight--;
     this.inflightBytes -= cost;
+    if (req.assembled) sharedBufferPool.release(req.payload!);
     if (err !== null) {
       const known = err instanceof BlockError;
       const errno = known ? ERRNO[err.code] : NbdErr.EIO;

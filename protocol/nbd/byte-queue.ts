@@ -22,11 +22,11 @@ export class ByteQueue {
    * The next `n` bytes without consuming them, as one contiguous buffer.
    * Requires `n <= length`.
    */
-  peek(n: number): Buffer {
+  peek(n: number, alloc: (n: number) => Buffer = Buffer.allocUnsafe): Buffer {
     if (n === 0) return Buffer.alloc(0);
     const first = this.chunks[0]!;
     if (first.length - this.head >= n) return first.subarray(this.head, this.head + n);
-    const out = Buffer.allocUnsafe(n);
+    const out = alloc(n);
     let copied = 0;
     let at = this.head;
     for (const c of this.chunks) {
@@ -37,9 +37,17 @@ export class ByteQueue {
     return out;
   }
 
-  /** Consumes `n` bytes and returns them contiguously. Requires `n <= length`. */
-  take(n: number): Buffer {
-    const out = this.peek(n);
+  /** Whether the next `n` bytes sit in one chunk (take() would not copy). */
+  contiguous(n: number): boolean {
+    return n === 0 || (this.chunks.length > 0 && this.chunks[0]!.length - this.head >= n);
+  }
+
+  /**
+   * Consumes `n` bytes and returns them contiguously. Requires `n <= length`.
+   * Bytes that straddle chunks are copied into `alloc(n)`.
+   */
+  take(n: number, alloc?: (n: number) => Buffer): Buffer {
+    const out = this.peek(n, alloc);
     this.skip(n);
     return out;
   }

@@ -88,6 +88,8 @@ export interface IncomingRequest extends Request {
   payload: Buffer | null;
   /** A WRITE longer than the maximum payload: its data was read and dropped. */
   oversized: boolean;
+  /** The payload was assembled in a buffer from the reader's allocator (the caller may recycle it). */
+  assembled: boolean;
 }
 
 export class RequestReader {
@@ -95,7 +97,14 @@ export class RequestReader {
   private pending: IncomingRequest | null = null;
   private discardLeft = 0;
 
-  constructor(private readonly maxPayload: number) {}
+  /**
+   * @param alloc where payloads that straddle received chunks are assembled; payloads
+   *   inside one chunk are zero-copy views of it.
+   */
+  constructor(
+    private readonly maxPayload: number,
+    private readonly alloc: (n: number) => Buffer = Buffer.allocUnsafe,
+  ) {}
 
   push(chunk: Buffer): void {
     this.queue.push(chunk);
@@ -115,6 +124,7 @@ export class RequestReader {
       req = header as IncomingRequest;
       req.payload = null;
       req.oversized = false;
+      req.assembled = false;
       if (req.type !== Cmd.WRITE || req.length === 0) return req;
       this.pending = req;
       if (req.length > this.maxPayload) {
@@ -127,7 +137,8 @@ export class RequestReader {
       if (this.discardLeft > 0) return null;
     } else {
       if (this.queue.length < req.length) return null;
-      req.payload = this.queue.take(req.length);
+      req.assembled = !this.queue.contiguous(req.length);
+      req.payload = this.queue.take(req.length, this.alloc);
     }
     this.pending = null;
     return req;

@@ -51,7 +51,7 @@ function wire(sent: Sent[]): Buffer {
 function expected(sent: Sent[]): IncomingRequest[] {
   return sent.map(({ req, payload }) => {
     const oversized = payload !== null && payload.length > MAX_PAYLOAD;
-    return { ...req, payload: oversized ? null : payload, oversized };
+    return { ...req, payload: oversized ? null : payload, oversized, assembled: false };
   });
 }
 
@@ -60,7 +60,8 @@ function parseChunks(chunks: Buffer[]): IncomingRequest[] {
   const out: IncomingRequest[] = [];
   for (const c of chunks) {
     reader.push(c);
-    for (let r = reader.next(); r !== null; r = reader.next()) out.push({ ...r });
+    // Whether a payload was assembled depends on the split, not on the stream.
+    for (let r = reader.next(); r !== null; r = reader.next()) out.push({ ...r, assembled: false });
   }
   return out;
 }
