@@ -1,11 +1,14 @@
 // The `blockgate` command: `serve` runs the gateway; everything else is a
 // request to a running gateway over its admin socket.
 
+import fs from 'node:fs';
 import path from 'node:path';
 import { callGateway } from '../control/admin-client';
 import { BlockgateError } from '../errors';
 import { parseListenAddress } from '../nbd/listen-address';
 import { serve } from '../serve';
+import { FsckReport, fsckStore } from '../store/fsck';
+import { DataDirLock } from '../util/data-lock';
 import type { VolumeInfo } from '../volume/manager';
 import { parseSize } from '../util/size';
 import { parseArgs, Parsed, UsageError } from './args';
@@ -18,12 +21,13 @@ const USAGE = `usage:
   blockgate serve [--data DIR] [--listen ADDR]... [--admin PATH]
   blockgate [--admin PATH | --data DIR] COMMAND ...
 commands:
-  volume create NAME --size SIZE [--backend raw|memory] [--read-only] [--path FILE|DEVICE]
+  volume create NAME --size SIZE [--backend dedup|raw|memory] [--read-only] [--path FILE|DEVICE]
   volume list [--json]
   volume info NAME [--json]
   volume delete NAME
   volume resize NAME --size SIZE
   stats [--json]
+  fsck --data DIR [--json]        (offline: the gateway must be stopped)
 ADDR is HOST:PORT or unix:PATH (default ${DEFAULT_LISTEN}); SIZE takes K, M, G, T (binary).
 `;
 
@@ -161,6 +165,40 @@ interface Stats {
   listeners: string[];
 }
 
+async function fsckCommand(p: Parsed): Promise<void> {
+  expectPositionals(p, 1, 'fsck --data DIR');
+  onlyOptions(p, ['json']);
+  const dataDir = p.values.get('data');
+  if (!dataDir) throw new UsageError('fsck needs --data DIR');
+  if (!fs.existsSync(path.join(dataDir, 'volumes.json')))
+    throw new UsageError(`${dataDir} is not a blockgate data directory`);
+  // Holding the gateway's lock proves no gateway is changing the store under the check.
+  const lock = DataDirLock.acquire(dataDir);
+  try {
+    const storeDir = path.join(dataDir, 'store');
+    if (!fs.existsSync(path.join(storeDir, 'index'))) {
+      print(p, { store: false, problems: [] }, () => 'no dedup store here: nothing to check\n');
+      return;
+    }
+    const r = fsckStore(storeDir);
+    print(p, { store: true, ...r }, (x: FsckReport) =>
+      [
+        `checked ${x.volumes} volume(s): ${x.metaEntries} metamap entries (${x.zeroBlocks} zero), ` +
+          `${x.dataBlocks} stored blocks, ${x.hashEntries} hash entries`,
+        `segments ${bytes(x.segmentBytes)}: live ${bytes(x.liveBytes)}, orphaned ${bytes(x.orphanedBytes)}`,
+        ...x.problems.map((m) => `problem: ${m}`),
+        x.problems.length
+          ? `${x.problems.length} inconsistenc${x.problems.length === 1 ? 'y' : 'ies'} found`
+          : 'clean',
+        '',
+      ].join('\n'),
+    );
+    if (r.problems.length) process.exitCode = 1;
+  } finally {
+    lock.release();
+  }
+}
+
 async function main(argv: string[]): Promise<void> {
   const p = parseArgs(argv, SPEC);
   const command = p.positionals[0];
@@ -184,6 +222,8 @@ async function main(argv: string[]): Promise<void> {
     }
     case 'volume':
       return volumeCommand(p);
+    case 'fsck':
+      return fsckCommand(p);
     case 'stats': {
       expectPositionals(p, 1, 'stats');
       onlyOptions(p, ['json']);

@@ -70,6 +70,7 @@ export function commandTable(volumes: VolumeManager, status: GatewayStatus): Map
           heapUsedBytes: mem.heapUsed,
           uptimeSeconds: Math.round((Date.now() - status.startedAt) / 1000),
           listeners: status.listeners,
+          dedup: volumes.storeStats(),
         };
       },
     ],

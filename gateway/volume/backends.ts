@@ -7,15 +7,22 @@ import type { BlockDevice } from '../device/block-device';
 import { MemoryDevice } from '../device/memory';
 import { RawDevice } from '../device/raw';
 import { ReadOnlyLayer } from '../device/read-only';
+import { DedupDevice } from '../store/dedup-device';
+import type { DedupStore } from '../store/dedup-store';
 import type { VolumeRecord } from './catalog';
 
 export function volumeFile(dataDir: string, name: string): string {
   return path.join(dataDir, 'volumes', `${name}.img`);
 }
 
-export function openStack(dataDir: string, rec: VolumeRecord): BlockDevice {
+export function openStack(dataDir: string, rec: VolumeRecord, store: () => DedupStore): BlockDevice {
   let device: BlockDevice;
   switch (rec.backend) {
+    case 'dedup': {
+      const s = store();
+      device = new DedupDevice(s, s.volumeId(rec.name), rec.size);
+      break;
+    }
     case 'memory':
       device = new MemoryDevice(rec.size);
       break;

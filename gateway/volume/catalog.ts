@@ -5,8 +5,8 @@
 import fs from 'node:fs';
 import path from 'node:path';
 
-export type Backend = 'raw' | 'memory';
-export const BACKENDS: readonly Backend[] = ['raw', 'memory'];
+export type Backend = 'dedup' | 'raw' | 'memory';
+export const BACKENDS: readonly Backend[] = ['dedup', 'raw', 'memory'];
 
 export interface VolumeRecord {
   name: string;

@@ -13,11 +13,14 @@ import {
 import type { ClientInfo, ExportRegistry, NbdExport } from '../nbd/registry';
 import type { Logger } from '../util/log';
 import { formatSize } from '../util/size';
+import { DedupStore, StoreStats } from '../store/dedup-store';
+import path from 'node:path';
 import { allocatedBytes, openStack, removeBackingStore } from './backends';
 import { Backend, BACKENDS, Catalog, VolumeRecord } from './catalog';
 
 export const DEFAULT_VOLUME = 'disk0';
 export const DEFAULT_VOLUME_SIZE = 8 * 2 ** 30;
+export const DEFAULT_BACKEND: Backend = 'dedup';
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$/;
 /** Largest volume: offsets must stay exact in a JS number. */
 const MAX_SIZE = 2 ** 52;
@@ -58,6 +61,9 @@ class Volume implements NbdExport {
 export class VolumeManager implements ExportRegistry {
   private readonly volumes = new Map<string, Volume>();
   private readonly catalog: Catalog;
+  private dedup: DedupStore | null = null;
+  private readonly store = (): DedupStore =>
+    (this.dedup ??= DedupStore.open(path.join(this.dataDir, 'store'), this.log));
   /** Serialises changes so two admin commands never interleave their catalog writes. */
   private queue: Promise<unknown> = Promise.resolve();
 
@@ -79,7 +85,7 @@ export class VolumeManager implements ExportRegistry {
     }
     for (const rec of m.catalog.load()) {
       try {
-        m.volumes.set(rec.name, new Volume(rec, openStack(dataDir, rec)));
+        m.volumes.set(rec.name, new Volume(rec, openStack(dataDir, rec, m.store)));
       } catch (err) {
         // One broken volume must not keep the others offline.
         log.error(`volume ${rec.name} could not be opened: ${(err as Error).message}`);
@@ -112,7 +118,7 @@ export class VolumeManager implements ExportRegistry {
         );
       }
       if (this.volumes.has(opts.name)) throw new VolumeExistsError(`volume '${opts.name}' already exists`);
-      const backend = opts.backend ?? 'raw';
+      const backend = opts.backend ?? DEFAULT_BACKEND;
       if (!BACKENDS.includes(backend)) {
         throw new InvalidArgumentError(`unknown backend '${backend}': use ${BACKENDS.join(' or ')}`);
       }
@@ -132,7 +138,7 @@ export class VolumeManager implements ExportRegistry {
       };
       let device: BlockDevice;
       try {
-        device = openStack(this.dataDir, record);
+        device = openStack(this.dataDir, record, this.store);
       } catch (err) {
         throw new BackendError(`cannot create volume '${opts.name}': ${toBlockError(err, 'open').message}`);
       }
@@ -164,6 +170,7 @@ export class VolumeManager implements ExportRegistry {
       this.catalog.save(this.records());
       await vol.device.close();
       removeBackingStore(this.dataDir, vol.record);
+      if (vol.record.backend === 'dedup') await this.store().deleteVolume(name);
       this.log.info(`volume ${name} deleted`);
     });
   }
@@ -234,6 +241,11 @@ export class VolumeManager implements ExportRegistry {
     return () => vol.clients.delete(client.id);
   }
 
+  /** The dedup store's figures, or null while no dedup volume was ever opened. */
+  storeStats(): StoreStats | null {
+    return this.dedup ? this.dedup.stats() : null;
+  }
+
   connectionCount(): number {
     let n = 0;
     for (const v of this.volumes.values()) n += v.clients.size;
@@ -252,6 +264,8 @@ export class VolumeManager implements ExportRegistry {
         await v.device.close();
       }
       this.volumes.clear();
+      await this.dedup?.close();
+      this.dedup = null;
     });
   }
 }

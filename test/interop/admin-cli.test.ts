@@ -53,7 +53,7 @@ describe('volume commands', () => {
       readOnly: boolean;
     };
     assert.equal(info.size, 8 * 2 ** 30);
-    assert.equal(info.backend, 'raw');
+    assert.equal(info.backend, 'dedup');
     assert.equal(info.readOnly, false);
   });
 
@@ -83,7 +83,7 @@ describe('volume commands', () => {
     const r = await gw.cli('volume', 'list');
     assert.equal(r.code, 0);
     assert.match(r.stdout, /^NAME\s+SIZE\s+BACKEND\s+MODE\s+ALLOCATED\s+CLIENTS\n/);
-    assert.match(r.stdout, /^disk0\s+8 GiB\s+raw\s+rw/m);
+    assert.match(r.stdout, /^disk0\s+8 GiB\s+dedup\s+rw/m);
   });
 
   it('reports gateway stats as JSON', async () => {

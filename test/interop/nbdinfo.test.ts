@@ -79,7 +79,7 @@ describe('nbdinfo against the gateway', () => {
     assert.match(text.stdout, /export="vol1":/);
   });
 
-  it('reports size, flags and block sizes of a writable raw volume as JSON', async () => {
+  it('reports size, flags and block sizes of a writable volume as JSON', async () => {
     const j = await info(gw.uri('vol1'));
     assert.equal(j.protocol, 'newstyle-fixed');
     assert.equal(j.structured, true);
@@ -155,7 +155,7 @@ describe('nbdinfo against the gateway', () => {
     assert.ok(holes >= VOL_SIZE - 1 * MiB, `only ${holes} bytes of holes`);
   });
 
-  it('answers --can with success for every feature of a writable raw volume', async () => {
+  it('answers --can with success for every feature of a writable volume', async () => {
     for (const feature of [
       'multi-conn',
       'fua',

@@ -32,6 +32,7 @@ describe('qemu-io against the gateway', () => {
 
   before(async () => {
     gw = await Gateway.start();
+    await createVolume(gw, 'dedup1', '64M', '--backend', 'dedup');
     await createVolume(gw, 'raw1', '64M', '--backend', 'raw');
     await createVolume(gw, 'mem1', '64M', '--backend', 'memory');
     await createVolume(gw, 'frozen', '16M', '--read-only');
@@ -42,6 +43,7 @@ describe('qemu-io against the gateway', () => {
   });
 
   for (const [backend, volume] of [
+    ['dedup', 'dedup1'],
     ['raw', 'raw1'],
     ['memory', 'mem1'],
   ] as const) {

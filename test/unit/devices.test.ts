@@ -8,6 +8,9 @@ import { BlockDevice, ExtentFlag } from '../../gateway/device/block-device';
 import { MemoryDevice } from '../../gateway/device/memory';
 import { RawDevice } from '../../gateway/device/raw';
 import { ReadOnlyLayer } from '../../gateway/device/read-only';
+import { DedupDevice } from '../../gateway/store/dedup-device';
+import { DedupStore } from '../../gateway/store/dedup-store';
+import { silentLogger } from '../../gateway/util/log';
 
 const SIZE = 256 * 1024;
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-dev-'));
@@ -133,6 +136,20 @@ describe('raw device', () => {
     assert.equal(fs.statSync(file).size, SIZE * 2);
     assert.equal(dev.size, SIZE * 2);
     await dev.close();
+  });
+});
+
+describe('dedup device', () => {
+  behavesLikeADisk(() => {
+    const store = DedupStore.open(path.join(tmp, `dedup${n++}`), silentLogger);
+    const dev = new DedupDevice(store, store.volumeId('v'), SIZE);
+    // The device is one volume of a shared store; closing it here closes its store too.
+    const close = dev.close.bind(dev);
+    dev.close = async () => {
+      await close();
+      await store.close();
+    };
+    return dev;
   });
 });
 

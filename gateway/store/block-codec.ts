@@ -1,0 +1,71 @@
+// What happens to a block's bytes on the way into and out of a segment:
+// keyed hashing, zero detection, lz4 (kept only where it gains), and the
+// checks on the way out that catch a corrupted segment.
+
+import { compressSync, uncompressSync } from 'lz4-napi';
+import { XXHash128 } from 'xxhash-addon';
+import { BLOCK, RECORD_HEADER, RecordFlag, decodeRecordHeader, encodeRecordHeader } from './layout';
+
+const ZEROES = Buffer.alloc(BLOCK);
+
+export function isZeroBlock(block: Buffer): boolean {
+  return block.equals(ZEROES);
+}
+
+/**
+ * XXH3-128 keyed with the store's secret: a fast hint that two blocks may be
+ * equal, which nobody without the secret can aim collisions at. A match is
+ * still compared byte for byte before a block is shared.
+ */
+export class BlockHasher {
+  private readonly state: XXHash128;
+  constructor(secret: Buffer) {
+    this.state = new XXHash128(secret);
+  }
+  hash(block: Buffer): Buffer {
+    this.state.reset();
+    this.state.update(block);
+    return this.state.digest();
+  }
+}
+
+/** A whole segment record (header and payload) for a block, compressed when lz4 gains. */
+export function encodeRecord(blockId: number, block: Buffer, hash: Buffer): Buffer {
+  const packed = compressSync(block);
+  const useLz4 = packed.length < block.length;
+  const payload = useLz4 ? packed : block;
+  const rec = Buffer.allocUnsafe(RECORD_HEADER + payload.length);
+  encodeRecordHeader(
+    { flags: useLz4 ? RecordFlag.LZ4 : 0, blockId, storedLength: payload.length, hash },
+    rec,
+    0,
+  );
+  payload.copy(rec, RECORD_HEADER);
+  return rec;
+}
+
+export class CorruptBlockError extends Error {
+  readonly code = 'ERR_CORRUPT_BLOCK';
+}
+
+/**
+ * The block's 4 KiB from a record read back from a segment, after checking
+ * that the record is the one expected and that its bytes hash as recorded.
+ */
+export function decodeRecord(rec: Buffer, blockId: number, hash: Buffer, hasher: BlockHasher): Buffer {
+  const h = decodeRecordHeader(rec, 0);
+  if (!h) throw new CorruptBlockError(`block ${blockId}: no record header where the index points`);
+  if (h.blockId !== blockId)
+    throw new CorruptBlockError(`block ${blockId}: found the record of block ${h.blockId}`);
+  const payload = rec.subarray(RECORD_HEADER, RECORD_HEADER + h.storedLength);
+  let block: Buffer;
+  try {
+    block = h.flags & RecordFlag.LZ4 ? uncompressSync(payload) : Buffer.from(payload);
+  } catch (err) {
+    throw new CorruptBlockError(`block ${blockId}: lz4 payload does not decode (${(err as Error).message})`);
+  }
+  if (block.length !== BLOCK || !hasher.hash(block).equals(hash)) {
+    throw new CorruptBlockError(`block ${blockId}: contents fail the hash check`);
+  }
+  return block;
+}

@@ -1,0 +1,464 @@
+// The deduplicating block store shared by every dedup volume of a gateway.
+//
+//   metamap   (volume, block) -> block id            LMDB "meta"
+//   datamap   block id -> segment record, refcount   LMDB "data"
+//   hash      keyed XXH3-128 -> block id             LMDB "hash"
+//   segments  append-only files of lz4 records       segments.ts
+//
+// Crash safety: changes collect in an Overlay. A checkpoint (FLUSH, FUA, a
+// timer, or a full overlay) freezes it, makes the segment files durable,
+// then commits the frozen changes to LMDB and waits until they are durable
+// too. After a crash the index is exactly the last checkpoint, and it never
+// points at segment bytes that were not on disk first: writes since then are
+// lost as from a volatile cache, but no block reads as garbage.
+
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { open, RootDatabase, Database } from 'lmdb';
+import { BlockError } from '../device/errors';
+import type { Logger } from '../util/log';
+import { BlockHasher, CorruptBlockError, decodeRecord, encodeRecord, isZeroBlock } from './block-codec';
+import {
+  BLOCK,
+  DataEntry,
+  RECORD_HEADER,
+  ZERO_BLOCK,
+  decodeDataEntry,
+  decodeId,
+  decodeMetaKey,
+  encodeDataEntry,
+  encodeId,
+  encodeMetaKey,
+  metaKey,
+  metaKeyLba,
+  metaKeyVolume,
+} from './layout';
+import { HOLE, Overlay } from './overlay';
+import { SegmentFiles } from './segments';
+
+/** Checkpoint at least this often while there are changes. */
+const CHECKPOINT_INTERVAL_MS = 1000;
+/** ... and as soon as the overlay holds this many changes (bounds its memory). */
+const CHECKPOINT_ENTRIES = 100_000;
+
+export type BlockState = 'hole' | 'zero' | 'data';
+
+interface StoreState {
+  version: 1;
+  secret: string;
+  nextBlockId: number;
+  nextVolumeId: number;
+  volumes: Record<string, number>;
+  uniqueBlocks: number;
+  storedBytes: number;
+  mappedBlocks: number;
+  zeroBlocks: number;
+  collisions: number;
+}
+
+export interface StoreStats {
+  mappedBlocks: number;
+  zeroBlocks: number;
+  uniqueBlocks: number;
+  logicalBytes: number;
+  uniqueBytes: number;
+  storedBytes: number;
+  segmentBytes: number;
+  reclaimableBytes: number;
+  dedupRatio: number;
+  compressionRatio: number;
+  collisions: number;
+  indexBytes: number;
+  indexBytesPerBlock: number;
+}
+
+export class DedupStore {
+  private live = new Overlay();
+  private frozen: Overlay | null = null;
+  /** Records whose segment write is still in flight, by block id. */
+  private readonly pending = new Map<number, Buffer>();
+  private readonly hasher: BlockHasher;
+  private checkpointing: Promise<void> | null = null;
+  private nextCheckpoint: Promise<void> | null = null;
+  private readonly timer: NodeJS.Timeout;
+  private closed = false;
+
+  private constructor(
+    readonly dir: string,
+    private readonly env: RootDatabase,
+    private readonly metaDb: Database<Buffer, Buffer>,
+    private readonly dataDb: Database<Buffer, Buffer>,
+    private readonly hashDb: Database<Buffer, Buffer>,
+    private readonly stateDb: Database<StoreState, string>,
+    private state: StoreState,
+    readonly segments: SegmentFiles,
+    private readonly log: Logger,
+  ) {
+    this.hasher = new BlockHasher(Buffer.from(state.secret, 'base64'));
+    this.timer = setInterval(() => {
+      if (this.live.size > 0 && !this.checkpointing)
+        this.flush().catch((e) => this.log.error(`checkpoint: ${e}`));
+    }, CHECKPOINT_INTERVAL_MS);
+    this.timer.unref();
+  }
+
+  static open(dir: string, log: Logger, opts: { readOnly?: boolean } = {}): DedupStore {
+    fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+    const env = open({
+      path: path.join(dir, 'index'),
+      maxDbs: 8,
+      compression: false,
+      readOnly: opts.readOnly,
+    });
+    const binary = { keyEncoding: 'binary' as const, encoding: 'binary' as const };
+    const metaDb = env.openDB<Buffer, Buffer>({ name: 'meta', ...binary });
+    const dataDb = env.openDB<Buffer, Buffer>({ name: 'data', ...binary });
+    const hashDb = env.openDB<Buffer, Buffer>({ name: 'hash', ...binary });
+    const stateDb = env.openDB<StoreState, string>({ name: 'state', encoding: 'json' });
+    let state = stateDb.get('store');
+    if (!state) {
+      if (opts.readOnly) throw new Error(`${dir} holds no dedup store`);
+      state = {
+        version: 1,
+        secret: crypto.randomBytes(192).toString('base64'),
+        nextBlockId: 1,
+        nextVolumeId: 1,
+        volumes: {},
+        uniqueBlocks: 0,
+        storedBytes: 0,
+        mappedBlocks: 0,
+        zeroBlocks: 0,
+        collisions: 0,
+      };
+      stateDb.putSync('store', state);
+    }
+    const segments = new SegmentFiles(path.join(dir, 'segments'));
+    return new DedupStore(dir, env, metaDb, dataDb, hashDb, stateDb, state, segments, log);
+  }
+
+  // ---- volumes ---------------------------------------------------------------------
+
+  /** The store's id for a volume, allocated on first use. */
+  volumeId(name: string): number {
+    let id = this.state.volumes[name];
+    if (id === undefined) {
+      id = this.state.nextVolumeId++;
+      this.state.volumes[name] = id;
+    }
+    return id;
+  }
+
+  volumeNames(): string[] {
+    return Object.keys(this.state.volumes);
+  }
+
+  /** Drops a volume's blocks from `fromLba` on (all of them for a delete). */
+  async truncateVolume(volume: number, fromLba: number): Promise<void> {
+    await this.flush();
+    const start = encodeMetaKey(volume, fromLba);
+    const end = encodeMetaKey(volume + 1, 0);
+    for (const { key } of this.metaDb.getRange({ start, end })) {
+      const { lba } = decodeMetaKey(key as Buffer);
+      this.setMeta(metaKey(volume, lba), HOLE);
+    }
+    for (const k of [...this.live.meta.keys()]) {
+      if (metaKeyVolume(k) === volume && metaKeyLba(k) >= fromLba) this.setMeta(k, HOLE);
+    }
+    await this.flush();
+  }
+
+  async deleteVolume(name: string): Promise<void> {
+    const id = this.state.volumes[name];
+    if (id === undefined) return;
+    await this.truncateVolume(id, 0);
+    delete this.state.volumes[name];
+    await this.flush(true);
+  }
+
+  // ---- lookups: live overlay, then frozen, then the index -----------------------------
+
+  private lookupMeta(key: number): number | undefined {
+    let v = this.live.meta.get(key);
+    if (v === undefined && this.frozen) v = this.frozen.meta.get(key);
+    if (v !== undefined) return v === HOLE ? undefined : v;
+    const b = this.metaDb.getBinary(encodeMetaKey(metaKeyVolume(key), metaKeyLba(key)));
+    return b === undefined ? undefined : decodeId(b);
+  }
+
+  private lookupData(id: number): DataEntry | undefined {
+    const e = this.live.newData.get(id) ?? this.frozen?.newData.get(id);
+    if (e) return e;
+    const b = this.dataDb.getBinary(encodeId(id));
+    return b === undefined ? undefined : decodeDataEntry(b);
+  }
+
+  private lookupHash(hash: Buffer, hk: string): number | undefined {
+    const v = this.live.newHash.get(hk) ?? this.frozen?.newHash.get(hk);
+    if (v !== undefined) return v;
+    const b = this.hashDb.getBinary(hash);
+    return b === undefined ? undefined : decodeId(b);
+  }
+
+  /** Points a metamap entry somewhere new and moves the references with it. */
+  private setMeta(key: number, value: number): void {
+    const old = this.lookupMeta(key);
+    if (old === value) return;
+    if (old !== undefined && old !== ZERO_BLOCK) {
+      this.live.addRef(old, -1);
+      this.state.mappedBlocks--;
+    } else if (old === ZERO_BLOCK) this.state.zeroBlocks--;
+    if (value !== HOLE && value !== ZERO_BLOCK) {
+      this.live.addRef(value, 1);
+      this.state.mappedBlocks++;
+    } else if (value === ZERO_BLOCK) this.state.zeroBlocks++;
+    this.live.meta.set(key, value);
+    if (this.live.size >= CHECKPOINT_ENTRIES && !this.checkpointing) {
+      this.flush().catch((e) => this.log.error(`checkpoint: ${e}`));
+    }
+  }
+
+  // ---- blocks ----------------------------------------------------------------------
+
+  blockState(volume: number, lba: number): BlockState {
+    const v = this.lookupMeta(metaKey(volume, lba));
+    return v === undefined ? 'hole' : v === ZERO_BLOCK ? 'zero' : 'data';
+  }
+
+  /** States of `count` blocks from `lba`: one range scan of the index, then the overlays. */
+  blockStates(volume: number, lba: number, count: number): BlockState[] {
+    const states: BlockState[] = new Array<BlockState>(count).fill('hole');
+    const range = this.metaDb.getRange({
+      start: encodeMetaKey(volume, lba),
+      end: encodeMetaKey(volume, lba + count),
+    });
+    for (const { key, value } of range) {
+      const at = decodeMetaKey(key as Buffer).lba - lba;
+      states[at] = decodeId(value as Buffer) === ZERO_BLOCK ? 'zero' : 'data';
+    }
+    for (const overlay of [this.frozen, this.live]) {
+      if (!overlay) continue;
+      for (const [k, v] of overlay.meta) {
+        if (metaKeyVolume(k) !== volume) continue;
+        const at = metaKeyLba(k) - lba;
+        if (at < 0 || at >= count) continue;
+        states[at] = v === HOLE ? 'hole' : v === ZERO_BLOCK ? 'zero' : 'data';
+      }
+    }
+    return states;
+  }
+
+  /** The block's 4 KiB, or null where it reads as zeroes. EIO if its stored copy is damaged. */
+  async readBlock(volume: number, lba: number): Promise<Buffer | null> {
+    const id = this.lookupMeta(metaKey(volume, lba));
+    if (id === undefined || id === ZERO_BLOCK) return null;
+    try {
+      return await this.readStored(id);
+    } catch (err) {
+      if (err instanceof CorruptBlockError) {
+        this.log.error(`volume ${this.volumeName(volume)} block ${lba}: ${err.message}`);
+        throw new BlockError('EIO', `block ${lba} is damaged: ${err.message}`);
+      }
+      throw err;
+    }
+  }
+
+  private volumeName(volume: number): string {
+    return Object.entries(this.state.volumes).find(([, id]) => id === volume)?.[0] ?? `#${volume}`;
+  }
+
+  private async readStored(id: number): Promise<Buffer> {
+    const entry = this.lookupData(id);
+    if (!entry) throw new CorruptBlockError(`block ${id} has no datamap entry`);
+    const rec =
+      this.pending.get(id) ??
+      (await this.segments.read(entry.segment, entry.offset, RECORD_HEADER + entry.storedLength));
+    return decodeRecord(rec, id, entry.hash, this.hasher);
+  }
+
+  /** Stores one 4 KiB block at (volume, lba): shared if its bytes are already stored, else appended. */
+  async writeBlock(volume: number, lba: number, block: Buffer): Promise<void> {
+    const key = metaKey(volume, lba);
+    if (isZeroBlock(block)) return this.setMeta(key, ZERO_BLOCK);
+    const hash = this.hasher.hash(block);
+    const hk = hash.toString('latin1');
+    const candidate = this.lookupHash(hash, hk);
+    if (candidate !== undefined) {
+      // Held while comparing, so the candidate cannot be reclaimed under us.
+      this.live.addRef(candidate, 1);
+      let same = false;
+      try {
+        same = (await this.readStored(candidate)).equals(block);
+      } catch (err) {
+        if (!(err instanceof CorruptBlockError)) {
+          this.live.addRef(candidate, -1);
+          throw err;
+        }
+      }
+      this.live.addRef(candidate, -1);
+      if (same) return this.setMeta(key, candidate);
+      this.state.collisions++;
+      this.log.warn(`hash match without equal bytes for block ${candidate}; storing a separate copy`);
+    }
+    const id = this.state.nextBlockId++;
+    const record = encodeRecord(id, block, hash);
+    const { segment, offset, written } = this.segments.append(record);
+    const entry: DataEntry = {
+      segment,
+      offset,
+      storedLength: record.length - RECORD_HEADER,
+      flags: record.readUInt16BE(4),
+      refcount: 0,
+      hash,
+    };
+    this.pending.set(id, record);
+    this.live.newData.set(id, entry);
+    if (candidate === undefined) this.live.newHash.set(hk, id);
+    this.setMeta(key, id);
+    try {
+      await written;
+    } catch (err) {
+      // Undo: the block never reached its segment, so nothing may point at it.
+      if (this.lookupMeta(key) === id) this.setMeta(key, HOLE);
+      if (this.live.newHash.get(hk) === id) this.live.newHash.delete(hk);
+      throw err;
+    } finally {
+      this.pending.delete(id);
+    }
+  }
+
+  /** Makes the block a hole (never written) or a zero block. */
+  discardBlock(volume: number, lba: number, asZero: boolean): void {
+    this.setMeta(metaKey(volume, lba), asZero ? ZERO_BLOCK : HOLE);
+  }
+
+  // ---- checkpoints -------------------------------------------------------------------
+
+  /**
+   * Makes every write completed before the call durable. Calls made while a
+   * checkpoint runs share the next one (group commit).
+   */
+  flush(stateChanged = false): Promise<void> {
+    if (this.closed) return Promise.resolve();
+    if (!this.checkpointing) {
+      if (this.live.size === 0 && !stateChanged) return Promise.resolve();
+      this.checkpointing = this.checkpoint().finally(() => (this.checkpointing = null));
+      return this.checkpointing;
+    }
+    this.nextCheckpoint ??= this.checkpointing
+      .catch(() => undefined)
+      .then(() => {
+        this.nextCheckpoint = null;
+        return this.flush(true);
+      });
+    return this.nextCheckpoint;
+  }
+
+  private async checkpoint(): Promise<void> {
+    const frozen = this.live;
+    this.frozen = frozen;
+    this.live = new Overlay();
+    const state: StoreState = { ...this.state, volumes: { ...this.state.volumes } };
+    try {
+      await this.segments.sync();
+      await this.env.transaction(() => this.apply(frozen, state));
+      await this.env.flushed;
+    } catch (err) {
+      // Nothing was lost from memory: fold the frozen changes back under the live ones.
+      this.merge(frozen);
+      throw err;
+    } finally {
+      this.frozen = null;
+    }
+  }
+
+  /** Writes a frozen overlay into the index; runs inside one LMDB write transaction. */
+  private apply(o: Overlay, state: StoreState): void {
+    for (const [k, v] of o.meta) {
+      const key = encodeMetaKey(metaKeyVolume(k), metaKeyLba(k));
+      if (v === HOLE) this.metaDb.remove(key);
+      else this.metaDb.put(key, encodeId(v));
+    }
+    const entries = new Map<number, DataEntry>(o.newData);
+    const indexed = new Set(o.newHash.values());
+    const touched = new Set<number>([...o.newData.keys(), ...o.refDelta.keys()]);
+    for (const id of touched) {
+      let e = entries.get(id);
+      const isNew = e !== undefined;
+      if (!e) {
+        const b = this.dataDb.getBinary(encodeId(id));
+        if (!b) {
+          this.log.error(`checkpoint: reference change for missing block ${id}`);
+          continue;
+        }
+        e = decodeDataEntry(b);
+      }
+      const refcount = e.refcount + (o.refDelta.get(id) ?? 0);
+      // A block still referenced by changes made since the freeze stays, even at zero here.
+      if (refcount <= 0 && (this.live.refDelta.get(id) ?? 0) <= 0) {
+        if (!isNew) {
+          this.dataDb.remove(encodeId(id));
+          state.uniqueBlocks--;
+          state.storedBytes -= RECORD_HEADER + e.storedLength;
+        }
+        if (!isNew) {
+          const owner = this.hashDb.getBinary(e.hash);
+          if (owner && decodeId(owner) === id) this.hashDb.remove(e.hash);
+        }
+        continue;
+      }
+      if (isNew) {
+        state.uniqueBlocks++;
+        state.storedBytes += RECORD_HEADER + e.storedLength;
+        if (indexed.has(id)) this.hashDb.put(e.hash, encodeId(id));
+      }
+      this.dataDb.put(encodeId(id), encodeDataEntry({ ...e, refcount: Math.max(refcount, 0) }));
+    }
+    this.stateDb.put('store', state);
+    this.state.uniqueBlocks = state.uniqueBlocks;
+    this.state.storedBytes = state.storedBytes;
+  }
+
+  private merge(frozen: Overlay): void {
+    const live = this.live;
+    this.live = frozen;
+    for (const [k, v] of live.meta) frozen.meta.set(k, v);
+    for (const [id, e] of live.newData) frozen.newData.set(id, e);
+    for (const [hk, id] of live.newHash) frozen.newHash.set(hk, id);
+    for (const [id, d] of live.refDelta) frozen.addRef(id, d);
+  }
+
+  // ---- stats and shutdown ----------------------------------------------------------------
+
+  stats(): StoreStats {
+    const s = this.state;
+    const segmentBytes = this.segments.totalBytes();
+    const indexBytes = fs.statSync(path.join(this.dir, 'index')).size;
+    const uniqueBytes = s.uniqueBlocks * BLOCK;
+    const logicalBytes = s.mappedBlocks * BLOCK;
+    return {
+      mappedBlocks: s.mappedBlocks,
+      zeroBlocks: s.zeroBlocks,
+      uniqueBlocks: s.uniqueBlocks,
+      logicalBytes,
+      uniqueBytes,
+      storedBytes: s.storedBytes,
+      segmentBytes,
+      reclaimableBytes: Math.max(0, segmentBytes - s.storedBytes),
+      dedupRatio: uniqueBytes ? logicalBytes / uniqueBytes : 1,
+      compressionRatio: s.storedBytes ? uniqueBytes / s.storedBytes : 1,
+      collisions: s.collisions,
+      indexBytes,
+      indexBytesPerBlock: s.uniqueBlocks ? Math.round(indexBytes / s.uniqueBlocks) : 0,
+    };
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await this.flush(true);
+    this.closed = true;
+    clearInterval(this.timer);
+    await this.env.close();
+    this.segments.close();
+  }
+}

@@ -1,0 +1,156 @@
+// Offline consistency check of a dedup store (`blockgate fsck --data DIR`):
+// every metamap entry resolves, every reference count equals the references
+// to it, every stored block's bytes hash as recorded, the hash index points
+// at live blocks, and the counters add up. Orphaned segment space is
+// reported but is not an inconsistency (it is what a crash leaves behind).
+
+import fs from 'node:fs';
+import path from 'node:path';
+import { open } from 'lmdb';
+import { BlockHasher, CorruptBlockError, decodeRecord } from './block-codec';
+import {
+  RECORD_HEADER,
+  ZERO_BLOCK,
+  decodeDataEntry,
+  decodeId,
+  decodeMetaKey,
+  encodeId,
+  segmentFileName,
+} from './layout';
+
+export interface FsckReport {
+  volumes: number;
+  metaEntries: number;
+  zeroBlocks: number;
+  dataBlocks: number;
+  hashEntries: number;
+  segmentBytes: number;
+  liveBytes: number;
+  orphanedBytes: number;
+  problems: string[];
+}
+
+/** At most this many problems are listed one by one; the count is always exact. */
+const MAX_LISTED = 50;
+
+export function fsckStore(storeDir: string): FsckReport {
+  const env = open({ path: path.join(storeDir, 'index'), maxDbs: 8, compression: false, readOnly: true });
+  const binary = { keyEncoding: 'binary' as const, encoding: 'binary' as const };
+  const metaDb = env.openDB<Buffer, Buffer>({ name: 'meta', ...binary });
+  const dataDb = env.openDB<Buffer, Buffer>({ name: 'data', ...binary });
+  const hashDb = env.openDB<Buffer, Buffer>({ name: 'hash', ...binary });
+  const stateDb = env.openDB<Record<string, unknown>, string>({ name: 'state', encoding: 'json' });
+  const problems: string[] = [];
+  let problemCount = 0;
+  const problem = (p: string): void => {
+    problemCount++;
+    if (problems.length < MAX_LISTED) problems.push(p);
+  };
+  try {
+    const state = stateDb.get('store') as
+      | {
+          secret: string;
+          volumes: Record<string, number>;
+          uniqueBlocks: number;
+          mappedBlocks: number;
+          zeroBlocks: number;
+        }
+      | undefined;
+    if (!state) throw new Error(`${storeDir} holds no dedup store`);
+    const hasher = new BlockHasher(Buffer.from(state.secret, 'base64'));
+    const volumeIds = new Set(Object.values(state.volumes));
+
+    const refs = new Map<number, number>();
+    let metaEntries = 0;
+    let zeroBlocks = 0;
+    for (const { key, value } of metaDb.getRange({})) {
+      metaEntries++;
+      const { volume, lba } = decodeMetaKey(key as Buffer);
+      if (!volumeIds.has(volume)) problem(`metamap entry for unknown volume #${volume} block ${lba}`);
+      const id = decodeId(value as Buffer);
+      if (id === ZERO_BLOCK) zeroBlocks++;
+      else refs.set(id, (refs.get(id) ?? 0) + 1);
+    }
+
+    const live = new Map<number, number>(); // segment -> live record bytes
+    let dataBlocks = 0;
+    const fds = new Map<number, number>();
+    const fdOf = (seg: number): number | undefined => {
+      if (!fds.has(seg)) {
+        try {
+          fds.set(seg, fs.openSync(path.join(storeDir, 'segments', segmentFileName(seg)), 'r'));
+        } catch {
+          return undefined;
+        }
+      }
+      return fds.get(seg);
+    };
+    for (const { key, value } of dataDb.getRange({})) {
+      dataBlocks++;
+      const id = decodeId(key as Buffer);
+      const e = decodeDataEntry(value as Buffer);
+      const counted = refs.get(id) ?? 0;
+      refs.delete(id);
+      if (e.refcount !== counted)
+        problem(`block ${id}: reference count ${e.refcount}, but ${counted} references`);
+      const fd = fdOf(e.segment);
+      if (fd === undefined) {
+        problem(`block ${id}: segment ${e.segment} is missing`);
+        continue;
+      }
+      const rec = Buffer.alloc(RECORD_HEADER + e.storedLength);
+      const n = fs.readSync(fd, rec, 0, rec.length, e.offset);
+      try {
+        if (n !== rec.length)
+          throw new CorruptBlockError(`block ${id}: record cut short in segment ${e.segment}`);
+        decodeRecord(rec, id, e.hash, hasher);
+      } catch (err) {
+        problem(err instanceof CorruptBlockError ? err.message : `block ${id}: ${(err as Error).message}`);
+      }
+      live.set(e.segment, (live.get(e.segment) ?? 0) + rec.length);
+      const owner = hashDb.getBinary(e.hash);
+      if (owner === undefined) problem(`block ${id}: not in the hash index`);
+    }
+    for (const [id, count] of refs) problem(`block ${id}: ${count} metamap references but no datamap entry`);
+
+    let hashEntries = 0;
+    for (const { key, value } of hashDb.getRange({})) {
+      hashEntries++;
+      const id = decodeId(value as Buffer);
+      const b = dataDb.getBinary(encodeId(id));
+      if (!b) problem(`hash index points at missing block ${id}`);
+      else if (!decodeDataEntry(b).hash.equals(key as Buffer))
+        problem(`hash index entry for block ${id} has the wrong hash`);
+    }
+
+    if (state.uniqueBlocks !== dataBlocks)
+      problem(`store counts ${state.uniqueBlocks} unique blocks, found ${dataBlocks}`);
+    if (state.zeroBlocks !== zeroBlocks)
+      problem(`store counts ${state.zeroBlocks} zero blocks, found ${zeroBlocks}`);
+    const mapped = metaEntries - zeroBlocks;
+    if (state.mappedBlocks !== mapped)
+      problem(`store counts ${state.mappedBlocks} mapped blocks, found ${mapped}`);
+
+    let segmentBytes = 0;
+    const segDir = path.join(storeDir, 'segments');
+    for (const f of fs.existsSync(segDir) ? fs.readdirSync(segDir) : []) {
+      if (f.endsWith('.seg')) segmentBytes += fs.statSync(path.join(segDir, f)).size;
+    }
+    for (const fd of fds.values()) fs.closeSync(fd);
+    const liveBytes = [...live.values()].reduce((a, b) => a + b, 0);
+    if (problemCount > problems.length) problems.push(`... and ${problemCount - problems.length} more`);
+    return {
+      volumes: volumeIds.size,
+      metaEntries,
+      zeroBlocks,
+      dataBlocks,
+      hashEntries,
+      segmentBytes,
+      liveBytes,
+      orphanedBytes: Math.max(0, segmentBytes - liveBytes),
+      problems,
+    };
+  } finally {
+    void env.close();
+  }
+}

@@ -1,0 +1,131 @@
+// The append-only segment files. A running store appends to one segment at
+// a time and starts a fresh one at every open, so bytes written after the
+// last checkpoint of a crashed run are never mistaken for live ones: they sit
+// in an old segment's tail that no index entry points at.
+
+import fs from 'node:fs';
+import path from 'node:path';
+import { native } from '../../native-bindings';
+import { toBlockError } from '../device/errors';
+import { IoBatcher } from '../device/io-batcher';
+import { segmentFileName } from './layout';
+
+/** A segment is closed for appends past this size. */
+export const SEGMENT_LIMIT = 256 * 1024 * 1024;
+
+interface Segment {
+  fd: number;
+  reads: IoBatcher;
+  writes: IoBatcher;
+}
+
+export class SegmentFiles {
+  private readonly open = new Map<number, Segment>();
+  private current: number;
+  private tail = 0;
+  /** Segments written since the last sync, and writes still in flight. */
+  private dirty = new Set<number>();
+  private inflight = new Set<Promise<void>>();
+
+  constructor(readonly dir: string) {
+    fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+    const existing = this.list();
+    this.current = existing.length ? existing[existing.length - 1]! + 1 : 1;
+  }
+
+  /** Segment numbers present on disk, ascending. */
+  list(): number[] {
+    return fs
+      .readdirSync(this.dir)
+      .map((f) => /^(\d{8})\.seg$/.exec(f)?.[1])
+      .filter((n): n is string => n !== undefined)
+      .map(Number)
+      .sort((a, b) => a - b);
+  }
+
+  path(n: number): string {
+    return path.join(this.dir, segmentFileName(n));
+  }
+
+  private segment(n: number): Segment {
+    let s = this.open.get(n);
+    if (!s) {
+      const file = this.path(n);
+      let fd: number;
+      try {
+        fd = fs.openSync(file, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
+      } catch (err) {
+        throw toBlockError(err, `open segment ${file}`);
+      }
+      s = { fd, reads: new IoBatcher(fd, false, file), writes: new IoBatcher(fd, true, file) };
+      this.open.set(n, s);
+    }
+    return s;
+  }
+
+  /**
+   * Reserves room for `record` at the end of the current segment and starts
+   * writing it. Returns where it goes and the write's completion.
+   */
+  append(record: Buffer): { segment: number; offset: number; written: Promise<void> } {
+    if (this.tail + record.length > SEGMENT_LIMIT) {
+      this.current++;
+      this.tail = 0;
+    }
+    const segment = this.current;
+    const offset = this.tail;
+    this.tail += record.length;
+    this.dirty.add(segment);
+    const written = this.segment(segment).writes.run(record, offset);
+    this.inflight.add(written);
+    const forget = (): void => void this.inflight.delete(written);
+    written.then(forget, forget);
+    return { segment, offset, written };
+  }
+
+  /** Reads `length` bytes at `offset` of a segment: inline when cached, else on the pool. */
+  read(segment: number, offset: number, length: number): Promise<Buffer> {
+    let s: Segment;
+    try {
+      s = this.segment(segment);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    const buf = Buffer.allocUnsafe(length);
+    let n: number;
+    try {
+      n = native.readNoWait(s.fd, buf, offset);
+    } catch (err) {
+      return Promise.reject(toBlockError(err, `read segment ${segment}@${offset}`));
+    }
+    if (n === length) return Promise.resolve(buf);
+    return s.reads.run(buf, offset).then(() => buf);
+  }
+
+  /** Waits for every write started so far, then makes them durable. */
+  async sync(): Promise<void> {
+    while (this.inflight.size > 0) await Promise.allSettled([...this.inflight]);
+    const dirty = [...this.dirty];
+    this.dirty = new Set();
+    await Promise.all(
+      dirty.map(
+        (n) =>
+          new Promise<void>((resolve, reject) =>
+            fs.fdatasync(this.segment(n).fd, (err) =>
+              err ? reject(toBlockError(err, `fdatasync segment ${n}`)) : resolve(),
+            ),
+          ),
+      ),
+    );
+  }
+
+  /** Bytes of all segment files on disk. */
+  totalBytes(): number {
+    return this.list().reduce((sum, n) => sum + fs.statSync(this.path(n)).size, 0);
+  }
+
+  close(): void {
+    for (const s of this.open.values()) fs.closeSync(s.fd);
+    this.open.clear();
+  }
+}

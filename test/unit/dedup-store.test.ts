@@ -1,0 +1,121 @@
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { after, describe, it } from 'node:test';
+import { ExtentFlag } from '../../gateway/device/block-device';
+import { DedupDevice } from '../../gateway/store/dedup-device';
+import { DedupStore } from '../../gateway/store/dedup-store';
+import { silentLogger } from '../../gateway/util/log';
+
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-store-'));
+after(() => fs.rmSync(tmp, { recursive: true, force: true }));
+let n = 0;
+
+function fresh(): DedupStore {
+  return DedupStore.open(path.join(tmp, `s${n++}`), silentLogger);
+}
+
+function block(byte: number, tail = 0): Buffer {
+  const b = Buffer.alloc(4096, byte);
+  b.writeUInt32BE(tail, 4092);
+  return b;
+}
+
+describe('dedup store', () => {
+  it('stores a block written to many places once', async () => {
+    const store = fresh();
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    for (let i = 0; i < 16; i++) await dev.write(i * 4096, block(7));
+    await store.flush();
+    const s = store.stats();
+    assert.equal(s.mappedBlocks, 16);
+    assert.equal(s.uniqueBlocks, 1);
+    assert.equal(s.dedupRatio, 16);
+    await store.close();
+  });
+
+  it('shares blocks across volumes', async () => {
+    const store = fresh();
+    const a = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    const b = new DedupDevice(store, store.volumeId('b'), 1 << 20);
+    await a.write(0, Buffer.concat([block(1), block(2)]));
+    await b.write(8192, Buffer.concat([block(2), block(1)]));
+    await store.flush();
+    assert.equal(store.stats().uniqueBlocks, 2);
+    const got = Buffer.alloc(8192);
+    await b.read(8192, got);
+    assert.ok(got.equals(Buffer.concat([block(2), block(1)])));
+    await store.close();
+  });
+
+  it('never stores zero blocks and reports them as ZERO, unwritten ones as HOLE|ZERO', async () => {
+    const store = fresh();
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    await dev.write(4096, Buffer.alloc(8192));
+    await dev.write(0, block(3));
+    await store.flush();
+    assert.equal(store.stats().uniqueBlocks, 1);
+    assert.deepEqual(await dev.blockStatus(0, 5 * 4096), [
+      { length: 4096, flags: 0 },
+      { length: 8192, flags: ExtentFlag.ZERO },
+      { length: 8192, flags: ExtentFlag.HOLE | ExtentFlag.ZERO },
+    ]);
+    await store.close();
+  });
+
+  it('drops a block once its last reference is overwritten', async () => {
+    const store = fresh();
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    await dev.write(0, block(1));
+    await dev.write(4096, block(1));
+    await store.flush();
+    await dev.write(0, block(2));
+    await dev.trim(4096, 4096);
+    await store.flush();
+    const s = store.stats();
+    assert.equal(s.uniqueBlocks, 1);
+    assert.equal(s.mappedBlocks, 1);
+    assert.ok(s.reclaimableBytes > 0);
+    await store.close();
+  });
+
+  it('keeps flushed writes across a close and reopen', async () => {
+    const dir = path.join(tmp, `s${n++}`);
+    let store = DedupStore.open(dir, silentLogger);
+    let dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    await dev.write(1000, Buffer.alloc(10000, 0x5c));
+    await dev.flush();
+    await store.close();
+    store = DedupStore.open(dir, silentLogger);
+    dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    const got = Buffer.alloc(12000);
+    await dev.read(0, got);
+    assert.ok(got.subarray(1000, 11000).every((b) => b === 0x5c));
+    assert.ok(got.subarray(0, 1000).every((b) => b === 0));
+    await store.close();
+  });
+
+  it('answers EIO for a block whose segment bytes were corrupted, and serves the others', async () => {
+    const dir = path.join(tmp, `s${n++}`);
+    let store = DedupStore.open(dir, silentLogger);
+    let dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    const data = Buffer.alloc(8192);
+    for (let i = 0; i < data.length; i++) data[i] = (i * 31) % 251;
+    await dev.write(0, data);
+    await dev.write(8192, block(9));
+    await dev.flush();
+    await store.close();
+    const seg = path.join(dir, 'segments', fs.readdirSync(path.join(dir, 'segments'))[0]!);
+    const fd = fs.openSync(seg, 'r+');
+    fs.writeSync(fd, Buffer.from([0xff, 0xff, 0xff]), 0, 3, 60); // inside the first record's payload
+    fs.closeSync(fd);
+    store = DedupStore.open(dir, silentLogger);
+    dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    await assert.rejects(dev.read(0, Buffer.alloc(4096)), { code: 'EIO' });
+    const other = Buffer.alloc(4096);
+    await dev.read(8192, other);
+    assert.ok(other.equals(block(9)));
+    await store.close();
+  });
+});
