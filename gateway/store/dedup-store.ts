@@ -76,6 +76,12 @@ export interface StoreStats {
 export class DedupStore {
   private live = new Overlay();
   private frozen: Overlay | null = null;
+  /**
+   * Blocks a running checkpoint is deleting. Its transaction removes them at once, but
+   * reads see the index as last committed until the commit lands, and a write must not
+   * link to a block on its way out in between.
+   */
+  private dying = new Set<number>();
   /** Records whose segment write is still in flight, by block id. */
   private readonly pending = new Map<number, Buffer>();
   private readonly hasher: BlockHasher;
@@ -187,6 +193,7 @@ export class DedupStore {
   }
 
   private lookupData(id: number): DataEntry | undefined {
+    if (this.dying.has(id)) return undefined;
     const e = this.live.newData.get(id) ?? this.frozen?.newData.get(id);
     if (e) return e;
     const b = this.dataDb.getBinary(encodeId(id));
@@ -194,10 +201,12 @@ export class DedupStore {
   }
 
   private lookupHash(hash: Buffer, hk: string): number | undefined {
-    const v = this.live.newHash.get(hk) ?? this.frozen?.newHash.get(hk);
-    if (v !== undefined) return v;
-    const b = this.hashDb.getBinary(hash);
-    return b === undefined ? undefined : decodeId(b);
+    let id = this.live.newHash.get(hk) ?? this.frozen?.newHash.get(hk);
+    if (id === undefined) {
+      const b = this.hashDb.getBinary(hash);
+      id = b === undefined ? undefined : decodeId(b);
+    }
+    return id === undefined || this.dying.has(id) ? undefined : id;
   }
 
   /** Points a metamap entry somewhere new and moves the references with it. */
@@ -369,6 +378,7 @@ export class DedupStore {
       throw err;
     } finally {
       this.frozen = null;
+      this.dying = new Set();
     }
   }
 
@@ -397,10 +407,12 @@ export class DedupStore {
       // A block still referenced by changes made since the freeze stays, even at zero here.
       if (refcount <= 0 && (this.live.refDelta.get(id) ?? 0) <= 0) {
         if (!isNew) {
+          this.dying.add(id);
           this.dataDb.remove(encodeId(id));
           state.uniqueBlocks--;
           state.storedBytes -= RECORD_HEADER + e.storedLength;
         }
+        if (isNew) this.dying.add(id);
         if (!isNew) {
           const owner = this.hashDb.getBinary(e.hash);
           if (owner && decodeId(owner) === id) this.hashDb.remove(e.hash);
