@@ -27,6 +27,7 @@ commands:
   volume delete NAME
   volume resize NAME --size SIZE
   stats [--json]
+  compact [--json]                (reclaim dedup space now instead of in the background)
   fsck --data DIR [--json]        (offline: the gateway must be stopped)
 ADDR is HOST:PORT or unix:PATH (default ${DEFAULT_LISTEN}); SIZE takes K, M, G, T (binary).
 `;
@@ -224,6 +225,21 @@ async function main(argv: string[]): Promise<void> {
       return volumeCommand(p);
     case 'fsck':
       return fsckCommand(p);
+    case 'compact': {
+      expectPositionals(p, 1, 'compact');
+      onlyOptions(p, ['json']);
+      const r = (await callGateway(adminPath(p), 'compact')) as {
+        segments: number;
+        movedBytes: number;
+        freedBytes: number;
+      };
+      return print(
+        p,
+        r,
+        (x: typeof r) =>
+          `compacted ${x.segments} segment(s): moved ${bytes(x.movedBytes)}, freed ${bytes(x.freedBytes)}\n`,
+      );
+    }
     case 'stats': {
       expectPositionals(p, 1, 'stats');
       onlyOptions(p, ['json']);

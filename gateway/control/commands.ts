@@ -53,12 +53,13 @@ export function commandTable(volumes: VolumeManager, status: GatewayStatus): Map
         }),
     ],
     ['volume.list', () => volumes.listVolumes()],
+    ['compact', () => volumes.compact()],
     ['volume.info', (a) => volumes.info(str(a, 'name')!)],
     ['volume.delete', (a) => volumes.delete(str(a, 'name')!).then(() => ({ deleted: a.name }))],
     ['volume.resize', (a) => volumes.resize(str(a, 'name')!, size(a, 'size')!)],
     [
       'stats',
-      () => {
+      async () => {
         const list = volumes.listVolumes();
         const mem = process.memoryUsage();
         return {
@@ -70,7 +71,7 @@ export function commandTable(volumes: VolumeManager, status: GatewayStatus): Map
           heapUsedBytes: mem.heapUsed,
           uptimeSeconds: Math.round((Date.now() - status.startedAt) / 1000),
           listeners: status.listeners,
-          dedup: volumes.storeStats(),
+          dedup: await volumes.storeStats(),
         };
       },
     ],

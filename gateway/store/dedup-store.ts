@@ -55,6 +55,8 @@ interface StoreState {
   mappedBlocks: number;
   zeroBlocks: number;
   collisions: number;
+  /** Bytes of live records per segment number (what compaction must keep). */
+  segmentLive: Record<string, number>;
 }
 
 export interface StoreStats {
@@ -136,9 +138,11 @@ export class DedupStore {
         mappedBlocks: 0,
         zeroBlocks: 0,
         collisions: 0,
+        segmentLive: {},
       };
       stateDb.putSync('store', state);
     }
+    state.segmentLive ??= {};
     const segments = new SegmentFiles(path.join(dir, 'segments'));
     return new DedupStore(dir, env, metaDb, dataDb, hashDb, stateDb, state, segments, log);
   }
@@ -192,12 +196,16 @@ export class DedupStore {
     return b === undefined ? undefined : decodeId(b);
   }
 
-  private lookupData(id: number): DataEntry | undefined {
+  /** Where a block's record is now, with its committed reference count. Undefined once it is gone. */
+  lookupData(id: number): DataEntry | undefined {
     if (this.dying.has(id)) return undefined;
     const e = this.live.newData.get(id) ?? this.frozen?.newData.get(id);
     if (e) return e;
     const b = this.dataDb.getBinary(encodeId(id));
-    return b === undefined ? undefined : decodeDataEntry(b);
+    if (b === undefined) return undefined;
+    const d = decodeDataEntry(b);
+    const m = this.live.moved.get(id) ?? this.frozen?.moved.get(id);
+    return m ? { ...d, segment: m.segment, offset: m.offset } : d;
   }
 
   private lookupHash(hash: Buffer, hk: string): number | undefined {
@@ -336,6 +344,30 @@ export class DedupStore {
     }
   }
 
+  /**
+   * Copies a live block's record (as read from its old segment) to the end of the
+   * current one; the move becomes permanent at the next checkpoint. The block id,
+   * and so every metamap entry, stays the same.
+   */
+  async relocate(id: number, record: Buffer): Promise<void> {
+    const { segment, offset, written } = this.segments.append(record);
+    this.pending.set(id, record);
+    this.live.moved.set(id, { segment, offset });
+    try {
+      await written;
+    } catch (err) {
+      this.live.moved.delete(id);
+      throw err;
+    } finally {
+      this.pending.delete(id);
+    }
+  }
+
+  /** Bytes of live records per segment, as of the last checkpoint. */
+  segmentLiveBytes(segment: number): number {
+    return this.state.segmentLive[segment] ?? 0;
+  }
+
   /** Makes the block a hole (never written) or a zero block. */
   discardBlock(volume: number, lba: number, asZero: boolean): void {
     this.setMeta(metaKey(volume, lba), asZero ? ZERO_BLOCK : HOLE);
@@ -367,7 +399,11 @@ export class DedupStore {
     const frozen = this.live;
     this.frozen = frozen;
     this.live = new Overlay();
-    const state: StoreState = { ...this.state, volumes: { ...this.state.volumes } };
+    const state: StoreState = {
+      ...this.state,
+      volumes: { ...this.state.volumes },
+      segmentLive: { ...this.state.segmentLive },
+    };
     try {
       await this.segments.sync();
       await this.env.transaction(() => this.apply(frozen, state));
@@ -389,11 +425,15 @@ export class DedupStore {
       if (v === HOLE) this.metaDb.remove(key);
       else this.metaDb.put(key, encodeId(v));
     }
-    const entries = new Map<number, DataEntry>(o.newData);
     const indexed = new Set(o.newHash.values());
-    const touched = new Set<number>([...o.newData.keys(), ...o.refDelta.keys()]);
+    const touched = new Set<number>([...o.newData.keys(), ...o.refDelta.keys(), ...o.moved.keys()]);
+    const live = (segment: number, delta: number): void => {
+      const v = (state.segmentLive[segment] ?? 0) + delta;
+      if (v > 0) state.segmentLive[segment] = v;
+      else delete state.segmentLive[segment];
+    };
     for (const id of touched) {
-      let e = entries.get(id);
+      let e = o.newData.get(id);
       const isNew = e !== undefined;
       if (!e) {
         const b = this.dataDb.getBinary(encodeId(id));
@@ -403,17 +443,16 @@ export class DedupStore {
         }
         e = decodeDataEntry(b);
       }
+      const bytes = RECORD_HEADER + e.storedLength;
       const refcount = e.refcount + (o.refDelta.get(id) ?? 0);
       // A block still referenced by changes made since the freeze stays, even at zero here.
       if (refcount <= 0 && (this.live.refDelta.get(id) ?? 0) <= 0) {
+        this.dying.add(id);
         if (!isNew) {
-          this.dying.add(id);
           this.dataDb.remove(encodeId(id));
           state.uniqueBlocks--;
-          state.storedBytes -= RECORD_HEADER + e.storedLength;
-        }
-        if (isNew) this.dying.add(id);
-        if (!isNew) {
+          state.storedBytes -= bytes;
+          live(e.segment, -bytes);
           const owner = this.hashDb.getBinary(e.hash);
           if (owner && decodeId(owner) === id) this.hashDb.remove(e.hash);
         }
@@ -421,14 +460,22 @@ export class DedupStore {
       }
       if (isNew) {
         state.uniqueBlocks++;
-        state.storedBytes += RECORD_HEADER + e.storedLength;
+        state.storedBytes += bytes;
+        live(e.segment, bytes);
         if (indexed.has(id)) this.hashDb.put(e.hash, encodeId(id));
+      }
+      const move = o.moved.get(id);
+      if (move && !isNew) {
+        live(e.segment, -bytes);
+        live(move.segment, bytes);
+        e = { ...e, segment: move.segment, offset: move.offset };
       }
       this.dataDb.put(encodeId(id), encodeDataEntry({ ...e, refcount: Math.max(refcount, 0) }));
     }
     this.stateDb.put('store', state);
     this.state.uniqueBlocks = state.uniqueBlocks;
     this.state.storedBytes = state.storedBytes;
+    this.state.segmentLive = state.segmentLive;
   }
 
   private merge(frozen: Overlay): void {
@@ -438,11 +485,14 @@ export class DedupStore {
     for (const [id, e] of live.newData) frozen.newData.set(id, e);
     for (const [hk, id] of live.newHash) frozen.newHash.set(hk, id);
     for (const [id, d] of live.refDelta) frozen.addRef(id, d);
+    for (const [id, m] of live.moved) frozen.moved.set(id, m);
   }
 
   // ---- stats and shutdown ----------------------------------------------------------------
 
-  stats(): StoreStats {
+  /** Figures for everything acknowledged so far: a checkpoint first brings the counters up to date. */
+  async stats(): Promise<StoreStats> {
+    await this.flush();
     const s = this.state;
     const segmentBytes = this.segments.totalBytes();
     const indexBytes = fs.statSync(path.join(this.dir, 'index')).size;

@@ -16,9 +16,11 @@ export class Overlay {
   /** hash (latin1 string of 16 bytes) -> block id. */
   readonly newHash = new Map<string, number>();
   readonly refDelta = new Map<number, number>();
+  /** Blocks the compactor copied elsewhere: id -> new record location. */
+  readonly moved = new Map<number, { segment: number; offset: number }>();
 
   get size(): number {
-    return this.meta.size + this.newData.size + this.refDelta.size;
+    return this.meta.size + this.newData.size + this.refDelta.size + this.moved.size;
   }
 
   addRef(id: number, delta: number): void {

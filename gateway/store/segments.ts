@@ -17,6 +17,8 @@ interface Segment {
   fd: number;
   reads: IoBatcher;
   writes: IoBatcher;
+  /** Reads in flight on this fd: it is closed only when none is. */
+  readers: number;
 }
 
 export class SegmentFiles {
@@ -57,7 +59,7 @@ export class SegmentFiles {
       } catch (err) {
         throw toBlockError(err, `open segment ${file}`);
       }
-      s = { fd, reads: new IoBatcher(fd, false, file), writes: new IoBatcher(fd, true, file) };
+      s = { fd, reads: new IoBatcher(fd, false, file), writes: new IoBatcher(fd, true, file), readers: 0 };
       this.open.set(n, s);
     }
     return s;
@@ -99,7 +101,55 @@ export class SegmentFiles {
       return Promise.reject(toBlockError(err, `read segment ${segment}@${offset}`));
     }
     if (n === length) return Promise.resolve(buf);
-    return s.reads.run(buf, offset).then(() => buf);
+    s.readers++;
+    const seg = s;
+    return s.reads.run(buf, offset).then(
+      () => {
+        seg.readers--;
+        return buf;
+      },
+      (err: unknown) => {
+        seg.readers--;
+        throw err;
+      },
+    );
+  }
+
+  /** The segment appends go to. */
+  get currentSegment(): number {
+    return this.current;
+  }
+
+  /** Bytes appended to the current segment so far. */
+  get currentBytes(): number {
+    return this.tail;
+  }
+
+  /** Seals the current segment: later appends start a new one. */
+  roll(): void {
+    if (this.tail === 0) return;
+    this.current++;
+    this.tail = 0;
+  }
+
+  size(n: number): number {
+    try {
+      return fs.statSync(this.path(n)).size;
+    } catch {
+      return 0;
+    }
+  }
+
+  /** Deletes a sealed segment once no read is using it. */
+  async remove(n: number): Promise<void> {
+    if (n === this.current) throw new Error(`segment ${n} is still being appended to`);
+    const s = this.open.get(n);
+    if (s) {
+      for (let i = 0; s.readers > 0 && i < 1000; i++) await new Promise((r) => setTimeout(r, 5));
+      this.open.delete(n);
+      fs.closeSync(s.fd);
+    }
+    fs.rmSync(this.path(n), { force: true });
   }
 
   /** Waits for every write started so far, then makes them durable. */

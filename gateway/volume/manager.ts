@@ -13,6 +13,7 @@ import {
 import type { ClientInfo, ExportRegistry, NbdExport } from '../nbd/registry';
 import type { Logger } from '../util/log';
 import { formatSize } from '../util/size';
+import { CompactionResult, Compactor } from '../store/compactor';
 import { DedupStore, StoreStats } from '../store/dedup-store';
 import path from 'node:path';
 import { allocatedBytes, openStack, removeBackingStore } from './backends';
@@ -62,8 +63,15 @@ export class VolumeManager implements ExportRegistry {
   private readonly volumes = new Map<string, Volume>();
   private readonly catalog: Catalog;
   private dedup: DedupStore | null = null;
-  private readonly store = (): DedupStore =>
-    (this.dedup ??= DedupStore.open(path.join(this.dataDir, 'store'), this.log));
+  private compactor: Compactor | null = null;
+  /** The data directory's dedup store, opened with its compactor when a dedup volume first needs it. */
+  private readonly store = (): DedupStore => {
+    if (!this.dedup) {
+      this.dedup = DedupStore.open(path.join(this.dataDir, 'store'), this.log.child('store'));
+      this.compactor = new Compactor(this.dedup, this.log.child('compactor'));
+    }
+    return this.dedup;
+  };
   /** Serialises changes so two admin commands never interleave their catalog writes. */
   private queue: Promise<unknown> = Promise.resolve();
 
@@ -241,9 +249,15 @@ export class VolumeManager implements ExportRegistry {
     return () => vol.clients.delete(client.id);
   }
 
+  /** Rewrites every segment holding garbage now, rather than waiting for the background pass. */
+  compact(): Promise<CompactionResult> {
+    this.store();
+    return this.compactor!.run(true);
+  }
+
   /** The dedup store's figures, or null while no dedup volume was ever opened. */
-  storeStats(): StoreStats | null {
-    return this.dedup ? this.dedup.stats() : null;
+  storeStats(): Promise<StoreStats | null> {
+    return this.dedup ? this.dedup.stats() : Promise.resolve(null);
   }
 
   connectionCount(): number {
@@ -264,6 +278,7 @@ export class VolumeManager implements ExportRegistry {
         await v.device.close();
       }
       this.volumes.clear();
+      await this.compactor?.close();
       await this.dedup?.close();
       this.dedup = null;
     });

@@ -7,6 +7,7 @@ import { ExtentFlag } from '../../gateway/device/block-device';
 import { DedupDevice } from '../../gateway/store/dedup-device';
 import { DedupStore } from '../../gateway/store/dedup-store';
 import { fsckStore } from '../../gateway/store/fsck';
+import { Compactor } from '../../gateway/store/compactor';
 import { silentLogger } from '../../gateway/util/log';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-store-'));
@@ -29,7 +30,7 @@ describe('dedup store', () => {
     const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
     for (let i = 0; i < 16; i++) await dev.write(i * 4096, block(7));
     await store.flush();
-    const s = store.stats();
+    const s = await store.stats();
     assert.equal(s.mappedBlocks, 16);
     assert.equal(s.uniqueBlocks, 1);
     assert.equal(s.dedupRatio, 16);
@@ -43,7 +44,7 @@ describe('dedup store', () => {
     await a.write(0, Buffer.concat([block(1), block(2)]));
     await b.write(8192, Buffer.concat([block(2), block(1)]));
     await store.flush();
-    assert.equal(store.stats().uniqueBlocks, 2);
+    assert.equal((await store.stats()).uniqueBlocks, 2);
     const got = Buffer.alloc(8192);
     await b.read(8192, got);
     assert.ok(got.equals(Buffer.concat([block(2), block(1)])));
@@ -56,7 +57,7 @@ describe('dedup store', () => {
     await dev.write(4096, Buffer.alloc(8192));
     await dev.write(0, block(3));
     await store.flush();
-    assert.equal(store.stats().uniqueBlocks, 1);
+    assert.equal((await store.stats()).uniqueBlocks, 1);
     assert.deepEqual(await dev.blockStatus(0, 5 * 4096), [
       { length: 4096, flags: 0 },
       { length: 8192, flags: ExtentFlag.ZERO },
@@ -74,7 +75,7 @@ describe('dedup store', () => {
     await dev.write(0, block(2));
     await dev.trim(4096, 4096);
     await store.flush();
-    const s = store.stats();
+    const s = await store.stats();
     assert.equal(s.uniqueBlocks, 1);
     assert.equal(s.mappedBlocks, 1);
     assert.ok(s.reclaimableBytes > 0);
@@ -149,5 +150,62 @@ describe('dedup store under concurrency', () => {
     await store.close();
     const report = fsckStore(dir);
     assert.deepEqual(report.problems, []);
+  });
+});
+
+describe('space reclamation', () => {
+  function unique(i: number): Buffer {
+    const b = Buffer.alloc(4096);
+    for (let j = 0; j < 4096; j += 4) b.writeUInt32BE((i * 2654435761 + j * 40503) >>> 0, j);
+    return b;
+  }
+
+  it('frees at least 90% of a deleted volume’s space after compaction, keeping the rest intact', async () => {
+    const dir = path.join(tmp, `compact${n++}`);
+    const store = DedupStore.open(dir, silentLogger);
+    const compactor = new Compactor(store, silentLogger, { intervalMs: 0 });
+    const a = new DedupDevice(store, store.volumeId('a'), 4096 * 2048);
+    const b = new DedupDevice(store, store.volumeId('b'), 4096 * 256);
+    // Interleaved, so the survivors share segments with the dead.
+    for (let i = 0; i < 2048; i++) {
+      await a.write(i * 4096, unique(i));
+      if (i % 8 === 0) await b.write((i / 8) * 4096, unique(100_000 + i));
+    }
+    await store.flush();
+    const before = await store.stats();
+    const bBytes = 256 * (before.storedBytes / before.uniqueBlocks);
+    const aBytes = before.storedBytes - bBytes;
+    await store.deleteVolume('a');
+    const result = await compactor.run(true);
+    const after = await store.stats();
+    assert.ok(result.freedBytes >= 0.9 * aBytes, `freed ${result.freedBytes} of ${aBytes}`);
+    assert.ok(after.segmentBytes <= before.segmentBytes - 0.9 * aBytes);
+    for (let i = 0; i < 2048; i += 8) {
+      const got = Buffer.alloc(4096);
+      await b.read((i / 8) * 4096, got);
+      assert.ok(got.equals(unique(100_000 + i)), `b block ${i / 8}`);
+    }
+    await compactor.close();
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+  });
+
+  it('frees the space of a volume trimmed whole', async () => {
+    const dir = path.join(tmp, `compact${n++}`);
+    const store = DedupStore.open(dir, silentLogger);
+    const compactor = new Compactor(store, silentLogger, { intervalMs: 0 });
+    const a = new DedupDevice(store, store.volumeId('a'), 4096 * 1024);
+    for (let i = 0; i < 1024; i++) await a.write(i * 4096, unique(i));
+    await store.flush();
+    const used = (await store.stats()).segmentBytes;
+    await a.trim(0, 4096 * 1024);
+    await compactor.run(true);
+    assert.ok(
+      (await store.stats()).segmentBytes <= 0.1 * used,
+      `${(await store.stats()).segmentBytes} of ${used} left`,
+    );
+    await compactor.close();
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
   });
 });

@@ -1,0 +1,154 @@
+// Gives space back. A segment whose live records fall below a fraction of
+// its size is walked record by record; the records the datamap still points
+// at are copied to the current segment (relocate), and once a checkpoint has
+// made the copies and the new locations durable the old file is deleted.
+// It runs in the background, throttled, a bounded chunk at a time, so
+// foreground I/O waits for it at most one chunk's parse.
+
+import fs from 'node:fs';
+import { decodeRecordHeader, RECORD_HEADER } from './layout';
+import type { DedupStore } from './dedup-store';
+import type { Logger } from '../util/log';
+
+export interface CompactionResult {
+  segments: number;
+  movedBytes: number;
+  freedBytes: number;
+}
+
+export interface CompactorOptions {
+  /** A sealed segment is compacted when live bytes fall below this fraction of its size. */
+  threshold: number;
+  /** Bytes read per second while walking segments. */
+  bytesPerSecond: number;
+  /** How often to look for work in the background (0: never). */
+  intervalMs: number;
+}
+
+const DEFAULTS: CompactorOptions = { threshold: 0.5, bytesPerSecond: 128 * 1024 * 1024, intervalMs: 10_000 };
+const CHUNK = 1024 * 1024;
+/** Segments with less garbage than this are not worth a rewrite. */
+const MIN_GARBAGE = 1024 * 1024;
+
+export class Compactor {
+  private running: Promise<CompactionResult> | null = null;
+  private readonly timer: NodeJS.Timeout | null;
+  private readonly opts: CompactorOptions;
+
+  constructor(
+    private readonly store: DedupStore,
+    private readonly log: Logger,
+    opts: Partial<CompactorOptions> = {},
+  ) {
+    this.opts = { ...DEFAULTS, ...opts };
+    this.timer =
+      this.opts.intervalMs > 0
+        ? setInterval(() => {
+            if (!this.running)
+              this.run(false).catch((e) => this.log.error(`compaction: ${(e as Error).message}`));
+          }, this.opts.intervalMs)
+        : null;
+    this.timer?.unref();
+  }
+
+  /**
+   * One pass over the sealed segments. With `everything`, any segment holding
+   * garbage is rewritten (and the current one sealed first), as an operator or a
+   * test asks for after deleting a volume.
+   */
+  run(everything: boolean): Promise<CompactionResult> {
+    this.running ??= this.pass(everything).finally(() => (this.running = null));
+    return this.running;
+  }
+
+  private async pass(everything: boolean): Promise<CompactionResult> {
+    const result: CompactionResult = { segments: 0, movedBytes: 0, freedBytes: 0 };
+    const segs = this.store.segments;
+    if (everything) segs.roll();
+    // Everything a victim holds must be in the index before its records are judged live
+    // or dead: victims are sealed before this flush, so no later write lands in one.
+    await this.store.flush();
+    const sealed = segs.list().filter((n) => n < segs.currentSegment);
+    for (const n of sealed) {
+      const size = segs.size(n);
+      const liveBytes = this.store.segmentLiveBytes(n);
+      const garbage = size - liveBytes;
+      if (garbage <= 0) continue;
+      if (!everything && (garbage < MIN_GARBAGE || liveBytes >= size * this.opts.threshold)) continue;
+      const moved = await this.compactSegment(n, size);
+      result.segments++;
+      result.movedBytes += moved;
+      result.freedBytes += size - moved;
+    }
+    if (result.segments) {
+      this.log.info(
+        `compaction: ${result.segments} segment(s), moved ${result.movedBytes} bytes, freed ${result.freedBytes} bytes`,
+      );
+    }
+    return result;
+  }
+
+  /** Moves the live records out of segment `n`, then deletes it. Returns bytes moved. */
+  private async compactSegment(n: number, size: number): Promise<number> {
+    const segs = this.store.segments;
+    const fd = fs.openSync(segs.path(n), 'r');
+    let moved = 0;
+    try {
+      let pos = 0;
+      let buf = Buffer.alloc(0);
+      let bufStart = 0;
+      const started = Date.now();
+      while (pos < size) {
+        // Keep at least one whole record in the window.
+        if (pos + RECORD_HEADER > bufStart + buf.length || !this.wholeRecordAt(buf, pos - bufStart)) {
+          const want = Math.min(CHUNK, size - pos);
+          buf = Buffer.alloc(want);
+          const got = await new Promise<number>((resolve, reject) =>
+            fs.read(fd, buf, 0, want, pos, (err, r) => (err ? reject(err) : resolve(r))),
+          );
+          buf = buf.subarray(0, got);
+          bufStart = pos;
+          if (!this.wholeRecordAt(buf, 0)) break; // a torn tail from a crash: nothing live beyond
+          await this.throttle(started, pos);
+        }
+        const at = pos - bufStart;
+        const h = decodeRecordHeader(buf, at)!;
+        const length = RECORD_HEADER + h.storedLength;
+        const e = this.store.lookupData(h.blockId);
+        if (e && e.segment === n && e.offset === pos) {
+          await this.store.relocate(h.blockId, Buffer.from(buf.subarray(at, at + length)));
+          moved += length;
+        }
+        pos += length;
+      }
+    } finally {
+      fs.closeSync(fd);
+    }
+    // The moves and the copies' bytes are durable before the only other copy goes.
+    await this.store.flush();
+    const left = this.store.segmentLiveBytes(n);
+    if (left > 0) {
+      this.log.warn(`compaction: segment ${n} still holds ${left} live bytes; keeping it`);
+      return moved;
+    }
+    await segs.remove(n);
+    return moved;
+  }
+
+  private wholeRecordAt(buf: Buffer, at: number): boolean {
+    const h = decodeRecordHeader(buf, at);
+    return h !== null && at + RECORD_HEADER + h.storedLength <= buf.length;
+  }
+
+  /** Sleeps as needed to stay under the configured read rate. */
+  private async throttle(started: number, bytesRead: number): Promise<void> {
+    const due = started + (bytesRead / this.opts.bytesPerSecond) * 1000;
+    const wait = due - Date.now();
+    await new Promise((r) => (wait > 0 ? setTimeout(r, wait) : setImmediate(r)));
+  }
+
+  close(): Promise<unknown> {
+    if (this.timer) clearInterval(this.timer);
+    return this.running ?? Promise.resolve();
+  }
+}
