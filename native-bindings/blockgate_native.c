@@ -11,6 +11,8 @@
  */
 #include <node_api.h>
 
+#include "lz4_block.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
@@ -334,6 +336,29 @@ static napi_value js_io_batch(napi_env env, napi_callback_info info) {
   return promise;
 }
 
+/*
+ * lz4Compress(src, dst) -> compressed length, or -1 when it would not fit in dst
+ * (the caller then stores the block raw). lz4Decompress(src, dst) -> length
+ * written, or -1 for a malformed payload. Both work in caller-owned buffers.
+ */
+static napi_value lz4_call(napi_env env, napi_callback_info info, int compress) {
+  napi_value argv[2], result;
+  void *src, *dst;
+  size_t src_len, dst_len;
+  if (!get_args(env, info, 2, argv)) return NULL;
+  if (napi_get_buffer_info(env, argv[0], &src, &src_len) != napi_ok ||
+      napi_get_buffer_info(env, argv[1], &dst, &dst_len) != napi_ok) {
+    napi_throw_type_error(env, NULL, "lz4: arguments must be Buffers");
+    return NULL;
+  }
+  long n = compress ? lz4_block_compress(src, src_len, dst, dst_len) : lz4_block_decompress(src, src_len, dst, dst_len);
+  CHECK(napi_create_int64(env, n, &result));
+  return result;
+}
+
+static napi_value js_lz4_compress(napi_env env, napi_callback_info info) { return lz4_call(env, info, 1); }
+static napi_value js_lz4_decompress(napi_env env, napi_callback_info info) { return lz4_call(env, info, 0); }
+
 /* willNeed(fd, offset, length): start readahead of a range (posix_fadvise WILLNEED). */
 static napi_value js_will_need(napi_env env, napi_callback_info info) {
   napi_value argv[3];
@@ -401,6 +426,8 @@ static napi_value init(napi_env env, napi_value exports) {
       {"readNoWait", NULL, js_read_no_wait, NULL, NULL, NULL, napi_enumerable, NULL},
       {"writeNoWait", NULL, js_write_no_wait, NULL, NULL, NULL, napi_enumerable, NULL},
       {"ioBatch", NULL, js_io_batch, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"lz4Compress", NULL, js_lz4_compress, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"lz4Decompress", NULL, js_lz4_decompress, NULL, NULL, NULL, napi_enumerable, NULL},
       {"willNeed", NULL, js_will_need, NULL, NULL, NULL, napi_enumerable, NULL},
       {"blockDeviceSize", NULL, js_block_device_size, NULL, NULL, NULL, napi_enumerable, NULL},
       {"peerCredentials", NULL, js_peer_credentials, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -17,6 +17,10 @@ export interface NativeBindings {
    * item (0 = transferred in full; reads past end of file are zero-filled).
    */
   ioBatch(fd: number, write: boolean, buffers: Buffer[], offsets: number[]): Promise<Int32Array>;
+  /** LZ4 block compression into `dst`: the compressed length, or -1 if it does not fit. */
+  lz4Compress(src: Buffer, dst: Buffer): number;
+  /** LZ4 block decompression into `dst`: the decompressed length, or -1 for a malformed payload. */
+  lz4Decompress(src: Buffer, dst: Buffer): number;
   /** posix_fadvise(WILLNEED): asks the kernel to read a range ahead. */
   willNeed(fd: number, offset: number, length: number): void;
   blockDeviceSize(fd: number): number;

@@ -67,7 +67,7 @@ export class Compactor {
     if (everything) segs.roll();
     // Everything a victim holds must be in the index before its records are judged live
     // or dead: victims are sealed before this flush, so no later write lands in one.
-    await this.store.flush();
+    await this.store.collect();
     const sealed = segs.list().filter((n) => n < segs.currentSegment);
     for (const n of sealed) {
       const size = segs.size(n);
@@ -125,7 +125,7 @@ export class Compactor {
       fs.closeSync(fd);
     }
     // The moves and the copies' bytes are durable before the only other copy goes.
-    await this.store.flush();
+    await this.store.collect();
     const left = this.store.segmentLiveBytes(n);
     if (left > 0) {
       this.log.warn(`compaction: segment ${n} still holds ${left} live bytes; keeping it`);

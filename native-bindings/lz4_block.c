@@ -1,0 +1,150 @@
+/*
+ * LZ4 block format (no frame): a sequence of
+ *   token (high nibble: literal length, low nibble: match length - 4),
+ *   extra literal-length bytes (255 each, then the rest) when the nibble is 15,
+ *   the literals, a 2-byte little-endian match offset, extra match-length bytes.
+ * The last sequence has literals only; the last 5 bytes are always literals and
+ * no match starts within the last 12 bytes. Written for blockgate's 4 KiB
+ * blocks: a greedy single-probe compressor and a bounds-checked decoder.
+ */
+#include "lz4_block.h"
+
+#include <string.h>
+
+#define MIN_MATCH 4
+#define LAST_LITERALS 5
+#define MATCH_SAFE_END 12
+#define HASH_BITS 12
+
+static uint32_t read32(const uint8_t *p) {
+  uint32_t v;
+  memcpy(&v, p, 4);
+  return v;
+}
+
+static uint32_t hash4(uint32_t v) { return (v * 2654435761u) >> (32 - HASH_BITS); }
+
+static uint8_t *put_length(uint8_t *op, const uint8_t *oend, size_t len) {
+  while (len >= 255) {
+    if (op >= oend) return NULL;
+    *op++ = 255;
+    len -= 255;
+  }
+  if (op >= oend) return NULL;
+  *op++ = (uint8_t)len;
+  return op;
+}
+
+/* Emits one sequence; match_len 0 means the final literals-only sequence. */
+static uint8_t *emit(uint8_t *op, const uint8_t *oend, const uint8_t *lit, size_t lit_len, size_t offset,
+                     size_t match_len) {
+  if (op >= oend) return NULL;
+  uint8_t *token = op++;
+  size_t ml = match_len ? match_len - MIN_MATCH : 0;
+  *token = (uint8_t)(((lit_len >= 15 ? 15 : lit_len) << 4) | (match_len ? (ml >= 15 ? 15 : ml) : 0));
+  if (lit_len >= 15 && !(op = put_length(op, oend, lit_len - 15))) return NULL;
+  if ((size_t)(oend - op) < lit_len) return NULL;
+  memcpy(op, lit, lit_len);
+  op += lit_len;
+  if (!match_len) return op;
+  if (oend - op < 2) return NULL;
+  *op++ = (uint8_t)(offset & 0xff);
+  *op++ = (uint8_t)(offset >> 8);
+  if (ml >= 15 && !(op = put_length(op, oend, ml - 15))) return NULL;
+  return op;
+}
+
+long lz4_block_compress(const uint8_t *src, size_t n, uint8_t *dst, size_t cap) {
+  uint16_t table[1 << HASH_BITS];
+  const uint8_t *ip = src, *anchor = src, *end = src + n;
+  uint8_t *op = dst, *oend = dst + cap;
+  if (n > 65535) return -1; /* positions are 16-bit: blocks only */
+  memset(table, 0, sizeof table);
+  if (n >= MATCH_SAFE_END + 1) {
+    const uint8_t *match_limit = end - MATCH_SAFE_END;
+    ip++;
+    while (ip < match_limit) {
+      uint32_t seq = read32(ip);
+      uint32_t h = hash4(seq);
+      const uint8_t *ref = src + table[h];
+      table[h] = (uint16_t)(ip - src);
+      if (ref < ip && ip - ref <= 65535 && read32(ref) == seq) {
+        /* Extend backwards over equal bytes, then forwards up to the literal tail. */
+        while (ip > anchor && ref > src && ip[-1] == ref[-1]) {
+          ip--;
+          ref--;
+        }
+        const uint8_t *mend = ip + MIN_MATCH, *rend = ref + MIN_MATCH;
+        while (mend < end - LAST_LITERALS && *mend == *rend) {
+          mend++;
+          rend++;
+        }
+        op = emit(op, oend, anchor, (size_t)(ip - anchor), (size_t)(ip - ref), (size_t)(mend - ip));
+        if (!op) return -1;
+        ip = anchor = mend;
+        continue;
+      }
+      ip++;
+    }
+  }
+  op = emit(op, oend, anchor, (size_t)(end - anchor), 0, 0);
+  return op ? op - dst : -1;
+}
+
+long lz4_block_decompress(const uint8_t *src, size_t n, uint8_t *dst, size_t cap) {
+  const uint8_t *ip = src, *iend = src + n;
+  uint8_t *op = dst, *oend = dst + cap;
+  while (ip < iend) {
+    unsigned token = *ip++;
+    size_t lit = token >> 4;
+    if (lit == 15) {
+      unsigned b;
+      do {
+        if (ip >= iend) return -1;
+        b = *ip++;
+        lit += b;
+      } while (b == 255);
+    }
+    if ((size_t)(iend - ip) < lit || (size_t)(oend - op) < lit) return -1;
+    memcpy(op, ip, lit);
+    op += lit;
+    ip += lit;
+    if (ip == iend) break; /* the final sequence has no match */
+    if (iend - ip < 2) return -1;
+    size_t offset = (size_t)ip[0] | ((size_t)ip[1] << 8);
+    ip += 2;
+    if (offset == 0 || offset > (size_t)(op - dst)) return -1;
+    size_t len = token & 15;
+    if (len == 15) {
+      unsigned b;
+      do {
+        if (ip >= iend) return -1;
+        b = *ip++;
+        len += b;
+      } while (b == 255);
+    }
+    len += MIN_MATCH;
+    if ((size_t)(oend - op) < len) return -1;
+    const uint8_t *ref = op - offset;
+    if (offset >= len) {
+      memcpy(op, ref, len);
+    } else if (offset == 1) {
+      memset(op, *ref, len); /* a run of one byte */
+    } else {
+      /*
+       * Overlapping: the match repeats the last `offset` bytes. Once one period is
+       * written, op[0..done) is periodic from phase 0 whenever done is a multiple of
+       * offset, so each further copy can take everything written so far.
+       */
+      memcpy(op, ref, offset);
+      size_t done = offset;
+      while (done < len) {
+        size_t step = len - done < done ? len - done : done;
+        memcpy(op + done, op, step);
+        done += step;
+      }
+    }
+    op += len;
+  }
+  return op - dst;
+}
