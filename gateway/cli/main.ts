@@ -7,6 +7,7 @@ import { callGateway } from '../control/admin-client';
 import { BlockgateError } from '../errors';
 import { parseListenAddress } from '../nbd/listen-address';
 import { serve } from '../serve';
+import type { StoreStats } from '../store/dedup-store';
 import { FsckReport, fsckStore } from '../store/fsck';
 import { DataDirLock } from '../util/data-lock';
 import type { VolumeInfo } from '../volume/manager';
@@ -28,6 +29,7 @@ commands:
   volume resize NAME --size SIZE
   stats [--json]
   compact [--json]                (reclaim dedup space now instead of in the background)
+  similarity [--json]             (share of common content for each pair of dedup volumes)
   fsck --data DIR [--json]        (offline: the gateway must be stopped)
 ADDR is HOST:PORT or unix:PATH (default ${DEFAULT_LISTEN}); SIZE takes K, M, G, T (binary).
 `;
@@ -126,6 +128,13 @@ async function volumeCommand(p: Parsed): Promise<void> {
           ['allocated', bytes(v.allocatedBytes)],
           ['clients', String(v.clients)],
           ['created', v.created],
+          ...(v.dedup
+            ? ([
+                ['logical', bytes(v.dedup.logicalBytes)],
+                ['zero blocks', String(v.dedup.zeroBlocks)],
+                ['exclusive', `${bytes(v.dedup.exclusiveBytes)} (stored for this volume alone)`],
+              ] as Array<[string, string]>)
+            : []),
         ]),
       );
     }
@@ -164,6 +173,7 @@ interface Stats {
   heapUsedBytes: number;
   uptimeSeconds: number;
   listeners: string[];
+  dedup: StoreStats | null;
 }
 
 async function fsckCommand(p: Parsed): Promise<void> {
@@ -225,6 +235,24 @@ async function main(argv: string[]): Promise<void> {
       return volumeCommand(p);
     case 'fsck':
       return fsckCommand(p);
+    case 'similarity': {
+      expectPositionals(p, 1, 'similarity');
+      onlyOptions(p, ['json']);
+      const pairs = (await callGateway(adminPath(p), 'similarity')) as Array<{
+        a: string;
+        b: string;
+        commonBytes: number;
+        similarity: number;
+      }>;
+      return print(p, pairs, (l: typeof pairs) =>
+        l.length
+          ? table(
+              ['VOLUME', 'VOLUME', 'COMMON', 'SIMILARITY'],
+              l.map((x) => [x.a, x.b, bytes(x.commonBytes), `${(100 * x.similarity).toFixed(1)}%`]),
+            )
+          : 'fewer than two dedup volumes\n',
+      );
+    }
     case 'compact': {
       expectPositionals(p, 1, 'compact');
       onlyOptions(p, ['json']);
@@ -253,6 +281,19 @@ async function main(argv: string[]): Promise<void> {
           ['memory (RSS)', bytes(x.rssBytes)],
           ['uptime', `${x.uptimeSeconds} s`],
           ['listening', x.listeners.join(', ')],
+          ...(x.dedup
+            ? ([
+                ['dedup logical', bytes(x.dedup.logicalBytes)],
+                ['dedup unique', bytes(x.dedup.uniqueBytes)],
+                ['dedup stored', bytes(x.dedup.storedBytes)],
+                ['dedup ratio', `${x.dedup.dedupRatio.toFixed(2)}x`],
+                ['compression', `${x.dedup.compressionRatio.toFixed(2)}x`],
+                ['zero blocks', String(x.dedup.zeroBlocks)],
+                ['collisions', String(x.dedup.collisions)],
+                ['reclaimable', bytes(x.dedup.reclaimableBytes)],
+                ['index', `${bytes(x.dedup.indexBytes)} (${x.dedup.indexBytesPerBlock} B per stored block)`],
+              ] as Array<[string, string]>)
+            : []),
         ]),
       );
     }

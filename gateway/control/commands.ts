@@ -54,6 +54,7 @@ export function commandTable(volumes: VolumeManager, status: GatewayStatus): Map
     ],
     ['volume.list', () => volumes.listVolumes()],
     ['compact', () => volumes.compact()],
+    ['similarity', () => volumes.similarity()],
     ['volume.info', (a) => volumes.info(str(a, 'name')!)],
     ['volume.delete', (a) => volumes.delete(str(a, 'name')!).then(() => ({ deleted: a.name }))],
     ['volume.resize', (a) => volumes.resize(str(a, 'name')!, size(a, 'size')!)],

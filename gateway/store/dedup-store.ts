@@ -199,6 +199,45 @@ export class DedupStore {
     await this.collect();
   }
 
+  /** Block ids a volume maps to, with how many of its blocks map to each (zero blocks left out). */
+  async volumeContents(volume: number): Promise<Map<number, number>> {
+    await this.flush();
+    const ids = new Map<number, number>();
+    const range = this.metaDb.getRange({
+      start: encodeMetaKey(volume, 0),
+      end: encodeMetaKey(volume + 1, 0),
+    });
+    for (const { value } of range) {
+      const id = decodeId(value as Buffer);
+      if (id !== ZERO_BLOCK) ids.set(id, (ids.get(id) ?? 0) + 1);
+    }
+    return ids;
+  }
+
+  /** Per-volume figures from its metamap: blocks mapped to data, zero blocks, and blocks only it uses. */
+  async volumeStats(
+    volume: number,
+  ): Promise<{ mappedBlocks: number; zeroBlocks: number; exclusiveBlocks: number }> {
+    await this.flush();
+    let mappedBlocks = 0;
+    let zeroBlocks = 0;
+    let exclusiveBlocks = 0;
+    const range = this.metaDb.getRange({
+      start: encodeMetaKey(volume, 0),
+      end: encodeMetaKey(volume + 1, 0),
+    });
+    for (const { value } of range) {
+      const id = decodeId(value as Buffer);
+      if (id === ZERO_BLOCK) {
+        zeroBlocks++;
+        continue;
+      }
+      mappedBlocks++;
+      if (this.lookupData(id)?.refcount === 1) exclusiveBlocks++;
+    }
+    return { mappedBlocks, zeroBlocks, exclusiveBlocks };
+  }
+
   // ---- lookups: live overlay, then frozen, then the index -----------------------------
 
   private lookupMeta(key: number): number | undefined {

@@ -15,6 +15,7 @@ import type { Logger } from '../util/log';
 import { formatSize } from '../util/size';
 import { CompactionResult, Compactor } from '../store/compactor';
 import { DedupStore, StoreStats } from '../store/dedup-store';
+import fs from 'node:fs';
 import path from 'node:path';
 import { allocatedBytes, openStack, removeBackingStore } from './backends';
 import { Backend, BACKENDS, Catalog, VolumeRecord } from './catalog';
@@ -35,6 +36,8 @@ export interface VolumeInfo {
   allocatedBytes: number;
   clients: number;
   created: string;
+  /** Dedup volumes only (volume info): what its metamap holds. */
+  dedup?: { logicalBytes: number; zeroBlocks: number; exclusiveBytes: number };
 }
 
 export interface CreateOptions {
@@ -91,7 +94,19 @@ export class VolumeManager implements ExportRegistry {
       log.info(`created default volume ${DEFAULT_VOLUME} (${formatSize(DEFAULT_VOLUME_SIZE)}, thin)`);
       return m;
     }
-    for (const rec of m.catalog.load()) {
+    const records = m.catalog.load();
+    if (records.some((r) => r.backend === 'dedup') || fs.existsSync(path.join(dataDir, 'store', 'index'))) {
+      // A crash between a delete's catalog write and its store purge leaves blocks nobody can reach.
+      const store = m.store();
+      const known = new Set(records.filter((r) => r.backend === 'dedup').map((r) => r.name));
+      for (const name of store.volumeNames()) {
+        if (!known.has(name)) {
+          log.warn(`store holds blocks of volume ${name}, which the catalog no longer has: releasing them`);
+          await store.deleteVolume(name);
+        }
+      }
+    }
+    for (const rec of records) {
       try {
         m.volumes.set(rec.name, new Volume(rec, openStack(dataDir, rec, m.store)));
       } catch (err) {
@@ -205,8 +220,19 @@ export class VolumeManager implements ExportRegistry {
     });
   }
 
-  info(name: string): VolumeInfo {
-    return this.describe(this.volume(name));
+  async info(name: string): Promise<VolumeInfo> {
+    const vol = this.volume(name);
+    const info = this.describe(vol);
+    if (vol.record.backend === 'dedup') {
+      const store = this.store();
+      const s = await store.volumeStats(store.volumeId(name));
+      info.dedup = {
+        logicalBytes: s.mappedBlocks * 4096,
+        zeroBlocks: s.zeroBlocks,
+        exclusiveBytes: s.exclusiveBlocks * 4096,
+      };
+    }
+    return info;
   }
 
   listVolumes(): VolumeInfo[] {
@@ -247,6 +273,36 @@ export class VolumeManager implements ExportRegistry {
     const vol = this.volume(name);
     vol.clients.set(client.id, client);
     return () => vol.clients.delete(client.id);
+  }
+
+  /**
+   * For each pair of dedup volumes, the share of content they have in common:
+   * common / max(size1, size2), common being the blocks both map to the same stored
+   * block (counted as often as both hold it), from the metamaps.
+   */
+  async similarity(): Promise<Array<{ a: string; b: string; commonBytes: number; similarity: number }>> {
+    const vols = [...this.volumes.values()].filter((v) => v.record.backend === 'dedup');
+    if (vols.length < 2) return [];
+    const store = this.store();
+    const contents = new Map<string, Map<number, number>>();
+    for (const v of vols) contents.set(v.name, await store.volumeContents(store.volumeId(v.name)));
+    const out: Array<{ a: string; b: string; commonBytes: number; similarity: number }> = [];
+    const names = vols.map((v) => v.name).sort();
+    for (let i = 0; i < names.length; i++) {
+      for (let j = i + 1; j < names.length; j++) {
+        const [x, y] = [contents.get(names[i]!)!, contents.get(names[j]!)!];
+        const [small, large] = x.size <= y.size ? [x, y] : [y, x];
+        let common = 0;
+        for (const [id, n] of small) common += Math.min(n, large.get(id) ?? 0);
+        const commonBytes = common * 4096;
+        const size = Math.max(
+          this.volumes.get(names[i]!)!.device.size,
+          this.volumes.get(names[j]!)!.device.size,
+        );
+        out.push({ a: names[i]!, b: names[j]!, commonBytes, similarity: size ? commonBytes / size : 0 });
+      }
+    }
+    return out;
   }
 
   /** Rewrites every segment holding garbage now, rather than waiting for the background pass. */
