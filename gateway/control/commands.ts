@@ -70,6 +70,8 @@ export function commandTable(volumes: VolumeManager, status: GatewayStatus): Map
           allocatedBytes: list.reduce((n, v) => n + v.allocatedBytes, 0),
           rssBytes: mem.rss,
           heapUsedBytes: mem.heapUsed,
+          heapTotalBytes: mem.heapTotal,
+          externalBytes: mem.external,
           uptimeSeconds: Math.round((Date.now() - status.startedAt) / 1000),
           listeners: status.listeners,
           dedup: await volumes.storeStats(),

@@ -49,6 +49,35 @@ export class CorruptBlockError extends Error {
 }
 
 /**
+ * Decodes a record straight into `out` (4 KiB), with the same checks as decodeRecord:
+ * the reply buffer is filled in place, no block-sized allocation per block.
+ */
+export function decodeRecordInto(
+  rec: Buffer,
+  blockId: number,
+  hash: Buffer,
+  hasher: BlockHasher,
+  out: Buffer,
+): void {
+  const h = decodeRecordHeader(rec, 0);
+  if (!h) throw new CorruptBlockError(`block ${blockId}: no record header where the index points`);
+  if (h.blockId !== blockId)
+    throw new CorruptBlockError(`block ${blockId}: found the record of block ${h.blockId}`);
+  const payload = rec.subarray(RECORD_HEADER, RECORD_HEADER + h.storedLength);
+  if (h.flags & RecordFlag.LZ4) {
+    if (native.lz4Decompress(payload, out) !== BLOCK) {
+      throw new CorruptBlockError(`block ${blockId}: lz4 payload does not decode to a block`);
+    }
+  } else if (payload.length === BLOCK) {
+    payload.copy(out);
+  } else {
+    throw new CorruptBlockError(`block ${blockId}: raw payload of ${payload.length} bytes`);
+  }
+  if (!hasher.hash(out).equals(hash))
+    throw new CorruptBlockError(`block ${blockId}: contents fail the hash check`);
+}
+
+/**
  * The block's 4 KiB from a record read back from a segment, after checking
  * that the record is the one expected and that its bytes hash as recorded.
  */

@@ -85,15 +85,18 @@ export class SegmentFiles {
     return { segment, offset, written };
   }
 
-  /** Reads `length` bytes at `offset` of a segment: inline when cached, else on the pool. */
-  read(segment: number, offset: number, length: number): Promise<Buffer> {
+  /**
+   * Reads `length` bytes at `offset` of a segment: inline when cached, else on the
+   * pool. Into `into` (of that length) when given.
+   */
+  read(segment: number, offset: number, length: number, into?: Buffer): Promise<Buffer> {
     let s: Segment;
     try {
       s = this.segment(segment);
     } catch (err) {
       return Promise.reject(err);
     }
-    const buf = Buffer.allocUnsafe(length);
+    const buf = into ?? Buffer.allocUnsafe(length);
     let n: number;
     try {
       n = native.readNoWait(s.fd, buf, offset);
