@@ -155,21 +155,31 @@ export class SegmentFiles {
     fs.rmSync(this.path(n), { force: true });
   }
 
-  /** Waits for every write started so far, then makes them durable. */
+  /**
+   * Waits for the writes started so far (not later ones: under steady load there is
+   * always one more in flight), then makes them durable.
+   */
   async sync(): Promise<void> {
-    while (this.inflight.size > 0) await Promise.allSettled([...this.inflight]);
+    const started = [...this.inflight];
+    // Taken now: segments dirtied from here on belong to the next sync.
     const dirty = [...this.dirty];
     this.dirty = new Set();
-    await Promise.all(
-      dirty.map(
-        (n) =>
-          new Promise<void>((resolve, reject) =>
-            fs.fdatasync(this.segment(n).fd, (err) =>
-              err ? reject(toBlockError(err, `fdatasync segment ${n}`)) : resolve(),
+    try {
+      await Promise.allSettled(started);
+      await Promise.all(
+        dirty.map(
+          (n) =>
+            new Promise<void>((resolve, reject) =>
+              fs.fdatasync(this.segment(n).fd, (err) =>
+                err ? reject(toBlockError(err, `fdatasync segment ${n}`)) : resolve(),
+              ),
             ),
-          ),
-      ),
-    );
+        ),
+      );
+    } catch (err) {
+      for (const n of dirty) this.dirty.add(n);
+      throw err;
+    }
   }
 
   /** Bytes of all segment files on disk. */
