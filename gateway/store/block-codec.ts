@@ -36,12 +36,24 @@ export class BlockHasher {
  */
 export function encodeRecord(blockId: number, block: Buffer, hash: Buffer): Buffer {
   const rec = Buffer.allocUnsafe(RECORD_HEADER + block.length);
-  const packed = native.lz4Compress(block, rec.subarray(RECORD_HEADER, RECORD_HEADER + block.length - 1));
+  return rec.subarray(0, encodeRecordInto(blockId, block, hash, rec, 0));
+}
+
+/** Encodes a block's record into `out` at `at` (room for header + 4 KiB); returns its length. */
+export function encodeRecordInto(
+  blockId: number,
+  block: Buffer,
+  hash: Buffer,
+  out: Buffer,
+  at: number,
+): number {
+  const payloadAt = at + RECORD_HEADER;
+  const packed = native.lz4Compress(block, out.subarray(payloadAt, payloadAt + block.length - 1));
   const useLz4 = packed > 0;
-  if (!useLz4) block.copy(rec, RECORD_HEADER);
+  if (!useLz4) block.copy(out, payloadAt);
   const storedLength = useLz4 ? packed : block.length;
-  encodeRecordHeader({ flags: useLz4 ? RecordFlag.LZ4 : 0, blockId, storedLength, hash }, rec, 0);
-  return rec.subarray(0, RECORD_HEADER + storedLength);
+  encodeRecordHeader({ flags: useLz4 ? RecordFlag.LZ4 : 0, blockId, storedLength, hash }, out, at);
+  return RECORD_HEADER + storedLength;
 }
 
 export class CorruptBlockError extends Error {

@@ -105,6 +105,45 @@ export class DedupDevice implements BlockDevice {
   }
 
   async write(offset: number, data: Buffer, flags?: WriteFlags): Promise<void> {
+    const firstWhole = Math.ceil(offset / BLOCK);
+    const endWhole = Math.floor((offset + data.length) / BLOCK);
+    if (endWhole - firstWhole > 1 && !this.anyLocked(firstWhole, endWhole)) {
+      // Whole blocks with no change in flight on them: one batch through the store,
+      // registered as the lock of each block so a later read-modify-write waits for it.
+      const head = firstWhole * BLOCK - offset;
+      const whole = this.store.writeBlocks(
+        this.volume,
+        firstWhole,
+        data.subarray(head, head + (endWhole - firstWhole) * BLOCK),
+      );
+      const tail = whole.then(
+        () => undefined,
+        () => undefined,
+      );
+      for (let lba = firstWhole; lba < endWhole; lba++) this.locks.set(lba, tail);
+      void tail.then(() => {
+        for (let lba = firstWhole; lba < endWhole; lba++)
+          if (this.locks.get(lba) === tail) this.locks.delete(lba);
+      });
+      const edges: Promise<void>[] = [];
+      if (head > 0) edges.push(this.writePartial(offset, data.subarray(0, head)));
+      const tailStart = endWhole * BLOCK - offset;
+      if (tailStart < data.length) edges.push(this.writePartial(endWhole * BLOCK, data.subarray(tailStart)));
+      await Promise.all([whole, ...edges]);
+    } else {
+      await this.writePartial(offset, data);
+    }
+    if (flags?.fua) await this.store.flush();
+  }
+
+  private anyLocked(first: number, end: number): boolean {
+    if (this.locks.size === 0) return false;
+    for (let lba = first; lba < end; lba++) if (this.locks.has(lba)) return true;
+    return false;
+  }
+
+  /** Writes a range block by block, read-modify-write where a block is partly covered. */
+  private async writePartial(offset: number, data: Buffer): Promise<void> {
     await Promise.all(
       DedupDevice.split(offset, data.length, (lba, inBlock, n, at) =>
         this.withBlock(lba, async () => {
@@ -115,7 +154,6 @@ export class DedupDevice implements BlockDevice {
         }),
       ),
     );
-    if (flags?.fua) await this.store.flush();
   }
 
   trim(offset: number, length: number, flags?: WriteFlags): Promise<void> {

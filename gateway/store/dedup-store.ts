@@ -25,6 +25,7 @@ import {
   decodeRecord,
   decodeRecordInto,
   encodeRecord,
+  encodeRecordInto,
   isZeroBlock,
 } from './block-codec';
 import {
@@ -531,6 +532,94 @@ export class DedupStore {
   /** Bytes of live records per segment, as of the last checkpoint. */
   segmentLiveBytes(segment: number): number {
     return this.state.segmentLive[segment] ?? 0;
+  }
+
+  /**
+   * Stores whole blocks at lba.. from `data` (a multiple of 4 KiB). New blocks are
+   * encoded into one buffer and appended with one write; zero blocks, repeats within
+   * the request and hash hits (compared byte for byte) are linked instead.
+   */
+  async writeBlocks(volume: number, lba: number, data: Buffer): Promise<void> {
+    const count = data.length / BLOCK;
+    const slab = Buffer.allocUnsafe(count * (RECORD_HEADER + BLOCK));
+    let used = 0;
+    interface Fresh {
+      key: number;
+      /** Its index in the request. */
+      index: number;
+      id: number;
+      at: number;
+      length: number;
+      hash: Buffer;
+      hk: string;
+      indexed: boolean;
+    }
+    const fresh: Fresh[] = [];
+    const repeats: Array<{ key: number; of: Fresh }> = [];
+    const local = new Map<string, Fresh>();
+    const hits: Promise<void>[] = [];
+    for (let i = 0; i < count; i++) {
+      const block = data.subarray(i * BLOCK, (i + 1) * BLOCK);
+      const key = metaKey(volume, lba + i);
+      if (isZeroBlock(block)) {
+        this.setMeta(key, ZERO_BLOCK);
+        continue;
+      }
+      const hash = this.hasher.hash(block);
+      const hk = hash.toString('latin1');
+      const earlier = local.get(hk);
+      if (earlier && data.subarray(earlier.index * BLOCK, (earlier.index + 1) * BLOCK).equals(block)) {
+        repeats.push({ key, of: earlier });
+        continue;
+      }
+      if (this.lookupHash(hash, hk) !== undefined) {
+        // Already stored (or being stored): the single-block path compares and links.
+        hits.push(this.writeBlock(volume, lba + i, Buffer.from(block)));
+        continue;
+      }
+      const id = this.state.nextBlockId++;
+      const length = encodeRecordInto(id, block, hash, slab, used);
+      // A hash shared with an earlier, different block of this request: a collision, stored apart.
+      if (earlier) this.state.collisions++;
+      const f: Fresh = { key, index: i, id, at: used, length, hash, hk, indexed: !earlier };
+      used += length;
+      fresh.push(f);
+      if (!earlier) local.set(hk, f);
+    }
+    if (fresh.length === 0) {
+      await Promise.all(hits);
+      return;
+    }
+    const records = slab.subarray(0, used);
+    const { segment, offset, written } = this.segments.append(records);
+    for (const f of fresh) {
+      const rec = records.subarray(f.at, f.at + f.length);
+      this.pending.set(f.id, rec);
+      this.live.newData.set(f.id, {
+        segment,
+        offset: offset + f.at,
+        storedLength: f.length - RECORD_HEADER,
+        flags: rec.readUInt16BE(4),
+        refcount: 0,
+        hash: f.hash,
+      });
+      if (f.indexed) this.live.newHash.set(f.hk, f.id);
+      this.setMeta(f.key, f.id);
+    }
+    for (const r of repeats) this.setMeta(r.key, r.of.id);
+    try {
+      await written;
+    } catch (err) {
+      for (const f of fresh) {
+        if (this.lookupMeta(f.key) === f.id) this.setMeta(f.key, HOLE);
+        if (this.live.newHash.get(f.hk) === f.id) this.live.newHash.delete(f.hk);
+      }
+      for (const r of repeats) if (this.lookupMeta(r.key) === r.of.id) this.setMeta(r.key, HOLE);
+      throw err;
+    } finally {
+      for (const f of fresh) this.pending.delete(f.id);
+    }
+    await Promise.all(hits);
   }
 
   /** Makes the block a hole (never written) or a zero block. */
