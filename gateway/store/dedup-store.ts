@@ -15,7 +15,8 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { open, RootDatabase, Database } from 'lmdb';
+import type { Database, RootDatabase } from 'lmdb';
+import { openIndex } from './index-db';
 import { BlockError } from '../device/errors';
 import { sharedBufferPool } from '../util/buffer-pool';
 import type { Logger } from '../util/log';
@@ -137,18 +138,8 @@ export class DedupStore {
 
   static open(dir: string, log: Logger, opts: { readOnly?: boolean } = {}): DedupStore {
     fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
-    const env = open({
-      path: path.join(dir, 'index'),
-      maxDbs: 8,
-      compression: false,
-      readOnly: opts.readOnly,
-    });
-    const binary = { keyEncoding: 'binary' as const, encoding: 'binary' as const };
-    const metaDb = env.openDB<Buffer, Buffer>({ name: 'meta', ...binary });
-    const dataDb = env.openDB<Buffer, Buffer>({ name: 'data', ...binary });
-    const hashDb = env.openDB<Buffer, Buffer>({ name: 'hash', ...binary });
-    const stateDb = env.openDB<StoreState, string>({ name: 'state', encoding: 'json' });
-    let state = stateDb.get('store');
+    const { env, meta: metaDb, data: dataDb, hash: hashDb, state: stateDb } = openIndex(dir, opts);
+    let state = stateDb.get('store') as StoreState | undefined;
     if (!state) {
       if (opts.readOnly) throw new Error(`${dir} holds no dedup store`);
       state = {

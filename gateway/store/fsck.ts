@@ -6,7 +6,7 @@
 
 import fs from 'node:fs';
 import path from 'node:path';
-import { open } from 'lmdb';
+import { openIndex } from './index-db';
 import { BlockHasher, CorruptBlockError, decodeRecord } from './block-codec';
 import {
   RECORD_HEADER,
@@ -34,12 +34,13 @@ export interface FsckReport {
 const MAX_LISTED = 50;
 
 export function fsckStore(storeDir: string): FsckReport {
-  const env = open({ path: path.join(storeDir, 'index'), maxDbs: 8, compression: false, readOnly: true });
-  const binary = { keyEncoding: 'binary' as const, encoding: 'binary' as const };
-  const metaDb = env.openDB<Buffer, Buffer>({ name: 'meta', ...binary });
-  const dataDb = env.openDB<Buffer, Buffer>({ name: 'data', ...binary });
-  const hashDb = env.openDB<Buffer, Buffer>({ name: 'hash', ...binary });
-  const stateDb = env.openDB<Record<string, unknown>, string>({ name: 'state', encoding: 'json' });
+  const {
+    env,
+    meta: metaDb,
+    data: dataDb,
+    hash: hashDb,
+    state: stateDb,
+  } = openIndex(storeDir, { readOnly: true });
   const problems: string[] = [];
   let problemCount = 0;
   const problem = (p: string): void => {

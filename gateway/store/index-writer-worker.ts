@@ -4,9 +4,7 @@
 // clients never stalls on them. Reads stay on the main thread (LMDB readers
 // never wait for the writer).
 
-import path from 'node:path';
 import { parentPort, workerData } from 'node:worker_threads';
-import { open } from 'lmdb';
 import { CheckpointReply, CheckpointRequest, NEW_DATA_BYTES } from './checkpoint-message';
 import {
   DataEntry,
@@ -18,15 +16,11 @@ import {
   metaKeyLba,
   metaKeyVolume,
 } from './layout';
+import { openIndex } from './index-db';
 import { HOLE } from './overlay';
 
 const { dir } = workerData as { dir: string };
-const env = open({ path: path.join(dir, 'index'), maxDbs: 8, compression: false });
-const binary = { keyEncoding: 'binary' as const, encoding: 'binary' as const };
-const metaDb = env.openDB<Buffer, Buffer>({ name: 'meta', ...binary });
-const dataDb = env.openDB<Buffer, Buffer>({ name: 'data', ...binary });
-const hashDb = env.openDB<Buffer, Buffer>({ name: 'hash', ...binary });
-const stateDb = env.openDB<unknown, string>({ name: 'state', encoding: 'json' });
+const { env, meta: metaDb, data: dataDb, hash: hashDb, state: stateDb } = openIndex(dir);
 
 /** What this worker owns in the store state; the rest comes from the main thread. */
 interface WriterState {
