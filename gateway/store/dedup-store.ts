@@ -56,7 +56,7 @@ import { IndexWriter } from './index-writer';
  */
 const CHECKPOINT_INTERVAL_MS = 5000;
 /** ... and as soon as the overlay holds this many changes (bounds its memory). */
-const CHECKPOINT_ENTRIES = 200_000;
+const CHECKPOINT_ENTRIES = 50_000;
 
 export type BlockState = 'hole' | 'zero' | 'data';
 
