@@ -165,7 +165,11 @@ export class SegmentFiles {
     const dirty = [...this.dirty];
     this.dirty = new Set();
     try {
-      await Promise.allSettled(started);
+      const outcomes = await Promise.allSettled(started);
+      // A write of this epoch that failed is being undone: this checkpoint must not
+      // commit anything that pointed at it, so it fails and its overlay is merged back.
+      const failed = outcomes.find((o): o is PromiseRejectedResult => o.status === 'rejected');
+      if (failed) throw failed.reason;
       await Promise.all(
         dirty.map(
           (n) =>
