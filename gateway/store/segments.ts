@@ -81,7 +81,12 @@ export class SegmentFiles {
     const written = this.segment(segment).writes.run(record, offset);
     this.inflight.add(written);
     const forget = (): void => void this.inflight.delete(written);
-    written.then(forget, forget);
+    written.then(forget, () => {
+      forget();
+      // The failed record leaves a gap the compactor's walk cannot cross: seal the segment
+      // so nothing follows the gap.
+      if (this.current === segment) this.roll();
+    });
     return { segment, offset, written };
   }
 
