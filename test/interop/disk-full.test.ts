@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { describe, it } from 'node:test';
-import { Gateway } from '../helpers/gateway';
+import { BIN, Gateway } from '../helpers/gateway';
 import { check, run } from '../helpers/run';
 
 const MiB = 1 << 20;
@@ -46,6 +46,11 @@ describe('a full disk', { skip: canMount ? false : 'needs root to mount a small 
         await check('qemu-io', ['-f', 'raw', uri, '-c', 'read -P 0x6b 61M 1M', '-c', 'read -P 0x5a 62M 2M']);
         assert.equal((await gw.stop()).code, 0);
         gw = null;
+        // Writes that failed half-way must have left the store consistent.
+        const fsck = await run(process.execPath, [BIN, 'fsck', '--data', path.join(mnt, 'data')], {
+          timeoutMs: 60_000,
+        });
+        assert.equal(fsck.code, 0, fsck.stdout + fsck.stderr);
       } finally {
         await gw?.stop();
         fs.rmSync(junk, { force: true });
