@@ -91,20 +91,24 @@ long lz4_block_compress(const uint8_t *src, size_t n, uint8_t *dst, size_t cap) 
   return op ? op - dst : -1;
 }
 
+/* Adds a length's extension bytes (255 each, then the rest); NULL if the input ends first. */
+static const uint8_t *get_length(const uint8_t *ip, const uint8_t *iend, size_t *len) {
+  unsigned b;
+  do {
+    if (ip >= iend) return NULL;
+    b = *ip++;
+    *len += b;
+  } while (b == 255);
+  return ip;
+}
+
 long lz4_block_decompress(const uint8_t *src, size_t n, uint8_t *dst, size_t cap) {
   const uint8_t *ip = src, *iend = src + n;
   uint8_t *op = dst, *oend = dst + cap;
   while (ip < iend) {
     unsigned token = *ip++;
     size_t lit = token >> 4;
-    if (lit == 15) {
-      unsigned b;
-      do {
-        if (ip >= iend) return -1;
-        b = *ip++;
-        lit += b;
-      } while (b == 255);
-    }
+    if (lit == 15 && !(ip = get_length(ip, iend, &lit))) return -1;
     if ((size_t)(iend - ip) < lit || (size_t)(oend - op) < lit) return -1;
     memcpy(op, ip, lit);
     op += lit;
@@ -115,14 +119,7 @@ long lz4_block_decompress(const uint8_t *src, size_t n, uint8_t *dst, size_t cap
     ip += 2;
     if (offset == 0 || offset > (size_t)(op - dst)) return -1;
     size_t len = token & 15;
-    if (len == 15) {
-      unsigned b;
-      do {
-        if (ip >= iend) return -1;
-        b = *ip++;
-        len += b;
-      } while (b == 255);
-    }
+    if (len == 15 && !(ip = get_length(ip, iend, &len))) return -1;
     len += MIN_MATCH;
     if ((size_t)(oend - op) < len) return -1;
     const uint8_t *ref = op - offset;

@@ -292,11 +292,6 @@ export class DedupStore {
 
   // ---- blocks ----------------------------------------------------------------------
 
-  blockState(volume: number, lba: number): BlockState {
-    const v = this.lookupMeta(metaKey(volume, lba));
-    return v === undefined ? 'hole' : v === ZERO_BLOCK ? 'zero' : 'data';
-  }
-
   /** States of `count` blocks from `lba`: one range scan of the index, then the overlays. */
   blockStates(volume: number, lba: number, count: number): BlockState[] {
     const states: BlockState[] = new Array<BlockState>(count).fill('hole');
@@ -565,7 +560,7 @@ export class DedupStore {
       }
       if (this.lookupHash(hash, hk) !== undefined) {
         // Already stored (or being stored): the single-block path compares and links.
-        hits.push(this.writeBlock(volume, lba + i, Buffer.from(block)));
+        hits.push(this.writeBlock(volume, lba + i, block)); // awaited before the request settles
         continue;
       }
       const id = this.state.nextBlockId++;
