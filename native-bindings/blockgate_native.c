@@ -12,6 +12,7 @@
 #include <node_api.h>
 
 #include "lz4_block.h"
+#include "xxh3_128.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -359,6 +360,142 @@ static napi_value lz4_call(napi_env env, napi_callback_info info, int compress) 
 static napi_value js_lz4_compress(napi_env env, napi_callback_info info) { return lz4_call(env, info, 1); }
 static napi_value js_lz4_decompress(napi_env env, napi_callback_info info) { return lz4_call(env, info, 0); }
 
+/*
+ * Keyed XXH3-128 (see xxh3_128.c) for the dedup store. Both functions write
+ * into caller-owned memory: allocating a Buffer per digest, as xxhash-addon
+ * does, costs several times more than hashing a 4 KiB block.
+ *
+ * Byte arguments may be any TypedArray or DataView, over an ArrayBuffer or a
+ * SharedArrayBuffer (worker pools hash shared slabs), and are taken as the
+ * bytes they view.
+ */
+static int get_bytes(napi_env env, napi_value v, uint8_t **data, size_t *len, const char *what) {
+  bool is_typed = false, is_view = false;
+  void *p = NULL;
+  char msg[96];
+  if (napi_is_typedarray(env, v, &is_typed) == napi_ok && is_typed) {
+    napi_typedarray_type type;
+    size_t count, width;
+    /* Node hands back the data pointer already advanced by the view's byte offset. */
+    if (napi_get_typedarray_info(env, v, &type, &count, &p, NULL, NULL) != napi_ok) goto bad;
+    switch (type) {
+    case napi_int8_array:
+    case napi_uint8_array:
+    case napi_uint8_clamped_array: width = 1; break;
+    case napi_int16_array:
+    case napi_uint16_array: width = 2; break;
+    case napi_int32_array:
+    case napi_uint32_array:
+    case napi_float32_array: width = 4; break;
+    case napi_float64_array:
+    case napi_bigint64_array:
+    case napi_biguint64_array: width = 8; break;
+    default: goto bad;
+    }
+    *data = p;
+    *len = count * width;
+    return 1;
+  }
+  if (napi_is_dataview(env, v, &is_view) == napi_ok && is_view) {
+    if (napi_get_dataview_info(env, v, len, &p, NULL, NULL) != napi_ok) goto bad;
+    *data = p;
+    return 1;
+  }
+bad:
+  snprintf(msg, sizeof msg, "%s must be a Buffer, TypedArray or DataView", what);
+  napi_throw_type_error(env, NULL, msg);
+  return 0;
+}
+
+/* A whole number in [min, max]: TypeError if not a number, RangeError otherwise. */
+static int get_index(napi_env env, napi_value v, double min, double max, size_t *out, const char *what) {
+  double d;
+  char msg[128];
+  if (napi_get_value_double(env, v, &d) != napi_ok) {
+    snprintf(msg, sizeof msg, "%s must be a number", what);
+    napi_throw_type_error(env, NULL, msg);
+    return 0;
+  }
+  /* The comparisons are false for NaN, so NaN lands in the error branch too. */
+  if (!(d >= min && d <= max && d == (double)(uint64_t)d)) {
+    snprintf(msg, sizeof msg, "%s must be an integer in [%.0f, %.0f], got %g", what, min, max, d);
+    napi_throw_range_error(env, NULL, msg);
+    return 0;
+  }
+  *out = (size_t)d;
+  return 1;
+}
+
+static int get_secret(napi_env env, napi_value v, uint8_t **secret, size_t *len) {
+  if (!get_bytes(env, v, secret, len, "secret")) return 0;
+  if (*len < XXH3_128_SECRET_MIN) {
+    char msg[96];
+    snprintf(msg, sizeof msg, "secret must be at least %d bytes, got %zu", XXH3_128_SECRET_MIN, *len);
+    napi_throw_range_error(env, NULL, msg);
+    return 0;
+  }
+  return 1;
+}
+
+/* hash128Into(secret, data, out, outOffset): canonical XXH3-128 of data at out[outOffset, +16). */
+static napi_value js_hash128_into(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  uint8_t *secret, *data, *out;
+  size_t secret_len, data_len, out_len, at;
+  if (!get_args(env, info, 4, argv)) return NULL;
+  if (!get_secret(env, argv[0], &secret, &secret_len) || !get_bytes(env, argv[1], &data, &data_len, "data") ||
+      !get_bytes(env, argv[2], &out, &out_len, "out"))
+    return NULL;
+  if (out_len < XXH3_128_CANONICAL_SIZE) {
+    napi_throw_range_error(env, NULL, "out must have room for a 16-byte hash");
+    return NULL;
+  }
+  if (!get_index(env, argv[3], 0, (double)(out_len - XXH3_128_CANONICAL_SIZE), &at, "outOffset")) return NULL;
+  /* The hash is complete before anything is written, so out may overlap the inputs. */
+  xxh3_128_canonical(xxh3_128_with_secret(data, data_len, secret, secret_len), out + at);
+  return NULL;
+}
+
+static int overlaps(const uint8_t *a, size_t a_len, const uint8_t *b, size_t b_len) {
+  uintptr_t a0 = (uintptr_t)a, b0 = (uintptr_t)b;
+  return a_len && b_len && a0 < b0 + b_len && b0 < a0 + a_len;
+}
+
+/*
+ * hashBlocks(secret, data, blockSize, out): hash i of data[i*blockSize, +blockSize)
+ * at out[16*i, +16). Hashes are written as they are computed, so out must not
+ * overlap data or secret (checked: RangeError).
+ */
+static napi_value js_hash_blocks(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  uint8_t *secret, *data, *out;
+  size_t secret_len, data_len, out_len, block;
+  if (!get_args(env, info, 4, argv)) return NULL;
+  if (!get_secret(env, argv[0], &secret, &secret_len) || !get_bytes(env, argv[1], &data, &data_len, "data") ||
+      !get_index(env, argv[2], 1, 9007199254740991.0, &block, "blockSize") ||
+      !get_bytes(env, argv[3], &out, &out_len, "out"))
+    return NULL;
+  if (data_len % block != 0) {
+    napi_throw_range_error(env, NULL, "data length must be a multiple of blockSize");
+    return NULL;
+  }
+  size_t count = data_len / block;
+  if (out_len / XXH3_128_CANONICAL_SIZE < count) {
+    napi_throw_range_error(env, NULL, "out must have room for 16 bytes per block");
+    return NULL;
+  }
+  size_t written = count * XXH3_128_CANONICAL_SIZE;
+  if (overlaps(out, written, data, data_len) || overlaps(out, written, secret, secret_len)) {
+    napi_throw_range_error(env, NULL, "out must not overlap data or secret");
+    return NULL;
+  }
+  for (size_t i = 0; i < count; i++) {
+    xxh3_128_canonical(xxh3_128_with_secret(data + i * block, block, secret, secret_len),
+                       out + i * XXH3_128_CANONICAL_SIZE);
+  }
+  return NULL;
+}
+
 /* willNeed(fd, offset, length): start readahead of a range (posix_fadvise WILLNEED). */
 static napi_value js_will_need(napi_env env, napi_callback_info info) {
   napi_value argv[3];
@@ -428,6 +565,8 @@ static napi_value init(napi_env env, napi_value exports) {
       {"ioBatch", NULL, js_io_batch, NULL, NULL, NULL, napi_enumerable, NULL},
       {"lz4Compress", NULL, js_lz4_compress, NULL, NULL, NULL, napi_enumerable, NULL},
       {"lz4Decompress", NULL, js_lz4_decompress, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"hash128Into", NULL, js_hash128_into, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"hashBlocks", NULL, js_hash_blocks, NULL, NULL, NULL, napi_enumerable, NULL},
       {"willNeed", NULL, js_will_need, NULL, NULL, NULL, napi_enumerable, NULL},
       {"blockDeviceSize", NULL, js_block_device_size, NULL, NULL, NULL, napi_enumerable, NULL},
       {"peerCredentials", NULL, js_peer_credentials, NULL, NULL, NULL, napi_enumerable, NULL},

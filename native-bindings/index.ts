@@ -21,6 +21,22 @@ export interface NativeBindings {
   lz4Compress(src: Buffer, dst: Buffer): number;
   /** LZ4 block decompression into `dst`: the decompressed length, or -1 for a malformed payload. */
   lz4Decompress(src: Buffer, dst: Buffer): number;
+  /**
+   * Keyed XXH3-128 of `data` (XXH3_128bits_withSecret, seed 0) written as its 16-byte canonical form
+   * (high 64 bits then low 64 bits, big-endian) at `out[outOffset, outOffset + 16)`. Bit for bit the
+   * digest of xxhash-addon's `new XXHash128(secret)` after `reset(); update(data)`, without allocating.
+   * Throws RangeError if `secret` is shorter than 136 bytes or the 16 bytes do not fit in `out` at an
+   * integer `outOffset`; TypeError for arguments of the wrong type.
+   */
+  hash128Into(secret: Buffer, data: Buffer, out: Buffer, outOffset: number): void;
+  /**
+   * {@link NativeBindings.hash128Into} for every consecutive `blockSize`-byte slice of `data`: hash `i`
+   * goes to `out[16 * i, 16 * i + 16)`. Views over a SharedArrayBuffer are accepted (worker pools hash
+   * shared slabs; nothing may write `data` meanwhile). Throws RangeError if `data.byteLength` is not a
+   * multiple of `blockSize`, `out` holds fewer than 16 bytes per block, or `out` overlaps `data` or
+   * `secret`; RangeError/TypeError as `hash128Into` for the secret and argument types.
+   */
+  hashBlocks(secret: Buffer, data: Buffer | Uint8Array, blockSize: number, out: Buffer | Uint8Array): void;
   /** posix_fadvise(WILLNEED): asks the kernel to read a range ahead. */
   willNeed(fd: number, offset: number, length: number): void;
   blockDeviceSize(fd: number): number;
