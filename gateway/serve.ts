@@ -16,13 +16,17 @@ export interface ServeOptions {
   dataDir: string;
   listen: ListenAddress[];
   adminPath: string;
+  /** See StoreOptions.hashPoolMin. */
+  hashPoolMin?: number | null;
 }
 
 export async function serve(opts: ServeOptions): Promise<void> {
   const log = createLogger();
   fs.mkdirSync(opts.dataDir, { recursive: true, mode: 0o700 });
   const lock = DataDirLock.acquire(opts.dataDir);
-  const volumes = await VolumeManager.open(opts.dataDir, log.child('volume'));
+  const volumes = await VolumeManager.open(opts.dataDir, log.child('volume'), {
+    ...(opts.hashPoolMin !== undefined ? { hashPoolMin: opts.hashPoolMin } : {}),
+  });
   const nbd = new NbdServer(volumes, log.child('nbd'));
   const listeners: string[] = [];
   const status = { startedAt: Date.now(), listeners };

@@ -19,7 +19,7 @@ const DEFAULT_DATA = './blockgate-data';
 const DEFAULT_LISTEN = '127.0.0.1:10809';
 
 const USAGE = `usage:
-  blockgate serve [--data DIR] [--listen ADDR]... [--admin PATH]
+  blockgate serve [--data DIR] [--listen ADDR]... [--admin PATH] [--hash-pool SIZE|off]
   blockgate [--admin PATH | --data DIR] COMMAND ...
 commands:
   volume create NAME --size SIZE [--backend dedup|raw|memory] [--read-only] [--path FILE|DEVICE]
@@ -31,6 +31,8 @@ commands:
   compact [--json]                (reclaim dedup space now instead of in the background)
   similarity [--json]             (share of common content for each pair of dedup volumes)
   fsck --data DIR [--json]        (offline: the gateway must be stopped)
+--hash-pool: dedup writes of at least SIZE (default 256K) are hashed and compressed on
+  worker threads; off keeps all of it on the event loop.
 ADDR is HOST:PORT or unix:PATH (default ${DEFAULT_LISTEN}); SIZE takes K, M, G, T (binary).
 `;
 
@@ -49,7 +51,7 @@ const NOT_YET = new Set([
 
 const SPEC = {
   flags: ['json', 'read-only', 'help'],
-  values: ['admin', 'data', 'size', 'backend', 'path'],
+  values: ['admin', 'data', 'size', 'backend', 'path', 'hash-pool'],
   repeatable: ['listen'],
 };
 
@@ -220,7 +222,7 @@ async function main(argv: string[]): Promise<void> {
   switch (command) {
     case 'serve': {
       expectPositionals(p, 1, 'serve');
-      onlyOptions(p, ['listen']);
+      onlyOptions(p, ['listen', 'hash-pool']);
       const dataDir = p.values.get('data') ?? DEFAULT_DATA;
       const listen = (p.repeated.get('listen') ?? [DEFAULT_LISTEN]).map((a) => {
         try {
@@ -229,7 +231,13 @@ async function main(argv: string[]): Promise<void> {
           throw new UsageError(`--listen: ${(err as Error).message}`);
         }
       });
-      return serve({ dataDir, listen, adminPath: p.values.get('admin') ?? path.join(dataDir, 'admin.sock') });
+      const pool = p.values.get('hash-pool');
+      return serve({
+        dataDir,
+        listen,
+        adminPath: p.values.get('admin') ?? path.join(dataDir, 'admin.sock'),
+        ...(pool !== undefined ? { hashPoolMin: pool === 'off' ? null : parseSize(pool) } : {}),
+      });
     }
     case 'volume':
       return volumeCommand(p);

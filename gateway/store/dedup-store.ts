@@ -14,6 +14,7 @@
 
 import crypto from 'node:crypto';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import type { Database, RootDatabase } from 'lmdb';
 import { openIndex } from './index-db';
@@ -28,7 +29,11 @@ import {
   encodeRecord,
   encodeRecordInto,
   isZeroBlock,
+  unpackRecordInto,
+  writeRecordInto,
 } from './block-codec';
+import { BatchView, PACKED_RAW, PACKED_ZERO } from './block-batch';
+import { BlockPool } from './block-pool';
 import {
   BLOCK,
   DataEntry,
@@ -37,8 +42,9 @@ import {
   decodeDataEntry,
   decodeId,
   decodeMetaKey,
-  encodeId,
+  encodeIdInto,
   encodeMetaKey,
+  encodeMetaKeyInto,
   metaKey,
   metaKeyLba,
   metaKeyVolume,
@@ -59,6 +65,41 @@ const CHECKPOINT_INTERVAL_MS = 5000;
 const CHECKPOINT_ENTRIES = 50_000;
 
 export type BlockState = 'hole' | 'zero' | 'data';
+
+export interface StoreOptions {
+  readOnly?: boolean;
+  /**
+   * Writes of at least this many bytes are hashed and compressed on the encoding
+   * pool; null: always inline (and no pool threads).
+   */
+  hashPoolMin?: number | null;
+}
+
+/**
+ * The pool only pays where there are cores to spare: on 2 cores the event loop,
+ * the index writer and the client already use both, and scripts/bench measured
+ * 1 MiB writes slower with the pool (blockgate-dedup-pool) than without.
+ */
+export const DEFAULT_HASH_POOL_MIN = os.availableParallelism() >= 4 ? 256 * 1024 : null;
+
+// matchNow's answers besides a block id (ids start at 1).
+const NO_MATCH = 0;
+const COLLISION = -1;
+const WAIT = -2;
+/** Rounds of settle() before a write stops trying to share and stores its own copy. */
+const SETTLE_TRIES = 3;
+
+const RESOLVED = Promise.resolve();
+
+interface PendingRecord {
+  record: Buffer;
+  written: Promise<void>;
+}
+
+interface Fetched {
+  id: number;
+  record: Buffer;
+}
 
 interface StoreState {
   version: 1;
@@ -106,13 +147,19 @@ export class DedupStore {
    */
   private dying = new Set<number>();
   /** Records whose segment write is still in flight, by block id. */
-  private readonly pending = new Map<number, Buffer>();
+  private readonly pending = new Map<number, PendingRecord>();
+  // Scratch for the synchronous paths, which never await while holding them.
+  private readonly metaKeyBuf = Buffer.allocUnsafe(12);
+  private readonly idKeyBuf = Buffer.allocUnsafe(8);
+  private readonly recordScratch = Buffer.allocUnsafe(RECORD_HEADER + BLOCK);
+  private readonly blockScratch = Buffer.allocUnsafe(BLOCK);
   private readonly hasher: BlockHasher;
   private checkpointing: Promise<void> | null = null;
   private nextCheckpoint: Promise<void> | null = null;
   private readonly timer: NodeJS.Timeout;
   private closed = false;
   private readonly writer: IndexWriter;
+  private readonly pool: BlockPool | null;
   /** Blocks at reference count zero in the index (the writer's last word on it). */
   private zeroRef: Set<number>;
 
@@ -125,7 +172,10 @@ export class DedupStore {
     private state: StoreState,
     readonly segments: SegmentFiles,
     private readonly log: Logger,
+    /** Writes of at least this many blocks are encoded on the pool. */
+    private readonly poolMinBlocks: number,
   ) {
+    this.pool = Number.isFinite(poolMinBlocks) ? new BlockPool(state.secret) : null;
     this.hasher = new BlockHasher(Buffer.from(state.secret, 'base64'));
     this.writer = new IndexWriter(dir);
     this.zeroRef = new Set(state.zeroRef ?? []);
@@ -136,7 +186,7 @@ export class DedupStore {
     this.timer.unref();
   }
 
-  static open(dir: string, log: Logger, opts: { readOnly?: boolean } = {}): DedupStore {
+  static open(dir: string, log: Logger, opts: StoreOptions = {}): DedupStore {
     fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
     const { env, meta: metaDb, data: dataDb, hash: hashDb, state: stateDb } = openIndex(dir, opts);
     let state = stateDb.get('store') as StoreState | undefined;
@@ -159,7 +209,13 @@ export class DedupStore {
     }
     state.segmentLive ??= {};
     const segments = new SegmentFiles(path.join(dir, 'segments'));
-    return new DedupStore(dir, env, metaDb, dataDb, hashDb, state, segments, log);
+    const poolMin = opts.readOnly
+      ? null
+      : opts.hashPoolMin === undefined
+        ? DEFAULT_HASH_POOL_MIN
+        : opts.hashPoolMin;
+    const poolMinBlocks = poolMin === null ? Infinity : Math.max(1, Math.ceil(poolMin / BLOCK));
+    return new DedupStore(dir, env, metaDb, dataDb, hashDb, state, segments, log, poolMinBlocks);
   }
 
   // ---- volumes ---------------------------------------------------------------------
@@ -247,7 +303,8 @@ export class DedupStore {
     let v = this.live.meta.get(key);
     if (v === undefined && this.frozen) v = this.frozen.meta.get(key);
     if (v !== undefined) return v === HOLE ? undefined : v;
-    const b = this.metaDb.getBinary(encodeMetaKey(metaKeyVolume(key), metaKeyLba(key)));
+    const k = encodeMetaKeyInto(metaKeyVolume(key), metaKeyLba(key), this.metaKeyBuf);
+    const b = this.metaDb.getBinaryFast(k);
     return b === undefined ? undefined : decodeId(b);
   }
 
@@ -256,7 +313,7 @@ export class DedupStore {
     if (this.dying.has(id)) return undefined;
     const e = this.live.newData.get(id) ?? this.frozen?.newData.get(id);
     if (e) return e;
-    const b = this.dataDb.getBinary(encodeId(id));
+    const b = this.dataDb.getBinaryFast(encodeIdInto(id, this.idKeyBuf));
     if (b === undefined) return undefined;
     const d = decodeDataEntry(b);
     const m = this.live.moved.get(id) ?? this.frozen?.moved.get(id);
@@ -266,16 +323,19 @@ export class DedupStore {
   private lookupHash(hash: Buffer, hk: string): number | undefined {
     let id = this.live.newHash.get(hk) ?? this.frozen?.newHash.get(hk);
     if (id === undefined) {
-      const b = this.hashDb.getBinary(hash);
+      const b = this.hashDb.getBinaryFast(hash);
       id = b === undefined ? undefined : decodeId(b);
     }
     return id === undefined || this.dying.has(id) ? undefined : id;
   }
 
-  /** Points a metamap entry somewhere new and moves the references with it. */
-  private setMeta(key: number, value: number): void {
+  /**
+   * Points a metamap entry somewhere new and moves the references with it.
+   * Returns what it pointed at before (undefined: a hole), for undoing.
+   */
+  private setMeta(key: number, value: number): number | undefined {
     const old = this.lookupMeta(key);
-    if (old === value) return;
+    if (old === value) return old;
     if (old !== undefined && old !== ZERO_BLOCK) {
       this.live.addRef(old, -1);
       this.state.mappedBlocks--;
@@ -288,6 +348,14 @@ export class DedupStore {
     if (this.live.size >= CHECKPOINT_ENTRIES && !this.checkpointing) {
       this.flush().catch((e) => this.log.error(`checkpoint: ${e}`));
     }
+    return old;
+  }
+
+  /** What an undone write puts back: the mapping it replaced, unless that block has gone since. */
+  private restorable(old: number | undefined): number {
+    if (old === undefined) return HOLE;
+    if (old === ZERO_BLOCK || this.lookupData(old)) return old;
+    return HOLE;
   }
 
   // ---- blocks ----------------------------------------------------------------------
@@ -322,12 +390,43 @@ export class DedupStore {
     try {
       return await this.readStored(id);
     } catch (err) {
-      if (err instanceof CorruptBlockError) {
-        this.log.error(`volume ${this.volumeName(volume)} block ${lba}: ${err.message}`);
-        throw new BlockError('EIO', `block ${lba} is damaged: ${err.message}`);
-      }
-      throw err;
+      throw this.damaged(volume, lba, err);
     }
+  }
+
+  /**
+   * One whole block into `into`. Settles at once when its record is in the page
+   * cache, the common case: no promise chain, no allocation.
+   */
+  readBlockInto(volume: number, lba: number, into: Buffer): Promise<void> {
+    const id = this.lookupMeta(metaKey(volume, lba));
+    if (id === undefined || id === ZERO_BLOCK) {
+      into.fill(0);
+      return RESOLVED;
+    }
+    const entry = this.pending.has(id) ? undefined : this.lookupData(id);
+    if (entry && entry.storedLength <= BLOCK) {
+      const rec = this.recordScratch.subarray(0, RECORD_HEADER + entry.storedLength);
+      try {
+        if (this.segments.readCached(entry.segment, entry.offset, rec)) {
+          decodeRecordInto(rec, id, entry.hash, this.hasher, into);
+          return RESOLVED;
+        }
+      } catch (err) {
+        return Promise.reject(this.damaged(volume, lba, err));
+      }
+    }
+    return this.readBlock(volume, lba).then((block) => {
+      if (block) block.copy(into);
+      else into.fill(0);
+    });
+  }
+
+  /** A damaged record becomes EIO for its block, with a log line naming it; other errors pass. */
+  private damaged(volume: number, lba: number, err: unknown): unknown {
+    if (!(err instanceof CorruptBlockError)) return err;
+    this.log.error(`volume ${this.volumeName(volume)} block ${lba}: ${err.message}`);
+    return new BlockError('EIO', `block ${lba} is damaged: ${err.message}`);
   }
 
   private volumeName(volume: number): string {
@@ -357,17 +456,10 @@ export class DedupStore {
         into.fill(0, i * BLOCK, (i + 1) * BLOCK);
         continue;
       }
-      const pendingRecord = this.pending.get(id);
-      const entry = this.lookupData(id);
-      if (!entry || pendingRecord) {
+      const entry = this.pending.has(id) ? undefined : this.lookupData(id);
+      if (!entry) {
         // Rare: in flight to its segment, or missing (reported by the single-block path).
-        const at = i * BLOCK;
-        singles.push(
-          this.readBlock(volume, lba + i).then((block) => {
-            if (block) block.copy(into, at);
-            else into.fill(0, at, at + BLOCK);
-          }),
-        );
+        singles.push(this.readBlockInto(volume, lba + i, into.subarray(i * BLOCK, (i + 1) * BLOCK)));
         continue;
       }
       const item = { at: i * BLOCK, id, entry };
@@ -401,10 +493,7 @@ export class DedupStore {
           try {
             decodeRecordInto(rec, id, entry.hash, this.hasher, into.subarray(at, at + BLOCK));
           } catch (err) {
-            if (!(err instanceof CorruptBlockError)) throw err;
-            const blk = lba + at / BLOCK;
-            this.log.error(`volume ${this.volumeName(volume)} block ${blk}: ${err.message}`);
-            throw new BlockError('EIO', `block ${blk} is damaged: ${err.message}`);
+            throw this.damaged(volume, lba + at / BLOCK, err);
           }
         }
         if (pooled) sharedBufferPool.release(buf);
@@ -440,60 +529,126 @@ export class DedupStore {
     const entry = this.lookupData(id);
     if (!entry) throw new CorruptBlockError(`block ${id} has no datamap entry`);
     const rec =
-      this.pending.get(id) ??
+      this.pending.get(id)?.record ??
       (await this.segments.read(entry.segment, entry.offset, RECORD_HEADER + entry.storedLength));
     return decodeRecord(rec, id, entry.hash, this.hasher);
+  }
+
+  /**
+   * Looks for a stored block with `block`'s bytes, and decides within this tick, so
+   * the candidate cannot be released between the compare and the link. Returns the
+   * block to share, NO_MATCH (store it and index its hash), COLLISION (store it
+   * unindexed: its hash belongs to other bytes), or WAIT (the compare needs the
+   * candidate's in-flight write or a read from disk first: see settle()).
+   * `fetched` is a candidate's record that settle() read.
+   */
+  private matchNow(block: Buffer, hash: Buffer, hk: string, fetched?: Fetched): number {
+    const candidate = this.lookupHash(hash, hk);
+    if (candidate === undefined) return NO_MATCH;
+    if (this.pending.has(candidate)) return WAIT;
+    const entry = this.lookupData(candidate);
+    if (!entry) return NO_MATCH;
+    const stored = this.blockScratch;
+    try {
+      let rec: Buffer;
+      if (fetched?.id === candidate) rec = fetched.record;
+      else {
+        if (entry.storedLength > BLOCK) return WAIT; // damaged entry: the slow path says so
+        rec = this.recordScratch.subarray(0, RECORD_HEADER + entry.storedLength);
+        if (!this.segments.readCached(entry.segment, entry.offset, rec)) return WAIT;
+      }
+      unpackRecordInto(rec, candidate, stored);
+    } catch (err) {
+      if (!(err instanceof CorruptBlockError)) return WAIT;
+      this.log.error(`stored block ${candidate} is damaged (${err.message}); storing a new copy`);
+      return NO_MATCH; // the healthy new copy takes over the hash
+    }
+    if (stored.equals(block)) return candidate;
+    if (!this.hasher.matches(stored, entry.hash)) {
+      this.log.error(`stored block ${candidate} fails its hash check; storing a new copy`);
+      return NO_MATCH;
+    }
+    this.state.collisions++;
+    this.log.warn(`hash match without equal bytes for block ${candidate}; storing a separate copy`);
+    return COLLISION;
+  }
+
+  /**
+   * Does what made matchNow answer WAIT: waits for the candidate's in-flight write,
+   * or reads its record from disk. Errors are left for the next matchNow to meet.
+   */
+  private async settle(hash: Buffer, hk: string): Promise<Fetched | undefined> {
+    const candidate = this.lookupHash(hash, hk);
+    if (candidate === undefined) return undefined;
+    const inflight = this.pending.get(candidate);
+    if (inflight) {
+      await inflight.written.catch(() => undefined);
+      return undefined;
+    }
+    const entry = this.lookupData(candidate);
+    if (!entry || entry.storedLength > BLOCK) return undefined;
+    try {
+      const record = await this.segments.read(
+        entry.segment,
+        entry.offset,
+        RECORD_HEADER + entry.storedLength,
+      );
+      return { id: candidate, record };
+    } catch {
+      return undefined;
+    }
   }
 
   /** Stores one 4 KiB block at (volume, lba): shared if its bytes are already stored, else appended. */
   async writeBlock(volume: number, lba: number, block: Buffer): Promise<void> {
     const key = metaKey(volume, lba);
-    if (isZeroBlock(block)) return this.setMeta(key, ZERO_BLOCK);
-    const hash = this.hasher.hash(block);
-    const hk = hash.toString('latin1');
-    const candidate = this.lookupHash(hash, hk);
-    if (candidate !== undefined) {
-      // Held while comparing, so the candidate cannot be reclaimed under us.
-      this.live.addRef(candidate, 1);
-      let same = false;
-      try {
-        same = (await this.readStored(candidate)).equals(block);
-      } catch (err) {
-        if (!(err instanceof CorruptBlockError)) {
-          this.live.addRef(candidate, -1);
-          throw err;
-        }
-      }
-      this.live.addRef(candidate, -1);
-      if (same) return this.setMeta(key, candidate);
-      this.state.collisions++;
-      this.log.warn(`hash match without equal bytes for block ${candidate}; storing a separate copy`);
+    if (isZeroBlock(block)) {
+      this.setMeta(key, ZERO_BLOCK);
+      return;
     }
+    const hash = this.hasher.hash(block);
+    return this.storeBlock(key, block, hash, hash.toString('latin1'));
+  }
+
+  private async storeBlock(key: number, block: Buffer, hash: Buffer, hk: string): Promise<void> {
+    let match = this.matchNow(block, hash, hk);
+    for (let tries = 0; match === WAIT && tries < SETTLE_TRIES; tries++) {
+      match = this.matchNow(block, hash, hk, await this.settle(hash, hk));
+    }
+    if (match > 0) {
+      this.setMeta(key, match);
+      return;
+    }
+    // Still undecided after SETTLE_TRIES: a copy of its own is always correct.
+    const indexed = match === NO_MATCH;
     const id = this.state.nextBlockId++;
     const record = encodeRecord(id, block, hash);
     const { segment, offset, written } = this.segments.append(record);
-    const entry: DataEntry = {
+    this.pending.set(id, { record, written });
+    this.live.newData.set(id, {
       segment,
       offset,
       storedLength: record.length - RECORD_HEADER,
       flags: record.readUInt16BE(4),
       refcount: 0,
       hash,
-    };
-    this.pending.set(id, record);
-    this.live.newData.set(id, entry);
-    if (candidate === undefined) this.live.newHash.set(hk, id);
-    this.setMeta(key, id);
+    });
+    if (indexed) this.live.newHash.set(hk, id);
+    const old = this.setMeta(key, id);
     try {
       await written;
     } catch (err) {
-      // Undo: the block never reached its segment, so nothing may point at it.
-      if (this.lookupMeta(key) === id) this.setMeta(key, HOLE);
-      if (this.live.newHash.get(hk) === id) this.live.newHash.delete(hk);
+      this.unstore(key, id, hk, old);
       throw err;
     } finally {
       this.pending.delete(id);
     }
+  }
+
+  /** A new block's segment write failed: nothing may point at it, and the block's old mapping returns. */
+  private unstore(key: number, id: number, hk: string, old: number | undefined): void {
+    if (this.lookupMeta(key) === id) this.setMeta(key, this.restorable(old));
+    for (const o of [this.live, this.frozen]) if (o?.newHash.get(hk) === id) o.newHash.delete(hk);
   }
 
   /**
@@ -503,7 +658,7 @@ export class DedupStore {
    */
   async relocate(id: number, record: Buffer): Promise<void> {
     const { segment, offset, written } = this.segments.append(record);
-    this.pending.set(id, record);
+    this.pending.set(id, { record, written });
     this.live.moved.set(id, { segment, offset });
     try {
       await written;
@@ -523,9 +678,27 @@ export class DedupStore {
   /**
    * Stores whole blocks at lba.. from `data` (a multiple of 4 KiB). New blocks are
    * encoded into one buffer and appended with one write; zero blocks, repeats within
-   * the request and hash hits (compared byte for byte) are linked instead.
+   * the request and hash hits (compared byte for byte) are linked instead. Blocks
+   * whose compare must wait take the single-block path.
    */
   async writeBlocks(volume: number, lba: number, data: Buffer): Promise<void> {
+    const count = data.length / BLOCK;
+    if (!this.pool || count < this.poolMinBlocks) return this.storeBatch(volume, lba, data, null);
+    const batch = await this.pool.encode(data);
+    try {
+      await this.storeBatch(volume, lba, data, batch);
+    } finally {
+      this.pool.release(batch);
+    }
+  }
+
+  /** writeBlocks' work, with hashes and lz4 output from the pool when `batch` is given. */
+  private async storeBatch(
+    volume: number,
+    lba: number,
+    data: Buffer,
+    batch: BatchView | null,
+  ): Promise<void> {
     const count = data.length / BLOCK;
     const slab = Buffer.allocUnsafe(count * (RECORD_HEADER + BLOCK));
     let used = 0;
@@ -539,48 +712,75 @@ export class DedupStore {
       hash: Buffer;
       hk: string;
       indexed: boolean;
+      old: number | undefined;
     }
     const fresh: Fresh[] = [];
-    const repeats: Array<{ key: number; of: Fresh }> = [];
+    const repeats: Array<{ key: number; of: Fresh; old: number | undefined }> = [];
     const local = new Map<string, Fresh>();
-    const hits: Promise<void>[] = [];
+    const later: Promise<void>[] = [];
     for (let i = 0; i < count; i++) {
       const block = data.subarray(i * BLOCK, (i + 1) * BLOCK);
       const key = metaKey(volume, lba + i);
-      if (isZeroBlock(block)) {
+      if (batch ? batch.lengths[i] === PACKED_ZERO : isZeroBlock(block)) {
         this.setMeta(key, ZERO_BLOCK);
         continue;
       }
-      const hash = this.hasher.hash(block);
+      // Copied out of the slab: hashes outlive the batch in the overlay.
+      const hash = batch ? Buffer.from(batch.hash(i)) : this.hasher.hash(block);
       const hk = hash.toString('latin1');
       const earlier = local.get(hk);
-      if (earlier && data.subarray(earlier.index * BLOCK, (earlier.index + 1) * BLOCK).equals(block)) {
-        repeats.push({ key, of: earlier });
+      let match: number;
+      if (earlier) {
+        if (data.subarray(earlier.index * BLOCK, (earlier.index + 1) * BLOCK).equals(block)) {
+          repeats.push({ key, of: earlier, old: undefined });
+          continue;
+        }
+        // A hash shared with an earlier, different block of this request: stored apart.
+        this.state.collisions++;
+        match = COLLISION;
+      } else {
+        match = this.matchNow(block, hash, hk);
+      }
+      if (match === WAIT) {
+        later.push(this.storeBlock(key, block, hash, hk));
         continue;
       }
-      if (this.lookupHash(hash, hk) !== undefined) {
-        // Already stored (or being stored): the single-block path compares and links.
-        hits.push(this.writeBlock(volume, lba + i, block)); // awaited before the request settles
+      if (match > 0) {
+        this.setMeta(key, match);
         continue;
       }
       const id = this.state.nextBlockId++;
-      const length = encodeRecordInto(id, block, hash, slab, used);
-      // A hash shared with an earlier, different block of this request: a collision, stored apart.
-      if (earlier) this.state.collisions++;
-      const f: Fresh = { key, index: i, id, at: used, length, hash, hk, indexed: !earlier };
+      const packed = batch?.lengths[i];
+      const length =
+        packed === undefined
+          ? encodeRecordInto(id, block, hash, slab, used)
+          : packed === PACKED_RAW
+            ? writeRecordInto(id, hash, block, false, slab, used)
+            : writeRecordInto(id, hash, batch!.slot(i).subarray(0, packed), true, slab, used);
+      const f: Fresh = {
+        key,
+        index: i,
+        id,
+        at: used,
+        length,
+        hash,
+        hk,
+        indexed: match === NO_MATCH,
+        old: undefined,
+      };
       used += length;
       fresh.push(f);
       if (!earlier) local.set(hk, f);
     }
     if (fresh.length === 0) {
-      await Promise.all(hits);
+      await Promise.all(later);
       return;
     }
     const records = slab.subarray(0, used);
     const { segment, offset, written } = this.segments.append(records);
     for (const f of fresh) {
       const rec = records.subarray(f.at, f.at + f.length);
-      this.pending.set(f.id, rec);
+      this.pending.set(f.id, { record: rec, written });
       this.live.newData.set(f.id, {
         segment,
         offset: offset + f.at,
@@ -590,22 +790,21 @@ export class DedupStore {
         hash: f.hash,
       });
       if (f.indexed) this.live.newHash.set(f.hk, f.id);
-      this.setMeta(f.key, f.id);
+      f.old = this.setMeta(f.key, f.id);
     }
-    for (const r of repeats) this.setMeta(r.key, r.of.id);
+    for (const r of repeats) r.old = this.setMeta(r.key, r.of.id);
     try {
       await written;
     } catch (err) {
-      for (const f of fresh) {
-        if (this.lookupMeta(f.key) === f.id) this.setMeta(f.key, HOLE);
-        if (this.live.newHash.get(f.hk) === f.id) this.live.newHash.delete(f.hk);
-      }
-      for (const r of repeats) if (this.lookupMeta(r.key) === r.of.id) this.setMeta(r.key, HOLE);
+      for (const f of fresh) this.unstore(f.key, f.id, f.hk, f.old);
+      for (const r of repeats)
+        if (this.lookupMeta(r.key) === r.of.id) this.setMeta(r.key, this.restorable(r.old));
+      await Promise.allSettled(later);
       throw err;
     } finally {
       for (const f of fresh) this.pending.delete(f.id);
     }
-    await Promise.all(hits);
+    await Promise.all(later);
   }
 
   /** Makes the block a hole (never written) or a zero block. */
@@ -747,6 +946,7 @@ export class DedupStore {
     this.closed = true;
     clearInterval(this.timer);
     await this.writer.close();
+    await this.pool?.close();
     await this.env.close();
     this.segments.close();
   }

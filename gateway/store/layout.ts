@@ -26,7 +26,11 @@ export function metaKeyLba(key: number): number {
 }
 
 export function encodeMetaKey(volume: number, lba: number): Buffer {
-  const b = Buffer.allocUnsafe(12);
+  return encodeMetaKeyInto(volume, lba, Buffer.allocUnsafe(12));
+}
+
+/** encodeMetaKey into a caller's 12-byte buffer (lookups reuse one key buffer). */
+export function encodeMetaKeyInto(volume: number, lba: number, b: Buffer): Buffer {
   b.writeUInt32BE(volume, 0);
   b.writeUInt32BE(Math.floor(lba / TWO_32), 4);
   b.writeUInt32BE(lba % TWO_32, 8);
@@ -38,7 +42,11 @@ export function decodeMetaKey(b: Buffer): { volume: number; lba: number } {
 }
 
 export function encodeId(id: number): Buffer {
-  const b = Buffer.allocUnsafe(8);
+  return encodeIdInto(id, Buffer.allocUnsafe(8));
+}
+
+/** encodeId into a caller's 8-byte buffer. */
+export function encodeIdInto(id: number, b: Buffer): Buffer {
   b.writeUInt32BE(Math.floor(id / TWO_32), 0);
   b.writeUInt32BE(id % TWO_32, 4);
   return b;

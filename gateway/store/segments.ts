@@ -91,6 +91,19 @@ export class SegmentFiles {
   }
 
   /**
+   * Fills `into` from `offset` of a segment if the page cache holds all of it,
+   * without blocking; false when it does not (read() then goes to the pool).
+   */
+  readCached(segment: number, offset: number, into: Buffer): boolean {
+    const s = this.segment(segment);
+    try {
+      return native.readNoWait(s.fd, into, offset) === into.length;
+    } catch (err) {
+      throw toBlockError(err, `read segment ${segment}@${offset}`);
+    }
+  }
+
+  /**
    * Reads `length` bytes at `offset` of a segment: inline when cached, else on the
    * pool. Into `into` (of that length) when given.
    */

@@ -14,7 +14,7 @@ import type { ClientInfo, ExportRegistry, NbdExport } from '../nbd/registry';
 import type { Logger } from '../util/log';
 import { formatSize } from '../util/size';
 import { CompactionResult, Compactor } from '../store/compactor';
-import { DedupStore, StoreStats } from '../store/dedup-store';
+import { DedupStore, StoreOptions, StoreStats } from '../store/dedup-store';
 import fs from 'node:fs';
 import path from 'node:path';
 import { allocatedBytes, openStack, removeBackingStore } from './backends';
@@ -70,7 +70,11 @@ export class VolumeManager implements ExportRegistry {
   /** The data directory's dedup store, opened with its compactor when a dedup volume first needs it. */
   private readonly store = (): DedupStore => {
     if (!this.dedup) {
-      this.dedup = DedupStore.open(path.join(this.dataDir, 'store'), this.log.child('store'));
+      this.dedup = DedupStore.open(
+        path.join(this.dataDir, 'store'),
+        this.log.child('store'),
+        this.storeOptions,
+      );
       this.compactor = new Compactor(this.dedup, this.log.child('compactor'));
     }
     return this.dedup;
@@ -81,13 +85,14 @@ export class VolumeManager implements ExportRegistry {
   private constructor(
     readonly dataDir: string,
     private readonly log: Logger,
+    private readonly storeOptions: StoreOptions,
   ) {
     this.catalog = new Catalog(dataDir);
   }
 
   /** Opens every volume of the data directory; an empty directory gets the default volume. */
-  static async open(dataDir: string, log: Logger): Promise<VolumeManager> {
-    const m = new VolumeManager(dataDir, log);
+  static async open(dataDir: string, log: Logger, storeOptions: StoreOptions = {}): Promise<VolumeManager> {
+    const m = new VolumeManager(dataDir, log, storeOptions);
     if (!m.catalog.exists()) {
       m.catalog.save([]);
       await m.create({ name: DEFAULT_VOLUME, size: DEFAULT_VOLUME_SIZE });

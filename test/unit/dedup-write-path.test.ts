@@ -1,0 +1,143 @@
+import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { after, describe, it } from 'node:test';
+import { BlockError } from '../../gateway/device/errors';
+import { DedupDevice } from '../../gateway/store/dedup-device';
+import { DedupStore, StoreOptions } from '../../gateway/store/dedup-store';
+import { fsckStore } from '../../gateway/store/fsck';
+import { silentLogger } from '../../gateway/util/log';
+
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-write-path-'));
+after(() => fs.rmSync(tmp, { recursive: true, force: true }));
+let n = 0;
+
+function open(opts: StoreOptions = {}): { store: DedupStore; dir: string } {
+  const dir = path.join(tmp, `s${n++}`);
+  return { store: DedupStore.open(dir, silentLogger, opts), dir };
+}
+
+function block(byte: number, tail = 0): Buffer {
+  const b = Buffer.alloc(4096, byte);
+  b.writeUInt32BE(tail, 4092);
+  return b;
+}
+
+type Append = DedupStore['segments']['append'];
+
+/**
+ * Holds the acknowledgement of the store's next segment append until the test settles
+ * it. 'fail': nothing reaches the segment and settling rejects, as a full or broken
+ * disk would; 'delay': the bytes are written, the acknowledgement waits.
+ */
+function interceptAppend(store: DedupStore, mode: 'fail' | 'delay'): { settle: (err?: Error) => void } {
+  const segments = store.segments;
+  const original: Append = segments.append.bind(segments);
+  let settle: (err?: Error) => void = () => undefined;
+  const gate = new Promise<void>((resolve, reject) => {
+    settle = (err) => (err ? reject(err) : resolve());
+  });
+  gate.catch(() => undefined);
+  segments.append = (record: Buffer) => {
+    segments.append = original;
+    if (mode === 'fail')
+      return { segment: segments.currentSegment, offset: segments.currentBytes, written: gate };
+    const real = original(record);
+    return { ...real, written: real.written.then(() => gate) };
+  };
+  return { settle: (err) => settle(err) };
+}
+
+async function readAll(dev: DedupDevice, length: number): Promise<Buffer> {
+  const out = Buffer.alloc(length);
+  await dev.read(0, out);
+  return out;
+}
+
+describe('dedup write path', () => {
+  it('leaves a block as it was when the segment write of its new content fails', async () => {
+    const { store, dir } = open();
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    await dev.write(0, block(1));
+    await store.flush();
+    const fault = interceptAppend(store, 'fail');
+    const write = dev.write(0, block(2));
+    fault.settle(new BlockError('EIO', 'injected segment write failure'));
+    await assert.rejects(write, /injected/);
+    assert.ok((await readAll(dev, 4096)).equals(block(1)));
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+  });
+
+  it('does not share a block whose segment write is in flight until it lands, and stores its own copy if it fails', async () => {
+    const { store, dir } = open();
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    const fault = interceptAppend(store, 'fail');
+    const first = dev.write(0, block(5));
+    // Same bytes elsewhere while the first copy is still on its way to the segment.
+    const second = dev.write(4096, block(5));
+    await new Promise((r) => setImmediate(r));
+    fault.settle(new BlockError('EIO', 'injected segment write failure'));
+    await assert.rejects(first, /injected/);
+    await second;
+    const got = await readAll(dev, 8192);
+    assert.ok(got.subarray(0, 4096).equals(Buffer.alloc(4096)), 'the failed write left a hole');
+    assert.ok(got.subarray(4096).equals(block(5)), 'the second write has its own copy');
+    await store.flush();
+    assert.equal((await store.stats()).uniqueBlocks, 1);
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+  });
+
+  it('shares a block written by a request still in flight once its write lands', async () => {
+    const { store, dir } = open();
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    const fault = interceptAppend(store, 'delay');
+    const first = dev.write(0, block(6));
+    const second = dev.write(4096, block(6));
+    await new Promise((r) => setImmediate(r));
+    fault.settle();
+    await first;
+    await second;
+    await store.flush();
+    const s = await store.stats();
+    assert.equal(s.mappedBlocks, 2);
+    assert.equal(s.uniqueBlocks, 1);
+    assert.ok((await readAll(dev, 8192)).equals(Buffer.concat([block(6), block(6)])));
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+  });
+
+  it('stores writes encoded on the pool exactly as inline ones', async () => {
+    // Zero blocks, repeats inside the request, a block already stored, compressible and
+    // incompressible blocks: every case the batch path distinguishes.
+    const blocks: Buffer[] = [];
+    for (let i = 0; i < 96; i++) {
+      if (i % 7 === 0) blocks.push(Buffer.alloc(4096));
+      else if (i % 5 === 0) blocks.push(block(9, 1));
+      else if (i % 3 === 0) blocks.push(crypto.randomBytes(4096));
+      else blocks.push(block(i, i));
+    }
+    const data = Buffer.concat(blocks);
+    const results = [];
+    for (const opts of [{ hashPoolMin: null }, { hashPoolMin: 8192 }]) {
+      const { store, dir } = open(opts);
+      const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+      await dev.write(0, block(9, 1)); // already stored when the batch arrives
+      await dev.write(65536, data);
+      assert.ok((await readAll(dev, 65536 + data.length)).subarray(65536).equals(data));
+      const s = await store.stats();
+      results.push({
+        mapped: s.mappedBlocks,
+        zero: s.zeroBlocks,
+        unique: s.uniqueBlocks,
+        stored: s.storedBytes,
+      });
+      await store.close();
+      assert.deepEqual(fsckStore(dir).problems, []);
+    }
+    assert.deepEqual(results[1], results[0]);
+  });
+});
