@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -512,6 +513,55 @@ static napi_value js_will_need(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/*
+ * dropFileMappings(path) -> bytes: madvise(MADV_DONTNEED) on every mapping of
+ * the file `path` (absolute, as /proc/self/maps names it) in this process.
+ * The index's memory map stays resident page by page as the B-trees move
+ * under copy-on-write, so the process's RSS grows towards the file's size
+ * though few of those pages are in use. For a shared file mapping the call
+ * loses nothing: the pages stay in the page cache and the next access maps
+ * them again with a minor fault.
+ */
+static napi_value js_drop_file_mappings(napi_env env, napi_callback_info info) {
+  napi_value argv[1], result;
+  char want[4096];
+  size_t want_len;
+  if (!get_args(env, info, 1, argv)) return NULL;
+  if (napi_get_value_string_utf8(env, argv[0], want, sizeof want, &want_len) != napi_ok ||
+      want_len == 0 || want_len >= sizeof want - 1) {
+    napi_throw_type_error(env, NULL, "path must be a non-empty string");
+    return NULL;
+  }
+  FILE *maps = fopen("/proc/self/maps", "re");
+  if (!maps) {
+    napi_throw(env, make_errno_error(env, errno, "open /proc/self/maps"));
+    return NULL;
+  }
+  char line[4096 + 256];
+  uint64_t dropped = 0;
+  int err = 0;
+  while (fgets(line, sizeof line, maps)) {
+    unsigned long start, end;
+    int name_at = 0;
+    if (sscanf(line, "%lx-%lx %*s %*s %*s %*s %n", &start, &end, &name_at) < 2 || name_at == 0) continue;
+    char *name = line + name_at;
+    name[strcspn(name, "\n")] = 0;
+    if (strcmp(name, want) != 0) continue;
+    if (madvise((void *)start, end - start, MADV_DONTNEED) != 0) {
+      err = errno;
+      break;
+    }
+    dropped += end - start;
+  }
+  fclose(maps);
+  if (err) {
+    napi_throw(env, make_errno_error(env, err, "madvise"));
+    return NULL;
+  }
+  CHECK(napi_create_double(env, (double)dropped, &result));
+  return result;
+}
+
 /* blockDeviceSize(fd) -> number of bytes of a block device. */
 static napi_value js_block_device_size(napi_env env, napi_callback_info info) {
   napi_value argv[1], result;
@@ -568,6 +618,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"hash128Into", NULL, js_hash128_into, NULL, NULL, NULL, napi_enumerable, NULL},
       {"hashBlocks", NULL, js_hash_blocks, NULL, NULL, NULL, napi_enumerable, NULL},
       {"willNeed", NULL, js_will_need, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"dropFileMappings", NULL, js_drop_file_mappings, NULL, NULL, NULL, napi_enumerable, NULL},
       {"blockDeviceSize", NULL, js_block_device_size, NULL, NULL, NULL, napi_enumerable, NULL},
       {"peerCredentials", NULL, js_peer_credentials, NULL, NULL, NULL, napi_enumerable, NULL},
   };

@@ -37,6 +37,12 @@ export interface NativeBindings {
    * `secret`; RangeError/TypeError as `hash128Into` for the secret and argument types.
    */
   hashBlocks(secret: Buffer, data: Buffer | Uint8Array, blockSize: number, out: Buffer | Uint8Array): void;
+  /**
+   * madvise(MADV_DONTNEED) on every mapping of the file at `path` (absolute) in this
+   * process: its pages leave the process's RSS and stay in the page cache. Returns the
+   * bytes of mappings advised.
+   */
+  dropFileMappings(path: string): number;
   /** posix_fadvise(WILLNEED): asks the kernel to read a range ahead. */
   willNeed(fd: number, offset: number, length: number): void;
   blockDeviceSize(fd: number): number;

@@ -19,6 +19,7 @@ import path from 'node:path';
 import type { Database, RootDatabase } from 'lmdb';
 import { openIndex } from './index-db';
 import { BlockError } from '../device/errors';
+import { native } from '../../native-bindings';
 import { sharedBufferPool } from '../util/buffer-pool';
 import type { Logger } from '../util/log';
 import {
@@ -160,6 +161,8 @@ export class DedupStore {
   private closed = false;
   private readonly writer: IndexWriter;
   private readonly pool: BlockPool | null;
+  /** The index's data file, as /proc/self/maps names it. */
+  private readonly indexFile: string;
   /** Blocks at reference count zero in the index (the writer's last word on it). */
   private zeroRef: Set<number>;
 
@@ -177,6 +180,7 @@ export class DedupStore {
   ) {
     this.pool = Number.isFinite(poolMinBlocks) ? new BlockPool(state.secret) : null;
     this.hasher = new BlockHasher(Buffer.from(state.secret, 'base64'));
+    this.indexFile = fs.realpathSync(path.join(dir, 'index', 'data.mdb'));
     this.writer = new IndexWriter(dir);
     this.zeroRef = new Set(state.zeroRef ?? []);
     this.timer = setInterval(() => {
@@ -872,6 +876,7 @@ export class DedupStore {
       this.zeroRef = new Set(reply.zeroRef);
       // Reads on this thread now see the writer's commit.
       this.env.resetReadTxn();
+      this.trimIndexMapping();
     } catch (err) {
       // Nothing was lost from memory: fold the frozen changes back under the live ones.
       this.merge(frozen);
@@ -879,6 +884,21 @@ export class DedupStore {
     } finally {
       this.frozen = null;
       this.dying = new Set();
+    }
+  }
+
+  /**
+   * Copy-on-write moves the index's trees to new pages at every commit, and each
+   * page a read ever touched stays in the process's RSS: it grew to the size of
+   * the file (300 MiB for 70 MiB of trees after 2 GiB written). Dropping the
+   * mapping's pages after a commit keeps RSS to what the next interval touches;
+   * the pages stay in the page cache.
+   */
+  private trimIndexMapping(): void {
+    try {
+      native.dropFileMappings(this.indexFile);
+    } catch (err) {
+      this.log.debug(`trimming the index mapping: ${(err as Error).message}`);
     }
   }
 

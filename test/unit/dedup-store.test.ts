@@ -9,6 +9,7 @@ import { DedupStore } from '../../gateway/store/dedup-store';
 import { fsckStore } from '../../gateway/store/fsck';
 import { Compactor } from '../../gateway/store/compactor';
 import { silentLogger } from '../../gateway/util/log';
+import { native } from '../../native-bindings';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-store-'));
 after(() => fs.rmSync(tmp, { recursive: true, force: true }));
@@ -118,6 +119,26 @@ describe('dedup store', () => {
     const other = Buffer.alloc(4096);
     await dev.read(8192, other);
     assert.ok(other.equals(block(9)));
+    await store.close();
+  });
+});
+
+describe('index memory map', () => {
+  it('lets go of the index mapping after a checkpoint without losing a block', async () => {
+    const dir = path.join(tmp, `map${n++}`);
+    const store = DedupStore.open(dir, silentLogger);
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    for (let i = 0; i < 64; i++) await dev.write(i * 4096, block(i + 1, i));
+    await store.flush(); // checkpoints, and drops the mapping's pages
+    const indexFile = fs.realpathSync(path.join(dir, 'index', 'data.mdb'));
+    // The map is still there to drop again: the pages went, not the mapping.
+    assert.ok(native.dropFileMappings(indexFile) > 0);
+    for (let i = 0; i < 64; i++) {
+      const got = Buffer.alloc(4096);
+      await dev.read(i * 4096, got);
+      assert.ok(got.equals(block(i + 1, i)), `block ${i}`);
+    }
+    assert.equal(native.dropFileMappings(path.join(dir, 'not-mapped')), 0);
     await store.close();
   });
 });
