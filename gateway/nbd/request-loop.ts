@@ -73,10 +73,17 @@ export class RequestLoop {
     this.pump();
   }
 
-  onData(chunk: Buffer): void {
+  /** Bytes from the socket: pushed, or already in place where readTarget() said. */
+  onData(chunk: Buffer, inPlace = false): void {
     if (this.closing) return;
-    this.reader.push(chunk);
+    if (inPlace) this.reader.receivedInPlace(chunk.length);
+    else this.reader.push(chunk);
     this.pump();
+  }
+
+  /** Where the socket's next read should land: the rest of a WRITE payload being assembled. */
+  readTarget(): Buffer | null {
+    return this.closing ? null : this.reader.inPlaceTarget();
   }
 
   /** Stops taking requests; resolves when every one in flight has been answered. */
@@ -117,8 +124,9 @@ export class RequestLoop {
   private dispatch(req: IncomingRequest): void {
     if (req.type === Cmd.DISC) {
       this.log.debug('client disconnecting');
+      // Reading goes on (anything more is ignored): a paused socket would never see the
+      // client's close after ours, and the connection would stay open.
       this.closing = true;
-      this.socket.pause();
       if (this.inflight === 0) this.socket.end();
       return;
     }

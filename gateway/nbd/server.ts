@@ -3,6 +3,7 @@
 
 import fs from 'node:fs';
 import net from 'node:net';
+import { adoptSocket } from './direct-socket';
 import type { Logger } from '../util/log';
 import { formatListenAddress, ListenAddress } from './listen-address';
 import { Negotiated, Negotiation } from './negotiation';
@@ -29,7 +30,8 @@ export class NbdServer {
 
   /** Starts listening; resolves with the address actually bound (port 0 picks one). */
   async listen(addr: ListenAddress): Promise<ListenAddress> {
-    const server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
+    // Paused: adoptSocket takes the handle over before anything is read.
+    const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (socket) => this.accept(socket));
     if (addr.kind === 'unix') await removeStaleSocket(addr.path);
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
@@ -51,11 +53,26 @@ export class NbdServer {
     return actual;
   }
 
-  private accept(socket: net.Socket): void {
+  private accept(accepted: net.Socket): void {
     const id = this.nextId++;
-    const remote = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
     const log = this.log.child(`conn${id}`);
-    const conn: Connection = { socket, loop: null };
+    let negotiation: Negotiation | null = null;
+    const conn: Connection = { socket: accepted, loop: null };
+    const socket = adoptSocket(accepted, {
+      target: () => conn.loop?.readTarget() ?? null,
+      received: (chunk, inPlace) => {
+        try {
+          if (conn.loop) conn.loop.onData(chunk, inPlace);
+          else negotiation?.onData(chunk);
+        } catch (err) {
+          // A bug met by one client costs that client its connection, never the gateway.
+          log.error(`internal error, dropping connection: ${(err as Error)?.stack ?? String(err)}`);
+          conn.socket.destroy();
+        }
+      },
+    });
+    conn.socket = socket;
+    const remote = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
     this.connections.add(conn);
     log.debug(`connected from ${remote}`);
 
@@ -79,18 +96,8 @@ export class NbdServer {
       conn.loop = new RequestLoop(socket, result, log);
       conn.loop.start();
     };
-    const negotiation = new Negotiation(socket, this.registry, log, enter);
+    negotiation = new Negotiation(socket, this.registry, log, enter);
 
-    socket.on('data', (chunk: Buffer) => {
-      try {
-        if (conn.loop) conn.loop.onData(chunk);
-        else negotiation.onData(chunk);
-      } catch (err) {
-        // A bug met by one client costs that client its connection, never the gateway.
-        log.error(`internal error, dropping connection: ${(err as Error)?.stack ?? String(err)}`);
-        socket.destroy();
-      }
-    });
     socket.on('error', (err) => log.debug(`socket error: ${err.message}`));
     socket.on('close', () => {
       clearTimeout(timer);

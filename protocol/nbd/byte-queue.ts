@@ -52,6 +52,19 @@ export class ByteQueue {
     return out;
   }
 
+  /** Consumes `n` bytes (n <= length) by copying them into `out` at `at`; returns n. */
+  copyTo(out: Buffer, at: number, n: number): number {
+    let copied = 0;
+    let from = this.head;
+    for (const c of this.chunks) {
+      if (copied === n) break;
+      copied += c.copy(out, at + copied, from, Math.min(c.length, from + n - copied));
+      from = 0;
+    }
+    this.skip(n);
+    return n;
+  }
+
   /** Drops up to `n` bytes; returns how many were dropped. */
   skip(n: number): number {
     let left = Math.min(n, this.total);

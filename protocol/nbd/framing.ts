@@ -96,6 +96,9 @@ export class RequestReader {
   private readonly queue = new ByteQueue();
   private pending: IncomingRequest | null = null;
   private discardLeft = 0;
+  /** The buffer a WRITE payload that did not arrive whole is assembled in, and how much of it is filled. */
+  private assembly: Buffer | null = null;
+  private filled = 0;
 
   /**
    * @param alloc where payloads that straddle received chunks are assembled; payloads
@@ -112,6 +115,23 @@ export class RequestReader {
 
   get buffered(): number {
     return this.queue.length;
+  }
+
+  /**
+   * Where the next bytes of the stream belong, if the caller can read them there
+   * directly: the unfilled rest of a WRITE payload being assembled (then report
+   * them with receivedInPlace). Null when they may be pushed from anywhere.
+   */
+  inPlaceTarget(): Buffer | null {
+    if (this.assembly === null || this.queue.length > 0) return null;
+    return this.assembly.subarray(this.filled);
+  }
+
+  /** `n` bytes were read straight into inPlaceTarget(). */
+  receivedInPlace(n: number): void {
+    if (this.assembly === null || this.queue.length > 0 || this.filled + n > this.assembly.length)
+      throw new RangeError('bytes received in place with no payload waiting for them');
+    this.filled += n;
   }
 
   /** The next whole request, or null until more bytes arrive. Throws NbdProtocolError on a bad magic. */
@@ -135,10 +155,21 @@ export class RequestReader {
     if (req.oversized) {
       this.discardLeft -= this.queue.skip(this.discardLeft);
       if (this.discardLeft > 0) return null;
-    } else {
-      if (this.queue.length < req.length) return null;
+    } else if (this.assembly === null && this.queue.length >= req.length) {
       req.assembled = !this.queue.contiguous(req.length);
       req.payload = this.queue.take(req.length, this.alloc);
+    } else {
+      // Assembled piece by piece as it arrives, so that the rest can be read in place.
+      if (this.assembly === null) {
+        this.assembly = this.alloc(req.length);
+        this.filled = 0;
+      }
+      const n = Math.min(this.queue.length, req.length - this.filled);
+      this.filled += this.queue.copyTo(this.assembly, this.filled, n);
+      if (this.filled < req.length) return null;
+      req.assembled = true;
+      req.payload = this.assembly;
+      this.assembly = null;
     }
     this.pending = null;
     return req;

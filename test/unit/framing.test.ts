@@ -116,6 +116,42 @@ describe('request framing', () => {
     assert.equal(got[1]!.cookieLo, 2);
   });
 
+  it('parses the same requests when reads land in place wherever it asks', () => {
+    // A socket that, like direct-socket.ts, reads into inPlaceTarget() when there is one.
+    fc.assert(
+      fc.property(
+        fc.array(sentArb, { minLength: 1, maxLength: 8 }),
+        fc.array(fc.integer({ min: 1, max: 40 }), { minLength: 1, maxLength: 20 }),
+        (sent, readSizes) => {
+          const bytes = wire(sent);
+          const reader = new RequestReader(MAX_PAYLOAD);
+          const out: IncomingRequest[] = [];
+          for (let at = 0, i = 0; at < bytes.length; i++) {
+            const target = reader.inPlaceTarget();
+            const n = Math.min(
+              readSizes[i % readSizes.length]!,
+              bytes.length - at,
+              target?.length ?? Infinity,
+            );
+            if (target) {
+              bytes.copy(target, 0, at, at + n);
+              reader.receivedInPlace(n);
+            } else reader.push(bytes.subarray(at, at + n));
+            at += n;
+            for (let r = reader.next(); r !== null; r = reader.next()) out.push({ ...r, assembled: false });
+          }
+          assert.deepEqual(out, expected(sent));
+        },
+      ),
+    );
+  });
+
+  it('refuses bytes received in place when no payload is waiting for them', () => {
+    const reader = new RequestReader(MAX_PAYLOAD);
+    assert.equal(reader.inPlaceTarget(), null);
+    assert.throws(() => reader.receivedInPlace(1), RangeError);
+  });
+
   it('throws on a bad magic', () => {
     const reader = new RequestReader(MAX_PAYLOAD);
     reader.push(Buffer.alloc(Size.REQUEST));
