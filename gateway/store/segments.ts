@@ -28,6 +28,8 @@ export class SegmentFiles {
   /** Segments written since the last sync, and writes still in flight. */
   private dirty = new Set<number>();
   private inflight = new Set<Promise<void>>();
+  /** Segment files created since the last sync: the directory must be synced too. */
+  private newFiles = false;
 
   constructor(readonly dir: string) {
     fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
@@ -49,16 +51,22 @@ export class SegmentFiles {
     return path.join(this.dir, segmentFileName(n));
   }
 
-  private segment(n: number): Segment {
+  /** An open segment; created only for appends (a read of a missing one is an error, not a new file). */
+  private segment(n: number, create = false): Segment {
     let s = this.open.get(n);
     if (!s) {
       const file = this.path(n);
       let fd: number;
       try {
-        fd = fs.openSync(file, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
+        const flags = fs.constants.O_RDWR | (create ? fs.constants.O_CREAT | fs.constants.O_EXCL : 0);
+        fd = fs.openSync(file, flags, 0o600);
       } catch (err) {
-        throw toBlockError(err, `open segment ${file}`);
+        if (!(create && (err as NodeJS.ErrnoException).code === 'EEXIST'))
+          throw toBlockError(err, `open segment ${file}`);
+        fd = fs.openSync(file, fs.constants.O_RDWR);
       }
+      // A new file is durable only once its directory entry is: the next sync sees to it.
+      if (create) this.newFiles = true;
       s = { fd, reads: new IoBatcher(fd, false, file), writes: new IoBatcher(fd, true, file), readers: 0 };
       this.open.set(n, s);
     }
@@ -78,7 +86,7 @@ export class SegmentFiles {
     const offset = this.tail;
     this.tail += record.length;
     this.dirty.add(segment);
-    const written = this.segment(segment).writes.run(record, offset);
+    const written = this.segment(segment, true).writes.run(record, offset);
     this.inflight.add(written);
     const forget = (): void => void this.inflight.delete(written);
     written.then(forget, () => {
@@ -182,6 +190,8 @@ export class SegmentFiles {
     // Taken now: segments dirtied from here on belong to the next sync.
     const dirty = [...this.dirty];
     this.dirty = new Set();
+    const newFiles = this.newFiles;
+    this.newFiles = false;
     try {
       const outcomes = await Promise.allSettled(started);
       // A write of this epoch that failed is being undone: this checkpoint must not
@@ -198,8 +208,10 @@ export class SegmentFiles {
             ),
         ),
       );
+      if (newFiles) await syncDirectory(this.dir);
     } catch (err) {
       for (const n of dirty) this.dirty.add(n);
+      if (newFiles) this.newFiles = true;
       throw err;
     }
   }
@@ -213,4 +225,16 @@ export class SegmentFiles {
     for (const s of this.open.values()) fs.closeSync(s.fd);
     this.open.clear();
   }
+}
+
+/** fsync of a directory, so the files created in it survive a power loss. */
+function syncDirectory(dir: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    fs.open(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY, (err, fd) => {
+      if (err) return reject(toBlockError(err, `open ${dir}`));
+      fs.fsync(fd, (syncErr) => {
+        fs.close(fd, () => (syncErr ? reject(toBlockError(syncErr, `fsync ${dir}`)) : resolve()));
+      });
+    });
+  });
 }
