@@ -131,7 +131,7 @@ export class Compactor {
       this.log.warn(`compaction: segment ${n} still holds ${left} live bytes; keeping it`);
       return moved;
     }
-    await segs.remove(n);
+    segs.remove(n);
     return moved;
   }
 

@@ -247,7 +247,9 @@ export class DedupStore {
       const { lba } = decodeMetaKey(key as Buffer);
       this.setMeta(metaKey(volume, lba), HOLE);
     }
-    for (const k of [...this.live.meta.keys()]) {
+    // Both overlays: a checkpoint the loop above set off froze part of what was live.
+    const overlaid = [...(this.frozen?.meta.keys() ?? []), ...this.live.meta.keys()];
+    for (const k of overlaid) {
       if (metaKeyVolume(k) === volume && metaKeyLba(k) >= fromLba) this.setMeta(k, HOLE);
     }
     await this.flush();

@@ -9,6 +9,7 @@ import path from 'node:path';
 import { openIndex } from './index-db';
 import { BlockHasher, CorruptBlockError, decodeRecord } from './block-codec';
 import {
+  BLOCK,
   RECORD_HEADER,
   ZERO_BLOCK,
   decodeDataEntry,
@@ -57,11 +58,13 @@ export function fsckStore(storeDir: string): FsckReport {
           zeroBlocks: number;
           nextBlockId: number;
           segmentLive?: Record<string, number>;
+          zeroRef?: number[];
         }
       | undefined;
     if (!state) throw new Error(`${storeDir} holds no dedup store`);
     const hasher = new BlockHasher(Buffer.from(state.secret, 'base64'));
     const volumeIds = new Set(Object.values(state.volumes));
+    const zeroRef = new Set(state.zeroRef ?? []);
 
     const refs = new Map<number, number>();
     let metaEntries = 0;
@@ -102,9 +105,16 @@ export function fsckStore(storeDir: string): FsckReport {
         problem(`block ${id}: segment ${e.segment} is missing`);
         continue;
       }
+      if (e.refcount === 0 && !zeroRef.has(id))
+        problem(`block ${id}: no references, and not queued for deletion (its space would never come back)`);
+      if (e.storedLength > BLOCK) {
+        problem(`block ${id}: datamap entry claims ${e.storedLength} stored bytes`);
+        continue;
+      }
       const rec = Buffer.alloc(RECORD_HEADER + e.storedLength);
-      const n = fs.readSync(fd, rec, 0, rec.length, e.offset);
       try {
+        // An unreadable record (EIO) is one problem, not the end of the check.
+        const n = fs.readSync(fd, rec, 0, rec.length, e.offset);
         if (n !== rec.length)
           throw new CorruptBlockError(`block ${id}: record cut short in segment ${e.segment}`);
         decodeRecord(rec, id, e.hash, hasher);

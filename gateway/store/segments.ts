@@ -19,6 +19,8 @@ interface Segment {
   writes: IoBatcher;
   /** Reads in flight on this fd: it is closed only when none is. */
   readers: number;
+  /** Removed while reads were in flight: the last of them closes the fd. */
+  closeWhenIdle: boolean;
 }
 
 export class SegmentFiles {
@@ -67,7 +69,13 @@ export class SegmentFiles {
       }
       // A new file is durable only once its directory entry is: the next sync sees to it.
       if (create) this.newFiles = true;
-      s = { fd, reads: new IoBatcher(fd, false, file), writes: new IoBatcher(fd, true, file), readers: 0 };
+      s = {
+        fd,
+        reads: new IoBatcher(fd, false, file),
+        writes: new IoBatcher(fd, true, file),
+        readers: 0,
+        closeWhenIdle: false,
+      };
       this.open.set(n, s);
     }
     return s;
@@ -132,13 +140,16 @@ export class SegmentFiles {
     if (n === length) return Promise.resolve(buf);
     s.readers++;
     const seg = s;
+    const done = (): void => {
+      if (--seg.readers === 0 && seg.closeWhenIdle) fs.close(seg.fd, () => undefined);
+    };
     return s.reads.run(buf, offset).then(
       () => {
-        seg.readers--;
+        done();
         return buf;
       },
       (err: unknown) => {
-        seg.readers--;
+        done();
         throw err;
       },
     );
@@ -169,14 +180,18 @@ export class SegmentFiles {
     }
   }
 
-  /** Deletes a sealed segment once no read is using it. */
-  async remove(n: number): Promise<void> {
+  /**
+   * Deletes a sealed segment. Reads still in flight on it finish on the open fd, the
+   * last one closing it: closed earlier, its number could be reused by another file
+   * under the read.
+   */
+  remove(n: number): void {
     if (n === this.current) throw new Error(`segment ${n} is still being appended to`);
     const s = this.open.get(n);
     if (s) {
-      for (let i = 0; s.readers > 0 && i < 1000; i++) await new Promise((r) => setTimeout(r, 5));
       this.open.delete(n);
-      fs.closeSync(s.fd);
+      if (s.readers > 0) s.closeWhenIdle = true;
+      else fs.closeSync(s.fd);
     }
     fs.rmSync(this.path(n), { force: true });
   }

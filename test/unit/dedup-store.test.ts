@@ -7,6 +7,7 @@ import { ExtentFlag } from '../../gateway/device/block-device';
 import { DedupDevice } from '../../gateway/store/dedup-device';
 import { DedupStore } from '../../gateway/store/dedup-store';
 import { fsckStore } from '../../gateway/store/fsck';
+import { openIndex } from '../../gateway/store/index-db';
 import { Compactor } from '../../gateway/store/compactor';
 import { silentLogger } from '../../gateway/util/log';
 import { native } from '../../native-bindings';
@@ -120,6 +121,49 @@ describe('dedup store', () => {
     await dev.read(8192, other);
     assert.ok(other.equals(block(9)));
     await store.close();
+  });
+});
+
+describe('fsck', () => {
+  async function storeWithGarbage(): Promise<string> {
+    const dir = path.join(tmp, `fsck${n++}`);
+    const store = DedupStore.open(dir, silentLogger);
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    for (let i = 0; i < 4; i++) await dev.write(i * 4096, block(i + 1, i));
+    await store.flush();
+    await dev.write(0, block(9)); // block(1)'s only reference goes: it waits at count zero
+    await store.close();
+    return dir;
+  }
+
+  it('finds a block with no references that nothing will ever delete', async () => {
+    const dir = await storeWithGarbage();
+    assert.deepEqual(fsckStore(dir).problems, []);
+    const { env, state } = openIndex(dir);
+    const s = state.get('store') as { zeroRef: number[] };
+    await state.put('store', { ...s, zeroRef: [] });
+    await env.close();
+    const problems = fsckStore(dir).problems;
+    assert.equal(problems.length, 1, problems.join('\n'));
+    assert.match(problems[0]!, /no references, and not queued for deletion/);
+  });
+
+  it('reports a datamap entry with an impossible length and goes on checking the rest', async () => {
+    const dir = await storeWithGarbage();
+    const { env, data } = openIndex(dir);
+    const [first] = [...data.getRange({ limit: 1 })];
+    const entry = Buffer.from(first!.value as Buffer);
+    entry.writeUInt32BE(1 << 30, 8); // storedLength
+    await data.put(first!.key as Buffer, entry);
+    await env.close();
+    const report = fsckStore(dir);
+    assert.match(report.problems[0]!, /block 1: datamap entry claims 1073741824 stored bytes/);
+    // Only that block, and the live bytes of its segment that its record no longer counts in.
+    assert.ok(
+      report.problems.slice(1).every((p) => /^segment 1: /.test(p)),
+      report.problems.join('\n'),
+    );
+    assert.equal(report.dataBlocks, 5);
   });
 });
 

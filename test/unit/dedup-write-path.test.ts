@@ -4,6 +4,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { after, describe, it } from 'node:test';
+import type { Worker } from 'node:worker_threads';
 import { BlockError } from '../../gateway/device/errors';
 import { DedupDevice } from '../../gateway/store/dedup-device';
 import { DedupStore, StoreOptions } from '../../gateway/store/dedup-store';
@@ -139,5 +140,26 @@ describe('dedup write path', () => {
       assert.deepEqual(fsckStore(dir).problems, []);
     }
     assert.deepEqual(results[1], results[0]);
+  });
+
+  it('fails a FLUSH when the index writer dies under it, and commits everything at the next', async () => {
+    const { store, dir } = open();
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    await dev.write(0, block(1));
+    await store.flush(); // the writer thread is running now
+    const writer = (store as unknown as { writer: { worker: Worker | null } }).writer;
+    const worker = writer.worker!;
+    // The thread dies with the next checkpoint in its hands.
+    worker.postMessage = () => void worker.terminate();
+    await dev.write(4096, block(2));
+    await assert.rejects(store.flush(), /index writer exited/);
+    await dev.write(8192, block(3));
+    await store.flush();
+    await store.close();
+    const reopened = DedupStore.open(dir, silentLogger);
+    const again = new DedupDevice(reopened, reopened.volumeId('a'), 1 << 20);
+    assert.ok((await readAll(again, 3 * 4096)).equals(Buffer.concat([block(1), block(2), block(3)])));
+    await reopened.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
   });
 });
