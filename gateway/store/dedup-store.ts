@@ -62,8 +62,12 @@ import { IndexWriter } from './index-writer';
  * sustained writes to the disk's sync speed.
  */
 const CHECKPOINT_INTERVAL_MS = 5000;
-/** ... and as soon as the overlay holds this many changes (bounds its memory). */
+/** ... and as soon as the overlay holds this many changes. */
 const CHECKPOINT_ENTRIES = 50_000;
+/** Writes wait for the running checkpoint once the next overlay has grown this big (bounds its memory). */
+const DEFAULT_OVERLAY_LIMIT = 2 * CHECKPOINT_ENTRIES;
+/** Checkpoints a throttled write waits through at most before it goes ahead anyway. */
+const THROTTLE_ROUNDS = 10;
 
 export type BlockState = 'hole' | 'zero' | 'data';
 
@@ -74,6 +78,8 @@ export interface StoreOptions {
    * pool; null: always inline (and no pool threads).
    */
   hashPoolMin?: number | null;
+  /** Overlay changes past which writes wait for the running checkpoint (tests lower it). */
+  overlayLimit?: number;
 }
 
 /**
@@ -177,6 +183,7 @@ export class DedupStore {
     private readonly log: Logger,
     /** Writes of at least this many blocks are encoded on the pool. */
     private readonly poolMinBlocks: number,
+    private readonly overlayLimit: number,
   ) {
     this.pool = Number.isFinite(poolMinBlocks) ? new BlockPool(state.secret) : null;
     this.hasher = new BlockHasher(Buffer.from(state.secret, 'base64'));
@@ -219,7 +226,19 @@ export class DedupStore {
         ? DEFAULT_HASH_POOL_MIN
         : opts.hashPoolMin;
     const poolMinBlocks = poolMin === null ? Infinity : Math.max(1, Math.ceil(poolMin / BLOCK));
-    return new DedupStore(dir, env, metaDb, dataDb, hashDb, state, segments, log, poolMinBlocks);
+    const overlayLimit = opts.overlayLimit ?? DEFAULT_OVERLAY_LIMIT;
+    return new DedupStore(
+      dir,
+      env,
+      metaDb,
+      dataDb,
+      hashDb,
+      state,
+      segments,
+      log,
+      poolMinBlocks,
+      overlayLimit,
+    );
   }
 
   // ---- volumes ---------------------------------------------------------------------
@@ -605,8 +624,24 @@ export class DedupStore {
     }
   }
 
+  private overFull(): boolean {
+    return this.live.size >= this.overlayLimit && this.checkpointing !== null;
+  }
+
+  /**
+   * Holds a write while the overlay is past its limit and a checkpoint runs: without
+   * it, sustained writes outrun the disk's sync speed and the overlay (about half a KiB
+   * per new block) grows without bound, as ZFS throttles writers on dirty data.
+   */
+  private async throttle(): Promise<void> {
+    for (let i = 0; i < THROTTLE_ROUNDS && this.overFull(); i++) {
+      await this.checkpointing!.catch(() => undefined);
+    }
+  }
+
   /** Stores one 4 KiB block at (volume, lba): shared if its bytes are already stored, else appended. */
   async writeBlock(volume: number, lba: number, block: Buffer): Promise<void> {
+    if (this.overFull()) await this.throttle();
     const key = metaKey(volume, lba);
     if (isZeroBlock(block)) {
       this.setMeta(key, ZERO_BLOCK);
@@ -688,6 +723,7 @@ export class DedupStore {
    * whose compare must wait take the single-block path.
    */
   async writeBlocks(volume: number, lba: number, data: Buffer): Promise<void> {
+    if (this.overFull()) await this.throttle();
     const count = data.length / BLOCK;
     if (!this.pool || count < this.poolMinBlocks) return this.storeBatch(volume, lba, data, null);
     const batch = await this.pool.encode(data);

@@ -162,4 +162,36 @@ describe('dedup write path', () => {
     await reopened.close();
     assert.deepEqual(fsckStore(dir).problems, []);
   });
+
+  it('holds new writes while a checkpoint runs and the overlay is past its limit', async () => {
+    // A new block is three overlay changes (metamap, datamap, reference count).
+    const { store, dir } = open({ overlayLimit: 24 });
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    await dev.write(0, block(1));
+    await store.flush();
+    // The next checkpoint's commit waits until the test lets it go.
+    const writer = (store as unknown as { writer: { commit: (r: unknown) => Promise<unknown> } }).writer;
+    const commit = writer.commit.bind(writer);
+    let release: () => void = () => undefined;
+    const held = new Promise<void>((r) => (release = r));
+    writer.commit = async (r) => {
+      await held;
+      return commit(r);
+    };
+    const blocks = Array.from({ length: 16 }, (_, i) => block(10 + i, i));
+    await dev.write(0, Buffer.concat(blocks.slice(0, 8)));
+    const checkpoint = store.flush(); // running, and stuck in its commit
+    await dev.write(8 * 4096, Buffer.concat(blocks.slice(8, 12))); // the overlay still has room
+    await dev.write(12 * 4096, Buffer.concat(blocks.slice(12, 16))); // reaches the limit
+    let done = false;
+    const throttled = dev.write(16 * 4096, block(99)).then(() => (done = true));
+    await new Promise((r) => setTimeout(r, 50));
+    assert.equal(done, false, 'a write went ahead past the overlay limit');
+    release();
+    await checkpoint;
+    await throttled;
+    assert.ok((await readAll(dev, 17 * 4096)).equals(Buffer.concat([...blocks, block(99)])));
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+  });
 });
