@@ -11,6 +11,8 @@ import { formatListenAddress, ListenAddress } from './nbd/listen-address';
 import { DataDirLock } from './util/data-lock';
 import { createLogger } from './util/log';
 import { VolumeManager } from './volume/manager';
+import { gatewayId, loadClusterKey } from './replication/identity';
+import { LinkListener } from './replication/link-listener';
 
 export interface ServeOptions {
   dataDir: string;
@@ -18,7 +20,13 @@ export interface ServeOptions {
   adminPath: string;
   /** See StoreOptions.hashPoolMin. */
   hashPoolMin?: number | null;
+  /** Accept replication links from peer gateways here (TCP), authenticated with the cluster key. */
+  replicationListen?: { host: string; port: number };
+  clusterKeyFile?: string;
 }
+
+/** The longest frame accepted from an authenticated peer: a 32 MiB write batch with its metadata. */
+const MAX_LINK_FRAME = 64 * 1024 * 1024;
 
 export async function serve(opts: ServeOptions): Promise<void> {
   const log = createLogger();
@@ -32,6 +40,7 @@ export async function serve(opts: ServeOptions): Promise<void> {
   const status = { startedAt: Date.now(), listeners };
   const admin = new AdminServer(opts.adminPath, commandTable(volumes, status), log.child('admin'));
 
+  let replication: LinkListener | null = null;
   let stopping = false;
   const stop = async (signal: string): Promise<void> => {
     if (stopping) {
@@ -41,6 +50,7 @@ export async function serve(opts: ServeOptions): Promise<void> {
     stopping = true;
     log.info(`${signal}: finishing in-flight requests`);
     await admin.close();
+    await replication?.close();
     await nbd.close();
     await volumes.close();
     lock.release();
@@ -52,9 +62,21 @@ export async function serve(opts: ServeOptions): Promise<void> {
 
   try {
     for (const addr of opts.listen) listeners.push(formatListenAddress(await nbd.listen(addr)));
+    if (opts.replicationListen) {
+      const { key, warning } = loadClusterKey(opts.clusterKeyFile ?? '');
+      if (warning) log.warn(warning);
+      const me = { gatewayId: gatewayId(opts.dataDir), key, maxFrame: MAX_LINK_FRAME };
+      replication = new LinkListener(me, log.child('replication'));
+      const { host } = opts.replicationListen;
+      const port = await replication.listen(host, opts.replicationListen.port);
+      const where = formatListenAddress({ kind: 'tcp', host, port });
+      listeners.push(`replication ${where}`);
+      log.info(`replication: gateway ${me.gatewayId} listening on ${where}`);
+    }
     await admin.listen();
   } catch (err) {
     log.error(`cannot start: ${(err as Error).message}`);
+    await replication?.close();
     await nbd.close();
     await volumes.close();
     lock.release();

@@ -20,6 +20,7 @@ const DEFAULT_LISTEN = '127.0.0.1:10809';
 
 const USAGE = `usage:
   blockgate serve [--data DIR] [--listen ADDR]... [--admin PATH] [--hash-pool SIZE|off]
+                  [--replication-listen HOST:PORT --cluster-key FILE]
   blockgate [--admin PATH | --data DIR] COMMAND ...
 commands:
   volume create NAME --size SIZE [--backend dedup|raw|memory] [--read-only] [--path FILE|DEVICE]
@@ -51,7 +52,7 @@ const NOT_YET = new Set([
 
 const SPEC = {
   flags: ['json', 'read-only', 'help'],
-  values: ['admin', 'data', 'size', 'backend', 'path', 'hash-pool'],
+  values: ['admin', 'data', 'size', 'backend', 'path', 'hash-pool', 'replication-listen', 'cluster-key'],
   repeatable: ['listen'],
 };
 
@@ -222,7 +223,7 @@ async function main(argv: string[]): Promise<void> {
   switch (command) {
     case 'serve': {
       expectPositionals(p, 1, 'serve');
-      onlyOptions(p, ['listen', 'hash-pool']);
+      onlyOptions(p, ['listen', 'hash-pool', 'replication-listen', 'cluster-key']);
       const dataDir = p.values.get('data') ?? DEFAULT_DATA;
       const listen = (p.repeated.get('listen') ?? [DEFAULT_LISTEN]).map((a) => {
         try {
@@ -232,11 +233,31 @@ async function main(argv: string[]): Promise<void> {
         }
       });
       const pool = p.values.get('hash-pool');
+      const replicationListen = p.values.get('replication-listen');
+      const clusterKeyFile = p.values.get('cluster-key');
+      let replication: { host: string; port: number } | undefined;
+      if (replicationListen !== undefined) {
+        let addr;
+        try {
+          addr = parseListenAddress(replicationListen);
+        } catch (err) {
+          throw new UsageError(`--replication-listen: ${(err as Error).message}`);
+        }
+        if (addr.kind !== 'tcp') throw new UsageError('--replication-listen takes HOST:PORT (TCP)');
+        if (clusterKeyFile === undefined)
+          throw new UsageError(
+            '--replication-listen needs --cluster-key FILE: links are refused without a shared key',
+          );
+        replication = { host: addr.host, port: addr.port };
+      } else if (clusterKeyFile !== undefined) {
+        throw new UsageError('--cluster-key is for --replication-listen');
+      }
       return serve({
         dataDir,
         listen,
         adminPath: p.values.get('admin') ?? path.join(dataDir, 'admin.sock'),
         ...(pool !== undefined ? { hashPoolMin: pool === 'off' ? null : parseSize(pool) } : {}),
+        ...(replication ? { replicationListen: replication, clusterKeyFile } : {}),
       });
     }
     case 'volume':

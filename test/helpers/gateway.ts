@@ -17,6 +17,8 @@ export interface GatewayOptions {
   /** Extra --listen addresses besides the Unix socket. */
   listen?: string[];
   env?: NodeJS.ProcessEnv;
+  /** More `serve` arguments. */
+  args?: string[];
 }
 
 export class Gateway {
@@ -37,7 +39,7 @@ export class Gateway {
     const dataDir = opts.dataDir ?? fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-test-'));
     const socket = path.join(dataDir, 'nbd.sock');
     const listen = [`unix:${socket}`, ...(opts.listen ?? [])].flatMap((a) => ['--listen', a]);
-    const proc = spawn(process.execPath, [BIN, 'serve', '--data', dataDir, ...listen], {
+    const proc = spawn(process.execPath, [BIN, 'serve', '--data', dataDir, ...listen, ...(opts.args ?? [])], {
       env: { ...process.env, ...opts.env },
       stdio: ['ignore', 'ignore', 'pipe'],
     });

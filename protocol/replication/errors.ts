@@ -1,0 +1,17 @@
+/** A peer broke the replication link's protocol. `code` is stable and travels in the Error frame. */
+export class LinkProtocolError extends Error {
+  override readonly name = 'LinkProtocolError';
+  constructor(
+    readonly code:
+      | 'ERR_LINK_FRAME_TOO_LARGE'
+      | 'ERR_LINK_MALFORMED'
+      | 'ERR_LINK_UNKNOWN_MESSAGE'
+      | 'ERR_LINK_UNEXPECTED'
+      | 'ERR_LINK_VERSION'
+      | 'ERR_LINK_AUTH'
+      | 'ERR_LINK_TIMEOUT',
+    message: string,
+  ) {
+    super(message);
+  }
+}

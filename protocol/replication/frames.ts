@@ -1,0 +1,122 @@
+// Replication link frames: protobuf messages (link.proto) behind a 4-byte
+// big-endian length. Pure: bytes in, frames out, however the stream is split.
+
+import path from 'node:path';
+import protobuf from 'protobufjs';
+import { ByteQueue } from '../nbd/byte-queue';
+import { LinkProtocolError } from './errors';
+
+export const LINK_VERSION = 1;
+const LENGTH_BYTES = 4;
+
+// Compiled to dist/protocol/replication: the .proto stays in the source tree.
+const root = protobuf.loadSync(
+  path.join(__dirname, '..', '..', '..', 'protocol', 'replication', 'link.proto'),
+);
+const FrameType = root.lookupType('blockgate.replication.Frame');
+
+export interface Hello {
+  version: number;
+  gatewayId: string;
+  nonce: Buffer;
+  maxFrame: number;
+}
+
+export type Frame =
+  | { hello: Hello }
+  | { proof: { mac: Buffer } }
+  | { error: { code: string; message: string } }
+  | { ping: { seq: number } }
+  | { pong: { seq: number } };
+
+export type FrameKind = 'hello' | 'proof' | 'error' | 'ping' | 'pong';
+
+export function frameKind(f: Frame): FrameKind {
+  return Object.keys(f)[0] as FrameKind;
+}
+
+/** The frame with its length prefix, ready for the socket. */
+export function encodeFrame(frame: Frame): Buffer {
+  const body = FrameType.encode(FrameType.create(frame)).finish();
+  const out = Buffer.allocUnsafe(LENGTH_BYTES + body.length);
+  out.writeUInt32BE(body.length, 0);
+  out.set(body, LENGTH_BYTES);
+  return out;
+}
+
+/** uint64 fields decode as protobufjs Longs; sequence numbers stay well inside 2^53. */
+function toNumber(v: unknown): number {
+  return typeof v === 'number' ? v : Number((v as { toString(): string }).toString());
+}
+
+/** One frame's protobuf bytes (without the length). Throws LinkProtocolError. */
+export function decodeFrameBody(bytes: Uint8Array): Frame {
+  let msg: protobuf.Message & Record<string, unknown>;
+  try {
+    msg = FrameType.decode(bytes) as protobuf.Message & Record<string, unknown>;
+  } catch (err) {
+    throw new LinkProtocolError('ERR_LINK_MALFORMED', `malformed frame: ${(err as Error).message}`);
+  }
+  const kind = msg['body'] as FrameKind | undefined;
+  const bytesOf = (v: unknown): Buffer => Buffer.from((v as Uint8Array | undefined) ?? []);
+  switch (kind) {
+    case 'hello': {
+      const h = msg['hello'] as Record<string, unknown>;
+      return {
+        hello: {
+          version: (h['version'] as number) ?? 0,
+          gatewayId: (h['gatewayId'] as string) ?? '',
+          nonce: bytesOf(h['nonce']),
+          maxFrame: (h['maxFrame'] as number) ?? 0,
+        },
+      };
+    }
+    case 'proof':
+      return { proof: { mac: bytesOf((msg['proof'] as Record<string, unknown>)['mac']) } };
+    case 'error': {
+      const e = msg['error'] as Record<string, unknown>;
+      return { error: { code: (e['code'] as string) ?? '', message: (e['message'] as string) ?? '' } };
+    }
+    case 'ping':
+      return { ping: { seq: toNumber((msg['ping'] as Record<string, unknown>)['seq'] ?? 0) } };
+    case 'pong':
+      return { pong: { seq: toNumber((msg['pong'] as Record<string, unknown>)['seq'] ?? 0) } };
+    default:
+      // A field this version does not know decodes as a Frame with no body.
+      throw new LinkProtocolError(
+        'ERR_LINK_UNKNOWN_MESSAGE',
+        'frame of a message type this gateway does not know',
+      );
+  }
+}
+
+/** Cuts a byte stream into frames, refusing any longer than the current limit. */
+export class FrameReader {
+  private readonly queue = new ByteQueue();
+
+  constructor(private limit: number) {}
+
+  /** The longest frame accepted from now on (raised once a peer has authenticated). */
+  setLimit(limit: number): void {
+    this.limit = limit;
+  }
+
+  push(chunk: Buffer): void {
+    this.queue.push(chunk);
+  }
+
+  /** The next whole frame, or null until more bytes arrive. Throws LinkProtocolError. */
+  next(): Frame | null {
+    if (this.queue.length < LENGTH_BYTES) return null;
+    const length = this.queue.peek(LENGTH_BYTES).readUInt32BE(0);
+    if (length > this.limit) {
+      throw new LinkProtocolError(
+        'ERR_LINK_FRAME_TOO_LARGE',
+        `frame of ${length} bytes is over the limit of ${this.limit}`,
+      );
+    }
+    if (this.queue.length < LENGTH_BYTES + length) return null;
+    this.queue.skip(LENGTH_BYTES);
+    return decodeFrameBody(this.queue.take(length));
+  }
+}
