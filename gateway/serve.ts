@@ -20,6 +20,8 @@ export interface ServeOptions {
   adminPath: string;
   /** See StoreOptions.hashPoolMin. */
   hashPoolMin?: number | null;
+  /** See StoreOptions.metaCacheBytes. */
+  metaCacheBytes?: number;
   /** Accept replication links from peer gateways here (TCP), authenticated with the cluster key. */
   replicationListen?: { host: string; port: number };
   clusterKeyFile?: string;
@@ -34,6 +36,7 @@ export async function serve(opts: ServeOptions): Promise<void> {
   const lock = DataDirLock.acquire(opts.dataDir);
   const volumes = await VolumeManager.open(opts.dataDir, log.child('volume'), {
     ...(opts.hashPoolMin !== undefined ? { hashPoolMin: opts.hashPoolMin } : {}),
+    ...(opts.metaCacheBytes !== undefined ? { metaCacheBytes: opts.metaCacheBytes } : {}),
   });
   const nbd = new NbdServer(volumes, log.child('nbd'));
   const listeners: string[] = [];

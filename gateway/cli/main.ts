@@ -20,6 +20,7 @@ const DEFAULT_LISTEN = '127.0.0.1:10809';
 
 const USAGE = `usage:
   blockgate serve [--data DIR] [--listen ADDR]... [--admin PATH] [--hash-pool SIZE|off]
+                  [--meta-cache SIZE|off]
                   [--replication-listen HOST:PORT --cluster-key FILE]
   blockgate [--admin PATH | --data DIR] COMMAND ...
 commands:
@@ -34,6 +35,8 @@ commands:
   fsck --data DIR [--json]        (offline: the gateway must be stopped)
 --hash-pool: dedup writes of at least SIZE (default 256K) are hashed and compressed on
   worker threads; off keeps all of it on the event loop.
+--meta-cache: memory for the dedup metamap held in RAM (default 128M, about 28 GiB of
+  volume blocks); past it, pages are evicted and reloaded from the index.
 ADDR is HOST:PORT or unix:PATH (default ${DEFAULT_LISTEN}); SIZE takes K, M, G, T (binary).
 `;
 
@@ -52,7 +55,17 @@ const NOT_YET = new Set([
 
 const SPEC = {
   flags: ['json', 'read-only', 'help'],
-  values: ['admin', 'data', 'size', 'backend', 'path', 'hash-pool', 'replication-listen', 'cluster-key'],
+  values: [
+    'admin',
+    'data',
+    'size',
+    'backend',
+    'path',
+    'hash-pool',
+    'meta-cache',
+    'replication-listen',
+    'cluster-key',
+  ],
   repeatable: ['listen'],
 };
 
@@ -223,7 +236,7 @@ async function main(argv: string[]): Promise<void> {
   switch (command) {
     case 'serve': {
       expectPositionals(p, 1, 'serve');
-      onlyOptions(p, ['listen', 'hash-pool', 'replication-listen', 'cluster-key']);
+      onlyOptions(p, ['listen', 'hash-pool', 'meta-cache', 'replication-listen', 'cluster-key']);
       const dataDir = p.values.get('data') ?? DEFAULT_DATA;
       const listen = (p.repeated.get('listen') ?? [DEFAULT_LISTEN]).map((a) => {
         try {
@@ -233,6 +246,7 @@ async function main(argv: string[]): Promise<void> {
         }
       });
       const pool = p.values.get('hash-pool');
+      const metaCache = p.values.get('meta-cache');
       const replicationListen = p.values.get('replication-listen');
       const clusterKeyFile = p.values.get('cluster-key');
       let replication: { host: string; port: number } | undefined;
@@ -257,6 +271,9 @@ async function main(argv: string[]): Promise<void> {
         listen,
         adminPath: p.values.get('admin') ?? path.join(dataDir, 'admin.sock'),
         ...(pool !== undefined ? { hashPoolMin: pool === 'off' ? null : parseSize(pool) } : {}),
+        ...(metaCache !== undefined
+          ? { metaCacheBytes: metaCache === 'off' ? 0 : parseSize(metaCache) }
+          : {}),
         ...(replication ? { replicationListen: replication, clusterKeyFile } : {}),
       });
     }

@@ -122,7 +122,8 @@ export function unpackRecordInto(rec: Buffer, blockId: number, out: Buffer): voi
 
 /**
  * Decodes a record straight into `out` (4 KiB) and checks that its bytes hash
- * as recorded: the reply buffer is filled in place, no allocation per block.
+ * as recorded (the 16 bytes of `hash` from `hashAt`): the reply buffer is filled
+ * in place, no allocation per block.
  */
 export function decodeRecordInto(
   rec: Buffer,
@@ -130,9 +131,10 @@ export function decodeRecordInto(
   hash: Buffer,
   hasher: BlockHasher,
   out: Buffer,
+  hashAt = 0,
 ): void {
   unpackRecordInto(rec, blockId, out);
-  if (!hasher.matches(out, hash))
+  if (!hasher.matches(out, hash, hashAt))
     throw new CorruptBlockError(`block ${blockId}: contents fail the hash check`);
 }
 

@@ -51,6 +51,7 @@ import {
   metaKeyVolume,
 } from './layout';
 import { HOLE, Overlay } from './overlay';
+import { META_PAGE, MetaCache, MetaPage, packPlace, pageKey, placeOffset, placeSegment } from './meta-cache';
 import { SegmentFiles } from './segments';
 import { encodeCheckpoint } from './checkpoint-message';
 import { IndexWriter } from './index-writer';
@@ -80,7 +81,12 @@ export interface StoreOptions {
   hashPoolMin?: number | null;
   /** Overlay changes past which writes wait for the running checkpoint (tests lower it). */
   overlayLimit?: number;
+  /** Memory for the metamap's in-memory pages (meta-cache.ts); 0 turns them off. */
+  metaCacheBytes?: number;
 }
+
+/** 128 MiB of pages holds the metamap of about 28 GiB of volume blocks. */
+export const DEFAULT_META_CACHE_BYTES = 128 * 1024 * 1024;
 
 /**
  * The pool only pays where there are cores to spare: on 2 cores the event loop,
@@ -144,6 +150,45 @@ export interface StoreStats {
   indexBytesPerBlock: number;
 }
 
+/** Where a record header holds its block's hash. */
+const RECORD_HASH_AT = 24;
+
+/**
+ * Remembers where a block's record was found, once a read has checked it against
+ * the datamap: its contents hashed as the datamap says, and so does its header,
+ * which later reads from this place check the contents against.
+ */
+function notePlace(
+  page: MetaPage,
+  i: number,
+  entry: { segment: number; offset: number; storedLength: number; hash: Buffer | null },
+  rec: Buffer,
+): void {
+  if (!entry.hash) return;
+  if (rec.compare(entry.hash, 0, 16, RECORD_HASH_AT, RECORD_HASH_AT + 16) !== 0) return;
+  page.places[i] = packPlace(entry.segment, entry.offset);
+  page.lengths[i] = entry.storedLength;
+}
+
+/** A block of a multi-block read, where its record is. */
+interface RunItem {
+  /** Byte offset in the read. */
+  at: number;
+  id: number;
+  segment: number;
+  offset: number;
+  storedLength: number;
+  /** The datamap's hash; null for a place the page remembered (the header's hash). */
+  hash: Buffer | null;
+  page: MetaPage | undefined;
+  /** The block's index in its page. */
+  i: number;
+}
+
+function stateOf(id: number): BlockState {
+  return id === HOLE ? 'hole' : id === ZERO_BLOCK ? 'zero' : 'data';
+}
+
 export class DedupStore {
   private live = new Overlay();
   private frozen: Overlay | null = null;
@@ -184,6 +229,7 @@ export class DedupStore {
     /** Writes of at least this many blocks are encoded on the pool. */
     private readonly poolMinBlocks: number,
     private readonly overlayLimit: number,
+    private readonly cache: MetaCache,
   ) {
     this.pool = Number.isFinite(poolMinBlocks) ? new BlockPool(state.secret) : null;
     this.hasher = new BlockHasher(Buffer.from(state.secret, 'base64'));
@@ -238,6 +284,7 @@ export class DedupStore {
       log,
       poolMinBlocks,
       overlayLimit,
+      new MetaCache(opts.metaCacheBytes ?? DEFAULT_META_CACHE_BYTES),
     );
   }
 
@@ -279,6 +326,7 @@ export class DedupStore {
     if (id === undefined) return;
     await this.truncateVolume(id, 0);
     delete this.state.volumes[name];
+    this.cache.dropVolume(id);
     await this.flush(true);
     await this.collect();
   }
@@ -325,12 +373,46 @@ export class DedupStore {
   // ---- lookups: live overlay, then frozen, then the index -----------------------------
 
   private lookupMeta(key: number): number | undefined {
+    const page = this.metaPage(key);
+    if (page) {
+      const id = page.ids[key % META_PAGE]!;
+      return id === HOLE ? undefined : id;
+    }
     let v = this.live.meta.get(key);
     if (v === undefined && this.frozen) v = this.frozen.meta.get(key);
     if (v !== undefined) return v === HOLE ? undefined : v;
     const k = encodeMetaKeyInto(metaKeyVolume(key), metaKeyLba(key), this.metaKeyBuf);
     const b = this.metaDb.getBinaryFast(k);
     return b === undefined ? undefined : decodeId(b);
+  }
+
+  /**
+   * The cached page holding a metamap key, loaded from the index and both overlays
+   * in this tick when it is not cached; undefined only when the cache is off.
+   */
+  private metaPage(key: number): MetaPage | undefined {
+    const pk = pageKey(key);
+    const cached = this.cache.get(pk);
+    if (cached || !this.cache.enabled) return cached;
+    const page = new MetaPage();
+    const start = pk * META_PAGE;
+    const volume = metaKeyVolume(start);
+    const lba = metaKeyLba(start);
+    const range = this.metaDb.getRange({
+      start: encodeMetaKey(volume, lba),
+      end: encodeMetaKey(volume, lba + META_PAGE),
+    });
+    for (const { key: k, value } of range)
+      page.ids[decodeMetaKey(k as Buffer).lba - lba] = decodeId(value as Buffer);
+    for (const overlay of [this.frozen, this.live]) {
+      if (!overlay || overlay.meta.size === 0) continue;
+      for (let i = 0; i < META_PAGE; i++) {
+        const v = overlay.meta.get(start + i);
+        if (v !== undefined) page.ids[i] = v;
+      }
+    }
+    this.cache.add(pk, page);
+    return page;
   }
 
   /** Where a block's record is now, with its committed reference count. Undefined once it is gone. */
@@ -370,6 +452,7 @@ export class DedupStore {
       this.state.mappedBlocks++;
     } else if (value === ZERO_BLOCK) this.state.zeroBlocks++;
     this.live.meta.set(key, value);
+    this.cache.set(key, value);
     if (this.live.size >= CHECKPOINT_ENTRIES && !this.checkpointing) {
       this.flush().catch((e) => this.log.error(`checkpoint: ${e}`));
     }
@@ -385,25 +468,26 @@ export class DedupStore {
 
   // ---- blocks ----------------------------------------------------------------------
 
-  /** States of `count` blocks from `lba`: one range scan of the index, then the overlays. */
+  /**
+   * States of `count` blocks from `lba`: from the cached pages where there are
+   * some, else a range scan of the index and a probe of the overlays. Pages are
+   * not loaded for this: one status query over a large disk would evict the
+   * pages its reads and writes use.
+   */
   blockStates(volume: number, lba: number, count: number): BlockState[] {
-    const states: BlockState[] = new Array<BlockState>(count).fill('hole');
-    const range = this.metaDb.getRange({
-      start: encodeMetaKey(volume, lba),
-      end: encodeMetaKey(volume, lba + count),
-    });
-    for (const { key, value } of range) {
-      const at = decodeMetaKey(key as Buffer).lba - lba;
-      states[at] = decodeId(value as Buffer) === ZERO_BLOCK ? 'zero' : 'data';
-    }
-    for (const overlay of [this.frozen, this.live]) {
-      if (!overlay) continue;
-      for (const [k, v] of overlay.meta) {
-        if (metaKeyVolume(k) !== volume) continue;
-        const at = metaKeyLba(k) - lba;
-        if (at < 0 || at >= count) continue;
-        states[at] = v === HOLE ? 'hole' : v === ZERO_BLOCK ? 'zero' : 'data';
+    const states = new Array<BlockState>(count);
+    for (let b = 0; b < count;) {
+      const key = metaKey(volume, lba + b);
+      const i = key % META_PAGE;
+      const n = Math.min(count - b, META_PAGE - i);
+      const page = this.cache.get(pageKey(key));
+      if (page) {
+        for (let j = 0; j < n; j++) states[b + j] = stateOf(page.ids[i + j]!);
+      } else {
+        const ids = this.blockIds(volume, lba + b, n);
+        for (let j = 0; j < n; j++) states[b + j] = stateOf(ids[j] ?? HOLE);
       }
+      b += n;
     }
     return states;
   }
@@ -424,17 +508,22 @@ export class DedupStore {
    * cache, the common case: no promise chain, no allocation.
    */
   readBlockInto(volume: number, lba: number, into: Buffer): Promise<void> {
-    const id = this.lookupMeta(metaKey(volume, lba));
-    if (id === undefined || id === ZERO_BLOCK) {
+    const key = metaKey(volume, lba);
+    const page = this.metaPage(key);
+    const i = key % META_PAGE;
+    const id = page ? page.ids[i]! : (this.lookupMeta(key) ?? HOLE);
+    if (id === HOLE || id === ZERO_BLOCK) {
       into.fill(0);
       return RESOLVED;
     }
+    if (page && page.places[i] !== 0 && this.readPlaced(page, i, id, into)) return RESOLVED;
     const entry = this.pending.has(id) ? undefined : this.lookupData(id);
     if (entry && entry.storedLength <= BLOCK) {
       const rec = this.recordScratch.subarray(0, RECORD_HEADER + entry.storedLength);
       try {
         if (this.segments.readCached(entry.segment, entry.offset, rec)) {
           decodeRecordInto(rec, id, entry.hash, this.hasher, into);
+          if (page) notePlace(page, i, entry, rec);
           return RESOLVED;
         }
       } catch (err) {
@@ -445,6 +534,25 @@ export class DedupStore {
       if (block) block.copy(into);
       else into.fill(0);
     });
+  }
+
+  /**
+   * A block from the record place its page remembers, when the page cache holds it.
+   * False sends the read the long way, which reports damage: a place is a hint, and
+   * a record that fails here is read again from where the datamap says.
+   */
+  private readPlaced(page: MetaPage, i: number, id: number, into: Buffer): boolean {
+    const place = page.places[i]!;
+    const rec = this.recordScratch.subarray(0, RECORD_HEADER + page.lengths[i]!);
+    try {
+      if (!this.segments.readCached(placeSegment(place), placeOffset(place), rec)) return false;
+      // The header's hash was the datamap's when the place was noted (notePlace).
+      decodeRecordInto(rec, id, rec, this.hasher, into, RECORD_HASH_AT);
+      return true;
+    } catch {
+      page.places[i] = 0;
+      return false;
+    }
   }
 
   /** A damaged record becomes EIO for its block, with a log line naming it; other errors pass. */
@@ -459,80 +567,120 @@ export class DedupStore {
   }
 
   /**
-   * Reads `count` whole blocks from `lba` into `into` (count * 4 KiB): one metamap range
-   * scan, and one pread for each run of records lying next to each other in a segment
-   * (blocks written together sit together), each decoded straight into place.
+   * Reads `count` whole blocks from `lba` into `into` (count * 4 KiB): the metamap's
+   * pages (or one range scan), and one pread for each run of records lying next to
+   * each other in a segment (blocks written together sit together), each decoded
+   * straight into place.
    */
   async readBlocks(volume: number, lba: number, count: number, into: Buffer): Promise<void> {
-    const ids = this.blockIds(volume, lba, count);
-    interface Item {
-      at: number;
-      id: number;
-      entry: DataEntry;
-    }
-    const runs: Item[][] = [];
+    const runs: RunItem[][] = [];
     const singles: Promise<void>[] = [];
-    let run: Item[] = [];
+    let run: RunItem[] = [];
     let runEnd = -1;
     let runSegment = -1;
-    for (let i = 0; i < count; i++) {
-      const id = ids[i]!;
-      if (id === undefined || id === ZERO_BLOCK) {
-        into.fill(0, i * BLOCK, (i + 1) * BLOCK);
+    const ids = this.cache.enabled ? null : this.blockIds(volume, lba, count);
+    for (let b = 0; b < count; b++) {
+      const key = metaKey(volume, lba + b);
+      const page = ids ? undefined : this.metaPage(key);
+      const i = key % META_PAGE;
+      const id = page ? page.ids[i]! : (ids![b] ?? HOLE);
+      const at = b * BLOCK;
+      if (id === HOLE || id === ZERO_BLOCK) {
+        into.fill(0, at, at + BLOCK);
         continue;
       }
-      const entry = this.pending.has(id) ? undefined : this.lookupData(id);
-      if (!entry) {
-        // Rare: in flight to its segment, or missing (reported by the single-block path).
-        singles.push(this.readBlockInto(volume, lba + i, into.subarray(i * BLOCK, (i + 1) * BLOCK)));
-        continue;
+      let item: RunItem;
+      const place = page ? page.places[i]! : 0;
+      if (page && place !== 0) {
+        const segment = placeSegment(place);
+        const offset = placeOffset(place);
+        item = { at, id, segment, offset, storedLength: page.lengths[i]!, hash: null, page, i };
+      } else {
+        const entry = this.pending.has(id) ? undefined : this.lookupData(id);
+        if (!entry) {
+          // Rare: in flight to its segment, or missing (reported by the single-block path).
+          singles.push(this.readBlockInto(volume, lba + b, into.subarray(at, at + BLOCK)));
+          continue;
+        }
+        const { segment, offset, storedLength, hash } = entry;
+        item = { at, id, segment, offset, storedLength, hash, page, i };
       }
-      const item = { at: i * BLOCK, id, entry };
-      if (entry.segment === runSegment && entry.offset === runEnd && run.length < 256) run.push(item);
+      if (item.segment === runSegment && item.offset === runEnd && run.length < 256) run.push(item);
       else {
         if (run.length) runs.push(run);
         run = [item];
-        runSegment = entry.segment;
+        runSegment = item.segment;
       }
-      runEnd = entry.offset + RECORD_HEADER + entry.storedLength;
+      runEnd = item.offset + RECORD_HEADER + item.storedLength;
     }
     if (run.length) runs.push(run);
-    await Promise.all([
-      ...singles,
-      ...runs.map(async (r) => {
-        const first = r[0]!.entry;
-        const last = r[r.length - 1]!.entry;
-        const length = last.offset + RECORD_HEADER + last.storedLength - first.offset;
-        const pooled = length >= sharedBufferPool.minSize;
-        const buf = await this.segments.read(
-          first.segment,
-          first.offset,
-          length,
-          pooled ? sharedBufferPool.acquire(length) : undefined,
-        );
-        for (const { at, id, entry } of r) {
-          const rec = buf.subarray(
-            entry.offset - first.offset,
-            entry.offset - first.offset + RECORD_HEADER + entry.storedLength,
-          );
-          try {
-            decodeRecordInto(rec, id, entry.hash, this.hasher, into.subarray(at, at + BLOCK));
-          } catch (err) {
-            throw this.damaged(volume, lba + at / BLOCK, err);
-          }
-        }
-        if (pooled) sharedBufferPool.release(buf);
-      }),
-    ]);
+    await Promise.all([...singles, ...runs.map((r) => this.readRun(volume, lba, r, into))]);
   }
 
-  /** Block ids of `count` blocks from `lba` (undefined: hole): one range scan, then the overlays. */
+  /** One pread for a run of neighbouring records, each decoded into its place in `into`. */
+  private async readRun(volume: number, lba: number, run: RunItem[], into: Buffer): Promise<void> {
+    const first = run[0]!;
+    const last = run[run.length - 1]!;
+    const length = last.offset + RECORD_HEADER + last.storedLength - first.offset;
+    const pooled = length >= sharedBufferPool.minSize;
+    let buf: Buffer;
+    try {
+      buf = await this.segments.read(
+        first.segment,
+        first.offset,
+        length,
+        pooled ? sharedBufferPool.acquire(length) : undefined,
+      );
+    } catch (err) {
+      // A run of remembered places only: the segment may have gone since; read the long way.
+      if (run.every((item) => item.hash === null)) return this.rereadRun(volume, lba, run, into);
+      throw err;
+    }
+    const retries: Promise<void>[] = [];
+    try {
+      for (const item of run) {
+        const { at, id, page, i } = item;
+        const rec = buf.subarray(
+          item.offset - first.offset,
+          item.offset - first.offset + RECORD_HEADER + item.storedLength,
+        );
+        const out = into.subarray(at, at + BLOCK);
+        try {
+          if (item.hash === null) decodeRecordInto(rec, id, rec, this.hasher, out, RECORD_HASH_AT);
+          else {
+            decodeRecordInto(rec, id, item.hash, this.hasher, out);
+            if (page) notePlace(page, i, item, rec);
+          }
+        } catch (err) {
+          if (item.hash !== null) throw this.damaged(volume, lba + at / BLOCK, err);
+          // A remembered place that no longer holds the block: forget it, read the long way.
+          page!.places[i] = 0;
+          retries.push(this.readBlockInto(volume, lba + at / BLOCK, out));
+        }
+      }
+    } finally {
+      if (pooled) sharedBufferPool.release(buf);
+    }
+    await Promise.all(retries);
+  }
+
+  private async rereadRun(
+    volume: number,
+    lba: number,
+    run: Array<{ at: number; page: MetaPage | undefined; i: number }>,
+    into: Buffer,
+  ): Promise<void> {
+    await Promise.all(
+      run.map(({ at, page, i }) => {
+        if (page) page.places[i] = 0;
+        return this.readBlockInto(volume, lba + at / BLOCK, into.subarray(at, at + BLOCK));
+      }),
+    );
+  }
+
+  /** Block ids of `count` blocks from `lba` (undefined: hole) without the cache: one range scan, then the overlays. */
   private blockIds(volume: number, lba: number, count: number): Array<number | undefined> {
     const ids = new Array<number | undefined>(count);
-    if (count === 1) {
-      ids[0] = this.lookupMeta(metaKey(volume, lba));
-      return ids;
-    }
     const range = this.metaDb.getRange({
       start: encodeMetaKey(volume, lba),
       end: encodeMetaKey(volume, lba + count),

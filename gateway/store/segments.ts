@@ -25,6 +25,8 @@ interface Segment {
 
 export class SegmentFiles {
   private readonly open = new Map<number, Segment>();
+  /** Segments deleted while open: a stale hint to one of them must miss, not reopen it. */
+  private readonly removed = new Set<number>();
   private current: number;
   private tail = 0;
   /** Segments written since the last sync, and writes still in flight. */
@@ -111,6 +113,7 @@ export class SegmentFiles {
    * without blocking; false when it does not (read() then goes to the pool).
    */
   readCached(segment: number, offset: number, into: Buffer): boolean {
+    if (this.removed.has(segment)) return false;
     const s = this.segment(segment);
     try {
       return native.readNoWait(s.fd, into, offset) === into.length;
@@ -187,6 +190,7 @@ export class SegmentFiles {
    */
   remove(n: number): void {
     if (n === this.current) throw new Error(`segment ${n} is still being appended to`);
+    this.removed.add(n);
     const s = this.open.get(n);
     if (s) {
       this.open.delete(n);

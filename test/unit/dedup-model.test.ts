@@ -13,6 +13,7 @@ import fc from 'fast-check';
 import { Compactor } from '../../gateway/store/compactor';
 import { DedupDevice } from '../../gateway/store/dedup-device';
 import { DedupStore } from '../../gateway/store/dedup-store';
+import { META_PAGE_BYTES } from '../../gateway/store/meta-cache';
 import { fsckStore } from '../../gateway/store/fsck';
 import { silentLogger } from '../../gateway/util/log';
 
@@ -88,7 +89,10 @@ describe('dedup store against a model', () => {
     await fc.assert(
       fc.asyncProperty(fc.array(opArb, { minLength: 1, maxLength: 25 }), async (ops) => {
         const dir = path.join(tmp, `m${run++}`);
-        let store = DedupStore.open(dir, silentLogger);
+        // Runs rotate through the metamap cache off, one page (evicting between the
+        // volumes at every turn) and the default.
+        const opts = [{ metaCacheBytes: 0 }, { metaCacheBytes: META_PAGE_BYTES }, {}][run % 3]!;
+        let store = DedupStore.open(dir, silentLogger, opts);
         let compactor = new Compactor(store, silentLogger, { intervalMs: 0 });
         let devs = VOLUMES.map((v) => new DedupDevice(store, store.volumeId(v), SIZE));
         const model = VOLUMES.map(() => Buffer.alloc(SIZE));
@@ -143,7 +147,7 @@ describe('dedup store against a model', () => {
               case 'restart':
                 await compactor.close();
                 await store.close();
-                store = DedupStore.open(dir, silentLogger);
+                store = DedupStore.open(dir, silentLogger, opts);
                 compactor = new Compactor(store, silentLogger, { intervalMs: 0 });
                 devs = VOLUMES.map((v) => new DedupDevice(store, store.volumeId(v), SIZE));
                 break;

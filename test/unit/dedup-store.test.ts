@@ -122,6 +122,60 @@ describe('dedup store', () => {
     assert.ok(other.equals(block(9)));
     await store.close();
   });
+
+  it('answers EIO for a block whose datamap entry was corrupted, and serves the others', async () => {
+    const dir = path.join(tmp, `s${n++}`);
+    let store = DedupStore.open(dir, silentLogger);
+    let dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    await dev.write(0, Buffer.concat([block(1), block(2)]));
+    await dev.flush();
+    await store.close();
+    const { env, data } = openIndex(dir);
+    const [first] = [...data.getRange({ limit: 1 })];
+    const entry = Buffer.from(first!.value as Buffer);
+    entry[25] = entry[25]! ^ 0x01; // a bit of the block's hash
+    await data.put(first!.key as Buffer, entry);
+    await env.close();
+    store = DedupStore.open(dir, silentLogger);
+    dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    // Twice: a failed read must not leave a hint that makes the next one succeed.
+    await assert.rejects(dev.read(0, Buffer.alloc(4096)), { code: 'EIO' });
+    await assert.rejects(dev.read(0, Buffer.alloc(8192)), { code: 'EIO' });
+    const other = Buffer.alloc(4096);
+    await dev.read(4096, other);
+    assert.ok(other.equals(block(2)));
+    await store.close();
+  });
+
+  it('reads blocks whose remembered record places were compacted away', async () => {
+    const dir = path.join(tmp, `s${n++}`);
+    const store = DedupStore.open(dir, silentLogger);
+    const compactor = new Compactor(store, silentLogger, { intervalMs: 0 });
+    const a = new DedupDevice(store, store.volumeId('a'), 4096 * 192);
+    const b = new DedupDevice(store, store.volumeId('b'), 4096 * 64);
+    for (let i = 0; i < 64; i++) {
+      for (let j = 0; j < 3; j++) await a.write((3 * i + j) * 4096, block(1, 1000 + 3 * i + j));
+      await b.write(i * 4096, block(2, 2000 + i));
+    }
+    await store.flush();
+    const expected = Buffer.concat(Array.from({ length: 64 }, (_, i) => block(2, 2000 + i)));
+    const got = Buffer.alloc(4096 * 64);
+    await b.read(0, got); // remembers where each record is
+    assert.ok(got.equals(expected));
+    store.segments.roll();
+    await store.deleteVolume('a');
+    await compactor.run(true);
+    assert.ok(!fs.existsSync(store.segments.path(1)), 'the first segment was compacted away');
+    const one = Buffer.alloc(4096);
+    await b.read(5 * 4096, one);
+    assert.ok(one.equals(block(2, 2005)), 'single block');
+    got.fill(0);
+    await b.read(0, got);
+    assert.ok(got.equals(expected), 'whole volume');
+    await compactor.close();
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+  });
 });
 
 describe('fsck', () => {
