@@ -38,6 +38,22 @@ export interface NativeBindings {
    */
   hashBlocks(secret: Buffer, data: Buffer | Uint8Array, blockSize: number, out: Buffer | Uint8Array): void;
   /**
+   * Decodes the segment record at `rec[recOffset..]` into the 4 KiB at `out[outOffset..]`
+   * and checks that it is block `blockId`'s and hashes (keyed, as hash128Into) to the 16
+   * bytes at `expected[expectedOffset..]`. Returns 0, or 1 (no record header), 2 (another
+   * block's record), 3 (payload malformed or too long), 4 (contents fail the hash).
+   */
+  decodeRecord(
+    secret: Buffer,
+    rec: Buffer,
+    recOffset: number,
+    out: Buffer,
+    outOffset: number,
+    blockId: number,
+    expected: Buffer,
+    expectedOffset: number,
+  ): number;
+  /**
    * madvise(MADV_DONTNEED) on every mapping of the file at `path` (absolute) in this
    * process: its pages leave the process's RSS and stay in the page cache. Returns the
    * bytes of mappings advised.

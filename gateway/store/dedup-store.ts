@@ -26,6 +26,7 @@ import {
   BlockHasher,
   CorruptBlockError,
   decodeRecord,
+  decodeRecordAt,
   decodeRecordInto,
   encodeRecord,
   encodeRecordInto,
@@ -163,9 +164,11 @@ function notePlace(
   i: number,
   entry: { segment: number; offset: number; storedLength: number; hash: Buffer | null },
   rec: Buffer,
+  recAt = 0,
 ): void {
   if (!entry.hash) return;
-  if (rec.compare(entry.hash, 0, 16, RECORD_HASH_AT, RECORD_HASH_AT + 16) !== 0) return;
+  const at = recAt + RECORD_HASH_AT;
+  if (rec.compare(entry.hash, 0, 16, at, at + 16) !== 0) return;
   page.places[i] = packPlace(entry.segment, entry.offset);
   page.lengths[i] = entry.storedLength;
 }
@@ -640,22 +643,19 @@ export class DedupStore {
     try {
       for (const item of run) {
         const { at, id, page, i } = item;
-        const rec = buf.subarray(
-          item.offset - first.offset,
-          item.offset - first.offset + RECORD_HEADER + item.storedLength,
-        );
-        const out = into.subarray(at, at + BLOCK);
+        const recAt = item.offset - first.offset;
         try {
-          if (item.hash === null) decodeRecordInto(rec, id, rec, this.hasher, out, RECORD_HASH_AT);
+          if (item.hash === null)
+            decodeRecordAt(buf, recAt, id, buf, recAt + RECORD_HASH_AT, this.hasher, into, at);
           else {
-            decodeRecordInto(rec, id, item.hash, this.hasher, out);
-            if (page) notePlace(page, i, item, rec);
+            decodeRecordAt(buf, recAt, id, item.hash, 0, this.hasher, into, at);
+            if (page) notePlace(page, i, item, buf, recAt);
           }
         } catch (err) {
           if (item.hash !== null) throw this.damaged(volume, lba + at / BLOCK, err);
           // A remembered place that no longer holds the block: forget it, read the long way.
           page!.places[i] = 0;
-          retries.push(this.readBlockInto(volume, lba + at / BLOCK, out));
+          retries.push(this.readBlockInto(volume, lba + at / BLOCK, into.subarray(at, at + BLOCK)));
         }
       }
     } finally {
