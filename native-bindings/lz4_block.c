@@ -5,7 +5,8 @@
  *   the literals, a 2-byte little-endian match offset, extra match-length bytes.
  * The last sequence has literals only; the last 5 bytes are always literals and
  * no match starts within the last 12 bytes. Written for blockgate's 4 KiB
- * blocks: a greedy single-probe compressor and a bounds-checked decoder.
+ * blocks: a greedy single-probe compressor that skips ahead through stretches
+ * without matches, and a bounds-checked decoder.
  */
 #include "lz4_block.h"
 
@@ -15,6 +16,7 @@
 #define LAST_LITERALS 5
 #define MATCH_SAFE_END 12
 #define HASH_BITS 12
+#define SKIP_TRIGGER 5
 
 static uint32_t read32(const uint8_t *p) {
   uint32_t v;
@@ -62,6 +64,10 @@ long lz4_block_compress(const uint8_t *src, size_t n, uint8_t *dst, size_t cap) 
   memset(table, 0, sizeof table);
   if (n >= MATCH_SAFE_END + 1) {
     const uint8_t *match_limit = end - MATCH_SAFE_END;
+    /* Misses in a row, scaled: after 32 the probe starts skipping ahead, a byte more
+     * every 32 misses, so incompressible stretches cost a fraction of a probe per byte
+     * (the same trade the reference LZ4 makes; a match resets it). */
+    unsigned misses = 1u << SKIP_TRIGGER;
     ip++;
     while (ip < match_limit) {
       uint32_t seq = read32(ip);
@@ -75,16 +81,37 @@ long lz4_block_compress(const uint8_t *src, size_t n, uint8_t *dst, size_t cap) 
           ref--;
         }
         const uint8_t *mend = ip + MIN_MATCH, *rend = ref + MIN_MATCH;
-        while (mend < end - LAST_LITERALS && *mend == *rend) {
+        const uint8_t *mlimit = end - LAST_LITERALS;
+        /* Eight bytes at a time: the first differing byte is the lowest set byte of the XOR. */
+        while (mend + 8 <= mlimit) {
+          uint64_t a, b;
+          memcpy(&a, mend, 8);
+          memcpy(&b, rend, 8);
+          if (a != b) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+            size_t same = (size_t)__builtin_clzll(a ^ b) >> 3;
+#else
+            size_t same = (size_t)__builtin_ctzll(a ^ b) >> 3;
+#endif
+            mend += same;
+            rend += same;
+            goto extended;
+          }
+          mend += 8;
+          rend += 8;
+        }
+        while (mend < mlimit && *mend == *rend) {
           mend++;
           rend++;
         }
+      extended:
         op = emit(op, oend, anchor, (size_t)(ip - anchor), (size_t)(ip - ref), (size_t)(mend - ip));
         if (!op) return -1;
         ip = anchor = mend;
+        misses = 1u << SKIP_TRIGGER;
         continue;
       }
-      ip++;
+      ip += misses++ >> SKIP_TRIGGER;
     }
   }
   op = emit(op, oend, anchor, (size_t)(end - anchor), 0, 0);
