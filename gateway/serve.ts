@@ -13,6 +13,7 @@ import { createLogger } from './util/log';
 import { VolumeManager } from './volume/manager';
 import { gatewayId, loadClusterKey } from './replication/identity';
 import { LinkListener } from './replication/link-listener';
+import type { LinkIdentity } from './replication/link';
 
 export interface ServeOptions {
   dataDir: string;
@@ -25,6 +26,8 @@ export interface ServeOptions {
   /** Accept replication links from peer gateways here (TCP), authenticated with the cluster key. */
   replicationListen?: { host: string; port: number };
   clusterKeyFile?: string;
+  /** A sync replica silent for this long drops to behind (default 10 s). */
+  mirrorTimeoutMs?: number;
 }
 
 /** The longest frame accepted from an authenticated peer: a 32 MiB write batch with its metadata. */
@@ -34,10 +37,33 @@ export async function serve(opts: ServeOptions): Promise<void> {
   const log = createLogger();
   fs.mkdirSync(opts.dataDir, { recursive: true, mode: 0o700 });
   const lock = DataDirLock.acquire(opts.dataDir);
-  const volumes = await VolumeManager.open(opts.dataDir, log.child('volume'), {
-    ...(opts.hashPoolMin !== undefined ? { hashPoolMin: opts.hashPoolMin } : {}),
-    ...(opts.metaCacheBytes !== undefined ? { metaCacheBytes: opts.metaCacheBytes } : {}),
-  });
+  // The cluster key comes first: a new dedup store derives its content-id secret from it.
+  let me: LinkIdentity | undefined;
+  if (opts.clusterKeyFile !== undefined) {
+    let loaded;
+    try {
+      loaded = loadClusterKey(opts.clusterKeyFile);
+    } catch (err) {
+      log.error(`cannot start: ${(err as Error).message}`);
+      lock.release();
+      process.exit(1);
+    }
+    if (loaded.warning) log.warn(loaded.warning);
+    me = { gatewayId: gatewayId(opts.dataDir), key: loaded.key, maxFrame: MAX_LINK_FRAME };
+  }
+  const volumes = await VolumeManager.open(
+    opts.dataDir,
+    log.child('volume'),
+    {
+      ...(opts.hashPoolMin !== undefined ? { hashPoolMin: opts.hashPoolMin } : {}),
+      ...(opts.metaCacheBytes !== undefined ? { metaCacheBytes: opts.metaCacheBytes } : {}),
+      ...(me ? { secretSeed: me.key } : {}),
+    },
+    {
+      ...(me ? { link: me } : {}),
+      ...(opts.mirrorTimeoutMs !== undefined ? { mirrorTimeoutMs: opts.mirrorTimeoutMs } : {}),
+    },
+  );
   const nbd = new NbdServer(volumes, log.child('nbd'));
   const listeners: string[] = [];
   const status = { startedAt: Date.now(), listeners };
@@ -65,11 +91,8 @@ export async function serve(opts: ServeOptions): Promise<void> {
 
   try {
     for (const addr of opts.listen) listeners.push(formatListenAddress(await nbd.listen(addr)));
-    if (opts.replicationListen) {
-      const { key, warning } = loadClusterKey(opts.clusterKeyFile ?? '');
-      if (warning) log.warn(warning);
-      const me = { gatewayId: gatewayId(opts.dataDir), key, maxFrame: MAX_LINK_FRAME };
-      replication = new LinkListener(me, log.child('replication'));
+    if (opts.replicationListen && me) {
+      replication = new LinkListener(me, log.child('replication'), volumes);
       const { host } = opts.replicationListen;
       const port = await replication.listen(host, opts.replicationListen.port);
       const where = formatListenAddress({ kind: 'tcp', host, port });

@@ -1,6 +1,7 @@
 // The `blockgate` command: `serve` runs the gateway; everything else is a
 // request to a running gateway over its admin socket.
 
+import type { MirrorStatus } from '../replication/mirror';
 import fs from 'node:fs';
 import path from 'node:path';
 import { callGateway } from '../control/admin-client';
@@ -21,7 +22,7 @@ const DEFAULT_LISTEN = '127.0.0.1:10809';
 const USAGE = `usage:
   blockgate serve [--data DIR] [--listen ADDR]... [--admin PATH] [--hash-pool SIZE|off]
                   [--meta-cache SIZE|off]
-                  [--replication-listen HOST:PORT --cluster-key FILE]
+                  [--cluster-key FILE [--replication-listen HOST:PORT]] [--mirror-timeout SEC]
   blockgate [--admin PATH | --data DIR] COMMAND ...
 commands:
   volume create NAME --size SIZE [--backend dedup|raw|memory] [--read-only] [--path FILE|DEVICE]
@@ -32,6 +33,10 @@ commands:
   stats [--json]
   compact [--json]                (reclaim dedup space now instead of in the background)
   similarity [--json]             (share of common content for each pair of dedup volumes)
+  replica add VOL --to HOST:PORT [--mode sync|async]
+                                  (mirror a dedup volume to another gateway; hash-first sync)
+  replica list VOL [--json]       (state, lag and sync progress of each replica)
+  replica remove VOL HOST:PORT
   fsck --data DIR [--json]        (offline: the gateway must be stopped)
 --hash-pool: dedup writes of at least SIZE (default 256K) are hashed and compressed on
   worker threads; off keeps all of it on the event loop.
@@ -41,17 +46,7 @@ ADDR is HOST:PORT or unix:PATH (default ${DEFAULT_LISTEN}); SIZE takes K, M, G, 
 `;
 
 /** Contract commands whose subsystems have not landed yet. */
-const NOT_YET = new Set([
-  'snapshot',
-  'rollback',
-  'clone',
-  'replica',
-  'promote',
-  'demote',
-  'verify',
-  'seed',
-  'fsck',
-]);
+const NOT_YET = new Set(['snapshot', 'rollback', 'clone', 'promote', 'demote', 'verify', 'seed', 'fsck']);
 
 const SPEC = {
   flags: ['json', 'read-only', 'help'],
@@ -65,6 +60,9 @@ const SPEC = {
     'meta-cache',
     'replication-listen',
     'cluster-key',
+    'mirror-timeout',
+    'to',
+    'mode',
   ],
   repeatable: ['listen'],
 };
@@ -103,6 +101,70 @@ function volumeRow(v: VolumeInfo): string[] {
     bytes(v.allocatedBytes),
     String(v.clients),
   ];
+}
+
+async function replicaCommand(p: Parsed): Promise<void> {
+  const sub = p.positionals[1];
+  const sock = adminPath(p);
+  switch (sub) {
+    case 'add': {
+      expectPositionals(p, 3, 'replica add VOL --to HOST:PORT [--mode sync|async]');
+      onlyOptions(p, ['to', 'mode', 'json']);
+      const to = p.values.get('to');
+      if (to === undefined) throw new UsageError('replica add needs --to HOST:PORT');
+      const mode = p.values.get('mode') ?? 'async';
+      if (mode !== 'sync' && mode !== 'async') throw new UsageError(`--mode ${mode}: use sync or async`);
+      const r = (await callGateway(sock, 'replica.add', {
+        name: p.positionals[2],
+        to,
+        mode,
+      })) as MirrorStatus;
+      return print(
+        p,
+        r,
+        (x: MirrorStatus) => `${x.mode} replica ${x.to} of ${p.positionals[2]} added: ${x.state}\n`,
+      );
+    }
+    case 'list': {
+      expectPositionals(p, 3, 'replica list VOL');
+      onlyOptions(p, ['json']);
+      const r = (await callGateway(sock, 'replica.list', { name: p.positionals[2] })) as {
+        volume: string;
+        role: string;
+        primary: string | null;
+        replicas: MirrorStatus[];
+      };
+      return print(p, r, (x: typeof r) =>
+        x.role === 'replica'
+          ? `${x.volume} is a replica of gateway ${x.primary}\n`
+          : x.replicas.length === 0
+            ? `${x.volume} has no replicas\n`
+            : table(
+                ['REPLICA', 'MODE', 'STATE', 'LAG', 'LAG (s)', 'SYNC', 'LAST ACK', 'SENT'],
+                x.replicas.map((m) => [
+                  m.to,
+                  m.mode,
+                  m.state,
+                  bytes(m.lagBytes),
+                  m.lagSeconds.toFixed(1),
+                  m.sync.totalChunks
+                    ? `${(100 * (1 - m.sync.remainingChunks / m.sync.totalChunks)).toFixed(0)}%`
+                    : '-',
+                  m.lastAckAt ?? '-',
+                  bytes(m.sentBytes),
+                ]),
+              ),
+      );
+    }
+    case 'remove': {
+      expectPositionals(p, 4, 'replica remove VOL HOST:PORT');
+      onlyOptions(p, ['json']);
+      const r = await callGateway(sock, 'replica.remove', { name: p.positionals[2], to: p.positionals[3] });
+      return print(p, r, () => `replica ${p.positionals[3]} of ${p.positionals[2]} removed\n`);
+    }
+    default:
+      throw new UsageError(`unknown replica command '${sub ?? ''}': use add, list or remove`);
+  }
 }
 
 async function volumeCommand(p: Parsed): Promise<void> {
@@ -236,7 +298,14 @@ async function main(argv: string[]): Promise<void> {
   switch (command) {
     case 'serve': {
       expectPositionals(p, 1, 'serve');
-      onlyOptions(p, ['listen', 'hash-pool', 'meta-cache', 'replication-listen', 'cluster-key']);
+      onlyOptions(p, [
+        'listen',
+        'hash-pool',
+        'meta-cache',
+        'replication-listen',
+        'cluster-key',
+        'mirror-timeout',
+      ]);
       const dataDir = p.values.get('data') ?? DEFAULT_DATA;
       const listen = (p.repeated.get('listen') ?? [DEFAULT_LISTEN]).map((a) => {
         try {
@@ -263,8 +332,13 @@ async function main(argv: string[]): Promise<void> {
             '--replication-listen needs --cluster-key FILE: links are refused without a shared key',
           );
         replication = { host: addr.host, port: addr.port };
-      } else if (clusterKeyFile !== undefined) {
-        throw new UsageError('--cluster-key is for --replication-listen');
+      }
+      const mirrorTimeout = p.values.get('mirror-timeout');
+      let mirrorTimeoutMs: number | undefined;
+      if (mirrorTimeout !== undefined) {
+        const sec = Number(mirrorTimeout);
+        if (!(sec > 0 && sec <= 3600)) throw new UsageError('--mirror-timeout takes seconds, from 0 to 3600');
+        mirrorTimeoutMs = Math.round(sec * 1000);
       }
       return serve({
         dataDir,
@@ -274,11 +348,15 @@ async function main(argv: string[]): Promise<void> {
         ...(metaCache !== undefined
           ? { metaCacheBytes: metaCache === 'off' ? 0 : parseSize(metaCache) }
           : {}),
-        ...(replication ? { replicationListen: replication, clusterKeyFile } : {}),
+        ...(replication ? { replicationListen: replication } : {}),
+        ...(clusterKeyFile !== undefined ? { clusterKeyFile } : {}),
+        ...(mirrorTimeoutMs !== undefined ? { mirrorTimeoutMs } : {}),
       });
     }
     case 'volume':
       return volumeCommand(p);
+    case 'replica':
+      return replicaCommand(p);
     case 'fsck':
       return fsckCommand(p);
     case 'similarity': {

@@ -5,6 +5,7 @@
 import { InvalidArgumentError, UnknownCommandError } from '../errors';
 import type { Backend } from '../volume/catalog';
 import type { VolumeManager } from '../volume/manager';
+import type { MirrorMode } from '../replication/mirror';
 import { parseSize } from '../util/size';
 
 export interface GatewayStatus {
@@ -58,6 +59,13 @@ export function commandTable(volumes: VolumeManager, status: GatewayStatus): Map
     ['volume.info', (a) => volumes.info(str(a, 'name')!)],
     ['volume.delete', (a) => volumes.delete(str(a, 'name')!).then(() => ({ deleted: a.name }))],
     ['volume.resize', (a) => volumes.resize(str(a, 'name')!, size(a, 'size')!)],
+    [
+      'replica.add',
+      (a) =>
+        volumes.replicaAdd(str(a, 'name')!, str(a, 'to')!, (str(a, 'mode', false) ?? 'async') as MirrorMode),
+    ],
+    ['replica.remove', (a) => volumes.replicaRemove(str(a, 'name')!, str(a, 'to')!)],
+    ['replica.list', (a) => volumes.replicaList(str(a, 'name')!)],
     [
       'stats',
       async () => {

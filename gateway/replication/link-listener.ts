@@ -7,15 +7,19 @@ import { LinkProtocolError } from '../../protocol/replication/errors';
 import { Frame, frameKind } from '../../protocol/replication/frames';
 import type { Logger } from '../util/log';
 import { establish, Link, LinkIdentity } from './link';
+import { ReplicaSink, ReplicaVolumes } from './replica-sink';
 
 export class LinkListener {
   private server: net.Server | null = null;
   private readonly links = new Set<Link>();
   private readonly pending = new Set<net.Socket>();
+  private readonly sinks = new WeakMap<Link, ReplicaSink>();
 
   constructor(
     private readonly me: LinkIdentity,
     private readonly log: Logger,
+    /** Where mirrored volumes land; null: this gateway holds no replicas. */
+    private readonly volumes: ReplicaVolumes | null = null,
   ) {}
 
   /** Resolves with the port actually bound (0 picks one). */
@@ -45,7 +49,14 @@ export class LinkListener {
         this.pending.delete(socket);
         this.links.add(link);
         this.log.info(`link from gateway ${link.peerId} at ${remote} is up`);
-        link.onFrame = (f) => this.serve(link, f);
+        link.onFrame = (f) => {
+          try {
+            this.serve(link, f);
+          } catch (err) {
+            if (err instanceof LinkProtocolError) link.fail(err);
+            else throw err;
+          }
+        };
         link.onError = (err) =>
           this.log.warn(
             `link from gateway ${link.peerId} at ${remote}: ${(err as { code?: string }).code ?? ''} ${err.message}`,
@@ -72,6 +83,14 @@ export class LinkListener {
       this.log.warn(`gateway ${link.peerId} closed its link: ${f.error.code}: ${f.error.message}`);
       link.close();
       return;
+    }
+    if (this.volumes) {
+      let sink = this.sinks.get(link);
+      if (!sink) {
+        sink = new ReplicaSink(link, this.volumes, this.log);
+        this.sinks.set(link, sink);
+      }
+      if (sink.handle(f)) return;
     }
     link.fail(new LinkProtocolError('ERR_LINK_UNEXPECTED', `${frameKind(f)} on an established link`));
   }

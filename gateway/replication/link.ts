@@ -97,8 +97,13 @@ export class Link {
     }
   }
 
+  /** Bytes written to the peer so far, length prefixes included. */
+  bytesOut = 0;
+
   send(frame: Frame): boolean {
-    return this.socket.write(encodeFrame(frame));
+    const bytes = encodeFrame(frame);
+    this.bytesOut += bytes.length;
+    return this.socket.write(bytes);
   }
 
   /** Closes the link on a protocol error, telling the peer its code. */

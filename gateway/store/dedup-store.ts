@@ -84,7 +84,40 @@ export interface StoreOptions {
   overlayLimit?: number;
   /** Memory for the metamap's in-memory pages (meta-cache.ts); 0 turns them off. */
   metaCacheBytes?: number;
+  /**
+   * The cluster key, when the gateway has one: a new store derives its hashing secret
+   * from it, so every store of the cluster names a block by the same content id and
+   * mirroring can send ids first (hash-first). Nobody outside the cluster knows it.
+   */
+  secretSeed?: Buffer;
 }
+
+function clusterSecret(seed: Buffer): Buffer {
+  return Buffer.from(crypto.hkdfSync('sha256', seed, Buffer.alloc(0), 'blockgate-store-secret-v1', 192));
+}
+
+/** Where a mirrored block's bytes are on the primary, for when the replica asks for them. */
+export interface BlockSource {
+  id: number;
+  hash: Buffer;
+  segment: number;
+  offset: number;
+  storedLength: number;
+  /** The whole record while its segment write is in flight. */
+  record: Buffer | undefined;
+}
+
+/** A range's state as mirroring sends it: a kind per block, content ids of its data blocks. */
+export interface CapturedRange {
+  lba: number;
+  kinds: Buffer;
+  cids: Buffer;
+  sources: BlockSource[];
+}
+
+export const MIRROR_HOLE = 0;
+export const MIRROR_ZERO = 1;
+export const MIRROR_DATA = 2;
 
 /** 128 MiB of pages holds the metamap of about 28 GiB of volume blocks. */
 export const DEFAULT_META_CACHE_BYTES = 128 * 1024 * 1024;
@@ -208,6 +241,7 @@ export class DedupStore {
   private readonly idKeyBuf = Buffer.allocUnsafe(8);
   private readonly recordScratch = Buffer.allocUnsafe(RECORD_HEADER + BLOCK);
   private readonly blockScratch = Buffer.allocUnsafe(BLOCK);
+  private readonly mirrorScratch = Buffer.allocUnsafe(BLOCK);
   private readonly hasher: BlockHasher;
   private checkpointing: Promise<void> | null = null;
   private nextCheckpoint: Promise<void> | null = null;
@@ -254,7 +288,9 @@ export class DedupStore {
       if (opts.readOnly) throw new Error(`${dir} holds no dedup store`);
       state = {
         version: 1,
-        secret: crypto.randomBytes(192).toString('base64'),
+        secret: (opts.secretSeed ? clusterSecret(opts.secretSeed) : crypto.randomBytes(192)).toString(
+          'base64',
+        ),
         nextBlockId: 1,
         nextVolumeId: 1,
         volumes: {},
@@ -1144,6 +1180,174 @@ export class DedupStore {
       indexFileBytes,
       indexBytesPerBlock: s.uniqueBlocks ? Math.round(indexBytes / s.uniqueBlocks) : 0,
     };
+  }
+
+  // ---- mirroring -------------------------------------------------------------------
+
+  /** Names this store's content-id key without revealing it: equal only for stores of one cluster. */
+  contentDomain(): Buffer {
+    return crypto
+      .createHmac('sha256', Buffer.from(this.state.secret, 'base64'))
+      .update('blockgate-content-domain-v1')
+      .digest()
+      .subarray(0, 16);
+  }
+
+  /**
+   * The state of `count` blocks from `lba`, taken in this tick (so it is one the
+   * volume really had), with where each data block's bytes are.
+   */
+  captureRange(volume: number, lba: number, count: number): CapturedRange {
+    const kinds = Buffer.alloc(count);
+    const cids: Buffer[] = [];
+    const sources: BlockSource[] = [];
+    for (let b = 0; b < count; b++) {
+      const id = this.lookupMeta(metaKey(volume, lba + b));
+      if (id === undefined) continue; // MIRROR_HOLE
+      if (id === ZERO_BLOCK) {
+        kinds[b] = MIRROR_ZERO;
+        continue;
+      }
+      const entry = this.lookupData(id);
+      if (!entry) throw new CorruptBlockError(`block ${id} has no datamap entry`);
+      kinds[b] = MIRROR_DATA;
+      cids.push(entry.hash);
+      sources.push({
+        id,
+        hash: entry.hash,
+        segment: entry.segment,
+        offset: entry.offset,
+        storedLength: entry.storedLength,
+        record: this.pending.get(id)?.record,
+      });
+    }
+    return { lba, kinds, cids: Buffer.concat(cids), sources };
+  }
+
+  /**
+   * A captured block's stored payload (lz4 or raw), checked against its hash first so
+   * a damaged copy is never sent. Records never change in place; a record compacted
+   * away since the capture is an error the mirror answers with a resync.
+   */
+  async sourcePayload(src: BlockSource): Promise<{ lz4: boolean; payload: Buffer }> {
+    const rec =
+      src.record ?? (await this.segments.read(src.segment, src.offset, RECORD_HEADER + src.storedLength));
+    decodeRecordInto(rec, src.id, src.hash, this.hasher, this.mirrorScratch);
+    const storedLength = rec.readUInt32BE(16);
+    return {
+      lz4: (rec.readUInt16BE(4) & 1) === 1,
+      payload: Buffer.from(rec.subarray(RECORD_HEADER, RECORD_HEADER + storedLength)),
+    };
+  }
+
+  /** Ordinals of the data blocks among `ranges` (content ids of this store's domain) it holds no copy of. */
+  missingContent(ranges: Array<{ cids: Buffer }>): number[] {
+    const missing: number[] = [];
+    let ordinal = 0;
+    for (const r of ranges) {
+      for (let at = 0; at < r.cids.length; at += 16, ordinal++) {
+        const cid = r.cids.subarray(at, at + 16);
+        if (this.lookupHash(cid, cid.toString('latin1')) === undefined) missing.push(ordinal);
+      }
+    }
+    return missing;
+  }
+
+  /**
+   * Applies a mirrored batch in one tick, so neither a reader nor a checkpoint (and so
+   * neither a crash) ever sees part of it. `blocks` holds the bytes sent for the
+   * ordinals the replica lacked, checked against their content ids here. Returns the
+   * ordinals still missing (a block released since the replica said it had it: ask
+   * again, nothing applied), or the completion of the new blocks' segment write.
+   */
+  applyMirrored(
+    volume: number,
+    ranges: Array<{ lba: number; kinds: Buffer; cids: Buffer }>,
+    blocks: Map<number, Buffer>,
+  ): { missing: number[] } | { written: Promise<void> } {
+    const ids: number[] = [];
+    const missing: number[] = [];
+    /** New blocks by content id, with the ordinals that carry them (a batch may repeat one). */
+    const fresh = new Map<string, { block: Buffer; hash: Buffer; ordinals: number[] }>();
+    let ordinal = 0;
+    for (const r of ranges) {
+      for (let at = 0; at < r.cids.length; at += 16, ordinal++) {
+        const cid = r.cids.subarray(at, at + 16);
+        const hk = cid.toString('latin1');
+        const have = this.lookupHash(cid, hk);
+        ids.push(have ?? -1);
+        if (have !== undefined) continue;
+        const known = fresh.get(hk);
+        const block = blocks.get(ordinal);
+        if (known) known.ordinals.push(ordinal);
+        else if (block) {
+          if (!this.hasher.matches(block, cid))
+            throw new CorruptBlockError(`mirrored block ${ordinal} does not match its content id`);
+          fresh.set(hk, { block, hash: Buffer.from(cid), ordinals: [ordinal] });
+        } else missing.push(ordinal);
+      }
+    }
+    if (missing.length) return { missing };
+    let written: Promise<void> = RESOLVED;
+    const placedIds = new Set<number>();
+    if (fresh.size) {
+      const slab = Buffer.allocUnsafe(fresh.size * (RECORD_HEADER + BLOCK));
+      let used = 0;
+      const placed: Array<{ id: number; at: number; length: number; hash: Buffer }> = [];
+      for (const f of fresh.values()) {
+        const id = this.state.nextBlockId++;
+        const length = encodeRecordInto(id, f.block, f.hash, slab, used);
+        placed.push({ id, at: used, length, hash: f.hash });
+        for (const o of f.ordinals) ids[o] = id;
+        placedIds.add(id);
+        used += length;
+      }
+      const records = slab.subarray(0, used);
+      const appended = this.segments.append(records);
+      for (const p of placed) {
+        const rec = records.subarray(p.at, p.at + p.length);
+        this.pending.set(p.id, { record: rec, written: appended.written });
+        this.live.newData.set(p.id, {
+          segment: appended.segment,
+          offset: appended.offset + p.at,
+          storedLength: p.length - RECORD_HEADER,
+          flags: rec.readUInt16BE(4),
+          refcount: 0,
+          hash: p.hash,
+        });
+        this.live.newHash.set(p.hash.toString('latin1'), p.id);
+      }
+      const forget = (): void => {
+        for (const p of placed) this.pending.delete(p.id);
+      };
+      written = appended.written.then(forget, (err: unknown) => {
+        forget();
+        // Nothing may point at bytes that never reached the disk: the blocks become
+        // holes, and the primary, told of the failure, sends the volume again.
+        for (const r of ranges)
+          for (let b = 0; b < r.kinds.length; b++) {
+            const key = metaKey(volume, r.lba + b);
+            const id = this.lookupMeta(key);
+            if (id !== undefined && placedIds.has(id)) this.setMeta(key, HOLE);
+          }
+        for (const p of placed) {
+          const hk = p.hash.toString('latin1');
+          if (this.live.newHash.get(hk) === p.id) this.live.newHash.delete(hk);
+          if (this.frozen?.newHash.get(hk) === p.id) this.frozen.newHash.delete(hk);
+        }
+        throw err;
+      });
+    }
+    ordinal = 0;
+    for (const r of ranges) {
+      for (let b = 0; b < r.kinds.length; b++) {
+        const key = metaKey(volume, r.lba + b);
+        const kind = r.kinds[b];
+        if (kind === MIRROR_DATA) this.setMeta(key, ids[ordinal++]!);
+        else this.setMeta(key, kind === MIRROR_ZERO ? ZERO_BLOCK : HOLE);
+      }
+    }
+    return { written };
   }
 
   async close(): Promise<void> {

@@ -16,6 +16,16 @@ export interface VolumeRecord {
   /** For raw volumes on a file or block device of the operator's; absent for the gateway's own files. */
   path?: string;
   created: string;
+  /** Replica gateways this (primary) volume is mirrored to. */
+  replicas?: ReplicaConfig[];
+  /** Set on a replica's copy: the gateway id of the primary that mirrors it here. */
+  replicaOf?: string;
+}
+
+export interface ReplicaConfig {
+  /** The replica gateway's replication listener, HOST:PORT. */
+  to: string;
+  mode: 'sync' | 'async';
 }
 
 interface CatalogFile {

@@ -18,7 +18,13 @@ import { DedupStore, StoreOptions, StoreStats } from '../store/dedup-store';
 import fs from 'node:fs';
 import path from 'node:path';
 import { allocatedBytes, openStack, removeBackingStore } from './backends';
-import { Backend, BACKENDS, Catalog, VolumeRecord } from './catalog';
+import { Backend, BACKENDS, Catalog, ReplicaConfig, VolumeRecord } from './catalog';
+import { LinkProtocolError } from '../../protocol/replication/errors';
+import type { LinkIdentity } from '../replication/link';
+import { Mirror, MirrorMode, MirrorStatus } from '../replication/mirror';
+import { MirrorLayer } from '../replication/mirror-layer';
+import type { ReplicaVolumes } from '../replication/replica-sink';
+import { parseListenAddress } from '../nbd/listen-address';
 
 export const DEFAULT_VOLUME = 'disk0';
 export const DEFAULT_VOLUME_SIZE = 8 * 2 ** 30;
@@ -48,8 +54,18 @@ export interface CreateOptions {
   path?: string;
 }
 
+/** Mirroring settings: this gateway's identity on links (none without a cluster key). */
+export interface ReplicationOptions {
+  link?: LinkIdentity;
+  /** A sync replica silent for this long drops to behind. */
+  mirrorTimeoutMs?: number;
+}
+
+const DEFAULT_MIRROR_TIMEOUT_MS = 10_000;
+
 class Volume implements NbdExport {
   readonly clients = new Map<number, ClientInfo>();
+  mirrors: Mirror[] = [];
   constructor(
     public record: VolumeRecord,
     readonly device: BlockDevice,
@@ -62,7 +78,7 @@ class Volume implements NbdExport {
   }
 }
 
-export class VolumeManager implements ExportRegistry {
+export class VolumeManager implements ExportRegistry, ReplicaVolumes {
   private readonly volumes = new Map<string, Volume>();
   private readonly catalog: Catalog;
   private dedup: DedupStore | null = null;
@@ -86,13 +102,19 @@ export class VolumeManager implements ExportRegistry {
     readonly dataDir: string,
     private readonly log: Logger,
     private readonly storeOptions: StoreOptions,
+    private readonly replication: ReplicationOptions,
   ) {
     this.catalog = new Catalog(dataDir);
   }
 
   /** Opens every volume of the data directory; an empty directory gets the default volume. */
-  static async open(dataDir: string, log: Logger, storeOptions: StoreOptions = {}): Promise<VolumeManager> {
-    const m = new VolumeManager(dataDir, log, storeOptions);
+  static async open(
+    dataDir: string,
+    log: Logger,
+    storeOptions: StoreOptions = {},
+    replication: ReplicationOptions = {},
+  ): Promise<VolumeManager> {
+    const m = new VolumeManager(dataDir, log, storeOptions, replication);
     if (!m.catalog.exists()) {
       m.catalog.save([]);
       await m.create({ name: DEFAULT_VOLUME, size: DEFAULT_VOLUME_SIZE });
@@ -113,7 +135,7 @@ export class VolumeManager implements ExportRegistry {
     }
     for (const rec of records) {
       try {
-        m.volumes.set(rec.name, new Volume(rec, openStack(dataDir, rec, m.store)));
+        m.volumes.set(rec.name, m.openVolume(rec));
       } catch (err) {
         // One broken volume must not keep the others offline.
         log.error(`volume ${rec.name} could not be opened: ${(err as Error).message}`);
@@ -164,14 +186,14 @@ export class VolumeManager implements ExportRegistry {
         ...(opts.path !== undefined ? { path: opts.path } : {}),
         created: new Date().toISOString(),
       };
-      let device: BlockDevice;
+      let vol: Volume;
       try {
-        device = openStack(this.dataDir, record, this.store);
+        vol = this.openVolume(record);
       } catch (err) {
         throw new BackendError(`cannot create volume '${opts.name}': ${toBlockError(err, 'open').message}`);
       }
+      const device = vol.device;
       record.size = device.size;
-      const vol = new Volume(record, device);
       this.volumes.set(record.name, vol);
       try {
         this.catalog.save(this.records());
@@ -196,6 +218,7 @@ export class VolumeManager implements ExportRegistry {
       }
       this.volumes.delete(name);
       this.catalog.save(this.records());
+      for (const m of vol.mirrors) m.close();
       await vol.device.close();
       removeBackingStore(this.dataDir, vol.record);
       if (vol.record.backend === 'dedup') await this.store().deleteVolume(name);
@@ -280,6 +303,151 @@ export class VolumeManager implements ExportRegistry {
     return () => vol.clients.delete(client.id);
   }
 
+  /** A volume's device stack; a primary dedup volume gets the write splitter on top, with its mirrors. */
+  private openVolume(rec: VolumeRecord): Volume {
+    const device = openStack(this.dataDir, rec, this.store);
+    if (rec.backend !== 'dedup' || rec.replicaOf !== undefined) return new Volume(rec, device);
+    const store = this.store();
+    let vol: Volume | null = null;
+    const layer = new MirrorLayer(device, store, store.volumeId(rec.name), () => vol!.mirrors);
+    vol = new Volume(rec, layer);
+    for (const r of rec.replicas ?? []) {
+      try {
+        vol.mirrors.push(this.startMirror(rec, r));
+      } catch (err) {
+        this.log.error(`volume ${rec.name}: replica ${r.to}: ${(err as Error).message}`);
+      }
+    }
+    return vol;
+  }
+
+  private startMirror(rec: VolumeRecord, r: ReplicaConfig): Mirror {
+    const link = this.replication.link;
+    if (!link)
+      throw new InvalidArgumentError('this gateway has no cluster key: start it with --cluster-key FILE');
+    const addr = parseListenAddress(r.to);
+    if (addr.kind !== 'tcp') throw new InvalidArgumentError(`replica address '${r.to}' is not HOST:PORT`);
+    const store = this.store();
+    return new Mirror(
+      store,
+      store.volumeId(rec.name),
+      rec.name,
+      Math.ceil(rec.size / 4096),
+      { host: addr.host, port: addr.port },
+      r.mode,
+      link,
+      this.log.child('mirror'),
+      { timeoutMs: this.replication.mirrorTimeoutMs ?? DEFAULT_MIRROR_TIMEOUT_MS },
+    );
+  }
+
+  /** `replica add`: mirrors a dedup volume to another gateway, starting with a hash-first sync. */
+  replicaAdd(name: string, to: string, mode: MirrorMode = 'async'): Promise<MirrorStatus> {
+    return this.exclusive(async () => {
+      const vol = this.volume(name);
+      if (vol.record.backend !== 'dedup')
+        throw new InvalidArgumentError(
+          `volume '${name}' is ${vol.record.backend}: only dedup volumes are mirrored`,
+        );
+      if (vol.record.replicaOf !== undefined)
+        throw new InvalidArgumentError(`volume '${name}' is a replica (of gateway ${vol.record.replicaOf})`);
+      if (mode !== 'sync' && mode !== 'async')
+        throw new InvalidArgumentError(`unknown mode '${String(mode)}': use sync or async`);
+      let addr;
+      try {
+        addr = parseListenAddress(to);
+      } catch (err) {
+        throw new InvalidArgumentError(`--to: ${(err as Error).message}`);
+      }
+      if (addr.kind !== 'tcp') throw new InvalidArgumentError('--to takes HOST:PORT');
+      const canonical = `${addr.host}:${addr.port}`;
+      if (vol.mirrors.some((m) => m.address === canonical))
+        throw new VolumeExistsError(`volume '${name}' is already mirrored to ${canonical}`);
+      const config: ReplicaConfig = { to: canonical, mode };
+      const mirror = this.startMirror(vol.record, config);
+      vol.mirrors.push(mirror);
+      vol.record = { ...vol.record, replicas: [...(vol.record.replicas ?? []), config] };
+      this.catalog.save(this.records());
+      this.log.info(`volume ${name}: ${mode} replica ${canonical} added`);
+      return mirror.status();
+    });
+  }
+
+  /** `replica remove`: stops mirroring to that gateway (its copy stays there). */
+  replicaRemove(name: string, to: string): Promise<{ removed: string }> {
+    return this.exclusive(async () => {
+      const vol = this.volume(name);
+      const mirror = vol.mirrors.find((m) => m.address === to);
+      if (!mirror) throw new VolumeNotFoundError(`volume '${name}' has no replica at ${to}`);
+      mirror.close();
+      vol.mirrors = vol.mirrors.filter((m) => m !== mirror);
+      vol.record = { ...vol.record, replicas: (vol.record.replicas ?? []).filter((r) => r.to !== to) };
+      this.catalog.save(this.records());
+      this.log.info(`volume ${name}: replica ${to} removed`);
+      return { removed: to };
+    });
+  }
+
+  /** `replica list`: each replica's state, lag and sync progress; on a replica, whose copy it is. */
+  replicaList(name: string): {
+    volume: string;
+    role: 'primary' | 'replica';
+    primary: string | null;
+    replicas: MirrorStatus[];
+  } {
+    const vol = this.volume(name);
+    return {
+      volume: name,
+      role: vol.record.replicaOf === undefined ? 'primary' : 'replica',
+      primary: vol.record.replicaOf ?? null,
+      replicas: vol.mirrors.map((m) => m.status()),
+    };
+  }
+
+  /** ReplicaVolumes: this gateway's copy of a volume a peer mirrors here. */
+  replicaVolume(
+    name: string,
+    size: number,
+    primary: string,
+  ): Promise<{ store: DedupStore; volumeId: number }> {
+    return this.exclusive(async () => {
+      const existing = this.volumes.get(name);
+      if (existing) {
+        if (existing.record.replicaOf === undefined)
+          throw new LinkProtocolError(
+            'ERR_LINK_NOT_REPLICA',
+            `volume ${name} is a primary here, not a replica`,
+          );
+        if (existing.device.size !== size)
+          throw new LinkProtocolError(
+            'ERR_LINK_UNKNOWN_VOLUME',
+            `replica of ${name} here is ${existing.device.size} bytes, the primary's ${size}`,
+          );
+        if (existing.record.replicaOf !== primary) {
+          existing.record = { ...existing.record, replicaOf: primary };
+          this.catalog.save(this.records());
+        }
+      } else {
+        if (!NAME.test(name))
+          throw new LinkProtocolError('ERR_LINK_MALFORMED', `invalid volume name '${name}'`);
+        checkSize(size);
+        const record: VolumeRecord = {
+          name,
+          size,
+          backend: 'dedup',
+          readOnly: true,
+          replicaOf: primary,
+          created: new Date().toISOString(),
+        };
+        this.volumes.set(name, this.openVolume(record));
+        this.catalog.save(this.records());
+        this.log.info(`volume ${name} created as a replica of gateway ${primary}`);
+      }
+      const store = this.store();
+      return { store, volumeId: store.volumeId(name) };
+    });
+  }
+
   /**
    * For each pair of dedup volumes, the share of content they have in common:
    * common / max(size1, size2), common being the blocks both map to the same stored
@@ -331,6 +499,7 @@ export class VolumeManager implements ExportRegistry {
   async close(): Promise<void> {
     await this.exclusive(async () => {
       for (const v of this.volumes.values()) {
+        for (const m of v.mirrors) m.close();
         try {
           await v.device.flush();
         } catch (err) {

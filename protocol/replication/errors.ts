@@ -9,7 +9,11 @@ export class LinkProtocolError extends Error {
       | 'ERR_LINK_UNEXPECTED'
       | 'ERR_LINK_VERSION'
       | 'ERR_LINK_AUTH'
-      | 'ERR_LINK_TIMEOUT',
+      | 'ERR_LINK_TIMEOUT'
+      | 'ERR_LINK_UNKNOWN_VOLUME'
+      | 'ERR_LINK_NOT_REPLICA'
+      | 'ERR_LINK_BAD_BLOCK'
+      | 'ERR_LINK_DOMAIN',
     message: string,
   ) {
     super(message);

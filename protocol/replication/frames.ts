@@ -22,14 +22,48 @@ export interface Hello {
   maxFrame: number;
 }
 
+export interface Extent {
+  lba: number;
+  kinds: Buffer;
+  cids: Buffer;
+}
+
+export interface WireBlock {
+  ordinal: number;
+  lz4: boolean;
+  payload: Buffer;
+}
+
+export const KIND_HOLE = 0;
+export const KIND_ZERO = 1;
+export const KIND_DATA = 2;
+export const CID_BYTES = 16;
+
 export type Frame =
   | { hello: Hello }
   | { proof: { mac: Buffer } }
   | { error: { code: string; message: string } }
   | { ping: { seq: number } }
-  | { pong: { seq: number } };
+  | { pong: { seq: number } }
+  | { mirror: { volume: string; size: number; domain: Buffer } }
+  | { mirrorReady: { volume: string } }
+  | { batch: { seq: number; extents: Extent[]; durable: boolean } }
+  | { need: { seq: number; ordinals: number[] } }
+  | { blocks: { seq: number; blocks: WireBlock[] } }
+  | { ack: { seq: number } };
 
-export type FrameKind = 'hello' | 'proof' | 'error' | 'ping' | 'pong';
+export type FrameKind =
+  | 'hello'
+  | 'proof'
+  | 'error'
+  | 'ping'
+  | 'pong'
+  | 'mirror'
+  | 'mirrorReady'
+  | 'batch'
+  | 'need'
+  | 'blocks'
+  | 'ack';
 
 export function frameKind(f: Frame): FrameKind {
   return Object.keys(f)[0] as FrameKind;
@@ -81,6 +115,56 @@ export function decodeFrameBody(bytes: Uint8Array): Frame {
       return { ping: { seq: toNumber((msg['ping'] as Record<string, unknown>)['seq'] ?? 0) } };
     case 'pong':
       return { pong: { seq: toNumber((msg['pong'] as Record<string, unknown>)['seq'] ?? 0) } };
+    case 'mirror': {
+      const m = msg['mirror'] as Record<string, unknown>;
+      return {
+        mirror: {
+          volume: (m['volume'] as string) ?? '',
+          size: toNumber(m['size'] ?? 0),
+          domain: bytesOf(m['domain']),
+        },
+      };
+    }
+    case 'mirrorReady':
+      return {
+        mirrorReady: { volume: ((msg['mirrorReady'] as Record<string, unknown>)['volume'] as string) ?? '' },
+      };
+    case 'batch': {
+      const b = msg['batch'] as Record<string, unknown>;
+      const extents = ((b['extents'] as Array<Record<string, unknown>> | undefined) ?? []).map((e) => ({
+        lba: toNumber(e['lba'] ?? 0),
+        kinds: bytesOf(e['kinds']),
+        cids: bytesOf(e['cids']),
+      }));
+      for (const e of extents) checkExtent(e);
+      return {
+        batch: { seq: toNumber(b['seq'] ?? 0), extents, durable: (b['durable'] as boolean) ?? false },
+      };
+    }
+    case 'need': {
+      const n = msg['need'] as Record<string, unknown>;
+      return {
+        need: {
+          seq: toNumber(n['seq'] ?? 0),
+          ordinals: [...((n['ordinals'] as number[] | undefined) ?? [])],
+        },
+      };
+    }
+    case 'blocks': {
+      const b = msg['blocks'] as Record<string, unknown>;
+      return {
+        blocks: {
+          seq: toNumber(b['seq'] ?? 0),
+          blocks: ((b['blocks'] as Array<Record<string, unknown>> | undefined) ?? []).map((k) => ({
+            ordinal: (k['ordinal'] as number) ?? 0,
+            lz4: (k['lz4'] as boolean) ?? false,
+            payload: bytesOf(k['payload']),
+          })),
+        },
+      };
+    }
+    case 'ack':
+      return { ack: { seq: toNumber((msg['ack'] as Record<string, unknown>)['seq'] ?? 0) } };
     default:
       // A field this version does not know decodes as a Frame with no body.
       throw new LinkProtocolError(
@@ -88,6 +172,20 @@ export function decodeFrameBody(bytes: Uint8Array): Frame {
         'frame of a message type this gateway does not know',
       );
   }
+}
+
+/** An extent must carry one kind per block and one content id per data block. */
+function checkExtent(e: Extent): void {
+  let data = 0;
+  for (const k of e.kinds) {
+    if (k > KIND_DATA) throw new LinkProtocolError('ERR_LINK_MALFORMED', `extent block kind ${k}`);
+    if (k === KIND_DATA) data++;
+  }
+  if (e.cids.length !== data * CID_BYTES)
+    throw new LinkProtocolError(
+      'ERR_LINK_MALFORMED',
+      `extent at block ${e.lba} has ${data} data blocks and ${e.cids.length} bytes of content ids`,
+    );
 }
 
 /** Cuts a byte stream into frames, refusing any longer than the current limit. */

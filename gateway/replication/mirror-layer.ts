@@ -1,0 +1,54 @@
+// The write splitter: a layer over a dedup volume that, once a change is
+// applied locally, hands the state of the blocks it touched (captured in that
+// tick) to each of the volume's mirrors, and answers the client when the
+// mirrors allow (at once for async replicas; at the acknowledgement for sync
+// ones). FLUSH waits for every sync replica to be durable too.
+
+import type { BlockDevice, WriteFlags, ZeroFlags } from '../device/block-device';
+import { Layer } from '../device/layer';
+import type { DedupStore } from '../store/dedup-store';
+import type { Mirror } from './mirror';
+
+const BLOCK = 4096;
+
+export class MirrorLayer extends Layer {
+  constructor(
+    next: BlockDevice,
+    private readonly store: DedupStore,
+    private readonly volumeId: number,
+    private readonly mirrors: () => readonly Mirror[],
+  ) {
+    super(next);
+  }
+
+  override async write(offset: number, data: Buffer, flags?: WriteFlags): Promise<void> {
+    await this.next.write(offset, data, flags);
+    return this.split(offset, data.length, flags?.fua === true);
+  }
+
+  override async trim(offset: number, length: number, flags?: WriteFlags): Promise<void> {
+    await this.next.trim(offset, length, flags);
+    return this.split(offset, length, flags?.fua === true);
+  }
+
+  override async writeZeroes(offset: number, length: number, flags?: ZeroFlags): Promise<void> {
+    await this.next.writeZeroes(offset, length, flags);
+    return this.split(offset, length, flags?.fua === true);
+  }
+
+  override async flush(): Promise<void> {
+    await this.next.flush();
+    const ms = this.mirrors();
+    if (ms.length) await Promise.all(ms.map((m) => m.flush()));
+  }
+
+  private split(offset: number, length: number, durable: boolean): Promise<void> | undefined {
+    const ms = this.mirrors();
+    if (ms.length === 0 || length === 0) return undefined;
+    const first = Math.floor(offset / BLOCK);
+    const end = Math.ceil((offset + length) / BLOCK);
+    const range = this.store.captureRange(this.volumeId, first, end - first);
+    if (ms.length === 1) return ms[0]!.captured(range, durable);
+    return Promise.all(ms.map((m) => m.captured(range, durable))).then(() => undefined);
+  }
+}

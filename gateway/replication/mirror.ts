@@ -1,0 +1,386 @@
+// The primary's side of one replica of one volume: a link to the replica
+// gateway, the batches in flight on it, and what the replica still lacks.
+//
+// Every local write's resulting state (captured in one tick by the store) is
+// queued in write order and coalesced with the others of its tick into one
+// Batch. The replica asks for the bytes it lacks (Need), gets them (Blocks),
+// applies the batch at once and acknowledges it. In DRBD's terms a sync
+// replica is protocol C (the write is acknowledged to the client once every
+// sync replica has applied it; FLUSH and FUA once it is durable there) and an
+// async one protocol A (acknowledged after the local apply).
+//
+// What the replica still lacks is kept as dirty chunks of 1024 blocks: all of
+// them when the mirror starts (the initial sync, hash-first, so blocks the
+// replica already holds under any volume never travel), then whatever was in
+// flight when the link broke or stalled, and everything written while it was
+// down or behind. The sync walks them in order, re-capturing each chunk's
+// current state. The set lives in memory: after a restart of the primary the
+// walk starts over, still hash-first, so only the ids of unchanged blocks
+// travel again.
+
+import type { Logger } from '../util/log';
+import { Frame, WireBlock } from '../../protocol/replication/frames';
+import { LinkProtocolError } from '../../protocol/replication/errors';
+import type { BlockSource, CapturedRange, DedupStore } from '../store/dedup-store';
+import { connectLink, Link, LinkIdentity } from './link';
+
+export type MirrorMode = 'sync' | 'async';
+export type MirrorState = 'connecting' | 'syncing' | 'in-sync' | 'behind';
+
+export const CHUNK_BLOCKS = 1024;
+/** Batches sent and not yet acknowledged, at most. */
+const WINDOW = 8;
+/** A tick's writes share a batch up to this many blocks. */
+const BATCH_BLOCKS = 1024;
+const RETRY_MS = 1000;
+
+export interface MirrorOptions {
+  /** A sync replica that has not acknowledged for this long drops to behind (writes go on). */
+  timeoutMs: number;
+}
+
+interface Batch {
+  seq: number;
+  ranges: CapturedRange[];
+  blocks: number;
+  durable: boolean;
+  sentAt: number;
+  /** Sync-mode writers waiting for the acknowledgement. */
+  waiters: Array<() => void>;
+}
+
+export interface MirrorStatus {
+  to: string;
+  mode: MirrorMode;
+  state: MirrorState;
+  peer: string | null;
+  /** Logical bytes the replica does not hold yet: dirty chunks and unacknowledged batches. */
+  lagBytes: number;
+  /** Age of the oldest unacknowledged batch, in seconds (0 when there is none). */
+  lagSeconds: number;
+  lastAckAt: string | null;
+  /** Chunks of the volume the current sync still has to send, and how many it had. */
+  sync: { remainingChunks: number; totalChunks: number };
+  sentBytes: number;
+  sentBlocks: number;
+  sentBatches: number;
+  lastError: string | null;
+}
+
+export class Mirror {
+  state: MirrorState = 'connecting';
+  private link: Link | null = null;
+  private seq = 0;
+  private filling: Batch | null = null;
+  private readonly inflight: Batch[] = [];
+  private readonly dirty = new Set<number>();
+  private syncTotal = 0;
+  private closed = false;
+  private retry: NodeJS.Timeout | null = null;
+  private readonly watchdog: NodeJS.Timeout;
+  private lastAckAt: number | null = null;
+  private lastError: string | null = null;
+  private sentBytes = 0;
+  private sentBlocks = 0;
+  private sentBatches = 0;
+  private peer: string | null = null;
+
+  constructor(
+    private readonly store: DedupStore,
+    private readonly volumeId: number,
+    readonly volumeName: string,
+    private readonly volumeBlocks: number,
+    readonly to: { host: string; port: number },
+    readonly mode: MirrorMode,
+    private readonly me: LinkIdentity,
+    private readonly log: Logger,
+    private readonly opts: MirrorOptions,
+  ) {
+    this.markAllDirty();
+    this.watchdog = setInterval(() => this.checkStall(), Math.max(100, opts.timeoutMs / 4));
+    this.watchdog.unref();
+    this.connect();
+  }
+
+  get address(): string {
+    return `${this.to.host}:${this.to.port}`;
+  }
+
+  status(): MirrorStatus {
+    const oldest = this.inflight[0];
+    const unacked = this.inflight.reduce((n, b) => n + b.blocks, 0) + (this.filling?.blocks ?? 0);
+    return {
+      to: this.address,
+      mode: this.mode,
+      state: this.state,
+      peer: this.peer,
+      lagBytes: (this.dirty.size * CHUNK_BLOCKS + unacked) * 4096,
+      lagSeconds: oldest ? (Date.now() - oldest.sentAt) / 1000 : 0,
+      lastAckAt: this.lastAckAt === null ? null : new Date(this.lastAckAt).toISOString(),
+      sync: { remainingChunks: this.dirty.size, totalChunks: this.syncTotal },
+      sentBytes: this.sentBytes + (this.link?.bytesOut ?? 0),
+      sentBlocks: this.sentBlocks,
+      sentBatches: this.sentBatches,
+      lastError: this.lastError,
+    };
+  }
+
+  /**
+   * A local change to blocks lba.. (captured by the store in the tick it happened).
+   * Resolves when the client may be answered: at once for async, at the replica's
+   * acknowledgement for sync, or at once when the replica is not keeping up (behind).
+   */
+  captured(range: CapturedRange, durable: boolean): Promise<void> {
+    if (this.state !== 'in-sync' && this.state !== 'syncing') {
+      this.markDirty(range.lba, range.kinds.length);
+      return Promise.resolve();
+    }
+    const batch = this.batchFor(range.kinds.length);
+    batch.ranges.push(range);
+    batch.blocks += range.kinds.length;
+    batch.durable ||= durable;
+    if (this.mode === 'async') return Promise.resolve();
+    return new Promise((resolve) => batch.waiters.push(resolve));
+  }
+
+  /** FLUSH: on a sync replica, resolves once everything before it is durable there. */
+  flush(): Promise<void> {
+    if (this.mode === 'async' || (this.state !== 'in-sync' && this.state !== 'syncing'))
+      return Promise.resolve();
+    const batch = this.batchFor(0);
+    batch.durable = true;
+    return new Promise((resolve) => batch.waiters.push(resolve));
+  }
+
+  close(): void {
+    this.closed = true;
+    clearInterval(this.watchdog);
+    if (this.retry) clearTimeout(this.retry);
+    this.dropLink('mirror removed');
+    this.link?.close();
+  }
+
+  // ---- batches -------------------------------------------------------------------------
+
+  /** The batch this tick's writes go into; sent once the tick is over. */
+  private batchFor(blocks: number): Batch {
+    if (this.filling && this.filling.blocks + blocks > BATCH_BLOCKS) this.sendFilling();
+    if (!this.filling) {
+      this.filling = { seq: 0, ranges: [], blocks: 0, durable: false, sentAt: 0, waiters: [] };
+      setImmediate(() => this.sendFilling());
+    }
+    return this.filling;
+  }
+
+  private sendFilling(): void {
+    const batch = this.filling;
+    if (!batch) return;
+    this.filling = null;
+    this.send(batch);
+  }
+
+  private send(batch: Batch): void {
+    const link = this.link;
+    if (!link || (this.state !== 'in-sync' && this.state !== 'syncing')) {
+      for (const r of batch.ranges) this.markDirty(r.lba, r.kinds.length);
+      for (const w of batch.waiters) w();
+      return;
+    }
+    batch.seq = ++this.seq;
+    batch.sentAt = Date.now();
+    this.inflight.push(batch);
+    const frame: Frame = {
+      batch: {
+        seq: batch.seq,
+        durable: batch.durable,
+        extents: batch.ranges.map((r) => ({ lba: r.lba, kinds: r.kinds, cids: r.cids })),
+      },
+    };
+    link.send(frame);
+    this.sentBatches++;
+  }
+
+  /** The initial sync and every resync: the dirty chunks' current states, a window at a time. */
+  private pump(): void {
+    while (this.link && this.inflight.length < WINDOW && this.dirty.size > 0) {
+      const chunk = Math.min(...this.dirty);
+      this.dirty.delete(chunk);
+      const lba = chunk * CHUNK_BLOCKS;
+      const count = Math.min(CHUNK_BLOCKS, this.volumeBlocks - lba);
+      let range: CapturedRange;
+      try {
+        range = this.store.captureRange(this.volumeId, lba, count);
+      } catch (err) {
+        this.dirty.add(chunk);
+        this.lastError = `capture of chunk ${chunk}: ${(err as Error).message}`;
+        this.log.error(`mirror of ${this.volumeName} to ${this.address}: ${this.lastError}`);
+        return;
+      }
+      this.sendFilling();
+      this.send({ seq: 0, ranges: [range], blocks: count, durable: false, sentAt: 0, waiters: [] });
+    }
+    if (this.state === 'syncing' && this.dirty.size === 0 && this.inflight.length === 0) {
+      this.state = 'in-sync';
+      this.log.info(`replica ${this.address} of ${this.volumeName} is in sync`);
+    }
+  }
+
+  private markDirty(lba: number, count: number): void {
+    if (count === 0) return;
+    const first = Math.floor(lba / CHUNK_BLOCKS);
+    const last = Math.floor((lba + count - 1) / CHUNK_BLOCKS);
+    for (let c = first; c <= last; c++) this.dirty.add(c);
+  }
+
+  private markAllDirty(): void {
+    const chunks = Math.ceil(this.volumeBlocks / CHUNK_BLOCKS);
+    for (let c = 0; c < chunks; c++) this.dirty.add(c);
+    this.syncTotal = chunks;
+  }
+
+  // ---- the link ------------------------------------------------------------------------
+
+  private connect(): void {
+    if (this.closed) return;
+    this.state = 'connecting';
+    connectLink(this.to.host, this.to.port, this.me).then(
+      (link) => this.linkUp(link),
+      (err: Error) => this.linkFailed(err),
+    );
+  }
+
+  private linkFailed(err: Error): void {
+    this.lastError = (err as { code?: string }).code
+      ? `${(err as { code?: string }).code}: ${err.message}`
+      : err.message;
+    if (this.closed) return;
+    this.retry = setTimeout(() => this.connect(), RETRY_MS);
+    this.retry.unref();
+  }
+
+  private linkUp(link: Link): void {
+    if (this.closed) {
+      link.close();
+      return;
+    }
+    this.link = link;
+    this.peer = link.peerId;
+    link.onFrame = (f) => {
+      try {
+        this.onFrame(link, f);
+      } catch (err) {
+        if (err instanceof LinkProtocolError) link.fail(err);
+        else throw err;
+      }
+    };
+    link.onError = (err) => {
+      this.lastError = `${(err as { code?: string }).code ?? 'error'}: ${err.message}`;
+    };
+    link.socket.on('close', () => {
+      if (this.link === link) this.dropLink(this.lastError ?? 'link closed');
+      this.linkFailed(new Error(this.lastError ?? 'link closed'));
+    });
+    link.start();
+    link.send({
+      mirror: {
+        volume: this.volumeName,
+        size: this.volumeBlocks * 4096,
+        domain: this.store.contentDomain(),
+      },
+    });
+  }
+
+  /** The link is gone or stalled: what was in flight is owed again, and nobody waits for it. */
+  private dropLink(why: string): void {
+    const link = this.link;
+    this.link = null;
+    this.peer = null;
+    this.sentBytes += link?.bytesOut ?? 0;
+    if (this.state !== 'connecting') this.log.warn(`replica ${this.address} of ${this.volumeName}: ${why}`);
+    this.state = this.closed ? 'connecting' : 'behind';
+    for (const b of this.inflight.splice(0)) {
+      for (const r of b.ranges) this.markDirty(r.lba, r.kinds.length);
+      for (const w of b.waiters) w();
+    }
+    if (this.filling) this.sendFilling();
+    link?.socket.destroy();
+  }
+
+  private checkStall(): void {
+    const oldest = this.inflight[0];
+    if (this.link && oldest && Date.now() - oldest.sentAt > this.opts.timeoutMs) {
+      this.lastError = `no acknowledgement for ${this.opts.timeoutMs} ms`;
+      this.dropLink(`${this.lastError}: behind, writes go on without it`);
+    }
+  }
+
+  private onFrame(link: Link, f: Frame): void {
+    if ('mirrorReady' in f) {
+      if (this.state !== 'connecting')
+        throw new LinkProtocolError('ERR_LINK_UNEXPECTED', 'second mirrorReady');
+      this.state = 'syncing';
+      this.syncTotal = this.dirty.size;
+      this.log.info(
+        `replica ${this.address} (gateway ${link.peerId}) of ${this.volumeName}: ${this.dirty.size} chunks to sync`,
+      );
+      this.pump();
+      return;
+    }
+    if ('need' in f) {
+      const batch = this.inflight.find((b) => b.seq === f.need.seq);
+      if (!batch)
+        throw new LinkProtocolError('ERR_LINK_UNEXPECTED', `need for batch ${f.need.seq}, not in flight`);
+      this.sendBlocks(link, batch, f.need.ordinals);
+      return;
+    }
+    if ('ack' in f) {
+      const head = this.inflight[0];
+      if (!head || head.seq !== f.ack.seq)
+        throw new LinkProtocolError('ERR_LINK_UNEXPECTED', `ack for batch ${f.ack.seq} out of order`);
+      this.inflight.shift();
+      this.lastAckAt = Date.now();
+      for (const w of head.waiters) w();
+      this.pump();
+      return;
+    }
+    if ('error' in f) {
+      this.lastError = `${f.error.code}: ${f.error.message}`;
+      this.log.error(`replica ${this.address} refused ${this.volumeName}: ${this.lastError}`);
+      this.dropLink(this.lastError);
+      return;
+    }
+    if ('pong' in f) return;
+    throw new LinkProtocolError('ERR_LINK_UNEXPECTED', `${Object.keys(f)[0]} from a replica`);
+  }
+
+  private sendBlocks(link: Link, batch: Batch, ordinals: number[]): void {
+    const sources: BlockSource[] = batch.ranges.flatMap((r) => r.sources);
+    const wanted: Array<{ ordinal: number; src: BlockSource }> = [];
+    for (const o of ordinals) {
+      const src = sources[o];
+      if (!src)
+        throw new LinkProtocolError(
+          'ERR_LINK_MALFORMED',
+          `need for block ${o} of a batch of ${sources.length}`,
+        );
+      wanted.push({ ordinal: o, src });
+    }
+    Promise.all(
+      wanted.map(async ({ ordinal, src }): Promise<WireBlock> => ({
+        ordinal,
+        ...(await this.store.sourcePayload(src)),
+      })),
+    ).then(
+      (blocks) => {
+        if (this.link !== link) return;
+        link.send({ blocks: { seq: batch.seq, blocks } });
+        this.sentBlocks += blocks.length;
+      },
+      (err: Error) => {
+        // A block compacted away since its capture, or damaged: send its chunk again, as it is now.
+        this.lastError = `reading blocks for batch ${batch.seq}: ${err.message}`;
+        if (this.link === link) this.dropLink(this.lastError);
+      },
+    );
+  }
+}

@@ -1,0 +1,222 @@
+// Mirrored volumes between real gateway processes on loopback: `replica add`
+// syncs what the volume holds (hash-first: blocks the replica already has
+// never travel), later writes follow, and qemu-img compare finds the two
+// exports identical. A sync replica that dies does not stop the primary, and
+// catches up when it returns.
+
+import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { Gateway } from '../helpers/gateway';
+import { createVolume, MiB, scratchDir, writeRandomFile } from '../helpers/fixtures';
+import { check, run } from '../helpers/run';
+
+const dir = scratchDir('blockgate-mirror-');
+const keyFile = path.join(dir, 'cluster.key');
+
+interface ReplicaList {
+  role: string;
+  primary: string | null;
+  replicas: Array<{ to: string; mode: string; state: string; sentBytes: number; lastError: string | null }>;
+}
+
+async function replicaList(gw: Gateway, volume: string): Promise<ReplicaList> {
+  const r = await gw.cli('replica', 'list', volume, '--json');
+  assert.equal(r.code, 0, r.stderr);
+  return JSON.parse(r.stdout) as ReplicaList;
+}
+
+/** Polls `replica list` until the replica reaches `state` (bounded: 30 s). */
+async function waitForState(gw: Gateway, volume: string, state: string): Promise<ReplicaList> {
+  const deadline = Date.now() + 30_000;
+  for (;;) {
+    const l = await replicaList(gw, volume);
+    if (l.replicas.every((r) => r.state === state)) return l;
+    if (Date.now() > deadline)
+      throw new Error(`replicas of ${volume} never reached ${state}: ${JSON.stringify(l)}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+/** Seconds qemu-io reports for its operations ("00.01 sec" or "0:00:02.31"). */
+function opSeconds(out: string): number {
+  const short = /ops; (\d+\.\d+) sec/.exec(out);
+  if (short) return Number(short[1]);
+  const long = /ops; (\d+):(\d+):(\d+\.\d+)/.exec(out);
+  assert.ok(long, `no timing in qemu-io output: ${out}`);
+  return Number(long[1]) * 3600 + Number(long[2]) * 60 + Number(long[3]);
+}
+
+function replicationPort(gw: Gateway): number {
+  return Number(/replication: gateway [0-9a-f]{32} listening on 127\.0\.0\.1:(\d+)/.exec(gw.log)![1]);
+}
+
+async function identical(a: string, b: string): Promise<void> {
+  const r = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', a, b], { timeoutMs: 60_000 });
+  assert.equal(r.code, 0, `qemu-img compare: ${r.stdout}${r.stderr}`);
+}
+
+function startPair(): Promise<[Gateway, Gateway]> {
+  const args = ['--cluster-key', keyFile];
+  return Promise.all([
+    Gateway.start({ args: [...args, '--mirror-timeout', '2'] }),
+    Gateway.start({ args: [...args, '--replication-listen', '127.0.0.1:0'] }),
+  ]);
+}
+
+describe('mirrored volumes', () => {
+  let primary: Gateway;
+  let replica: Gateway;
+  let to: string;
+
+  before(async () => {
+    fs.writeFileSync(keyFile, crypto.randomBytes(32), { mode: 0o600 });
+    [primary, replica] = await startPair();
+    to = `127.0.0.1:${replicationPort(replica)}`;
+  });
+  after(async () => {
+    await primary?.destroy();
+    await replica?.destroy();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('syncs a volume that holds data and mirrors later writes (async)', async () => {
+    await createVolume(primary, 'a1', '64M');
+    await check('qemu-io', [
+      '-f',
+      'raw',
+      '-c',
+      'write -P 0x5a 0 6M',
+      '-c',
+      'write -P 0x11 20M 1M',
+      primary.uri('a1'),
+    ]);
+    const add = await primary.cli('replica', 'add', 'a1', '--to', to);
+    assert.equal(add.code, 0, add.stderr);
+    await waitForState(primary, 'a1', 'in-sync');
+    await check('qemu-io', [
+      '-f',
+      'raw',
+      '-c',
+      'write -P 0x77 3M 2M',
+      '-c',
+      'write -z 21M 64k',
+      primary.uri('a1'),
+    ]);
+    await check('qemu-io', ['-f', 'raw', '-c', 'discard 0 1M', primary.uri('a1')]);
+    await waitForState(primary, 'a1', 'in-sync');
+    await identical(primary.uri('a1'), replica.uri('a1'));
+  });
+
+  it('acknowledges sync writes only once the replica has them', async () => {
+    await createVolume(primary, 's1', '32M');
+    assert.equal((await primary.cli('replica', 'add', 's1', '--to', to, '--mode', 'sync')).code, 0);
+    await waitForState(primary, 's1', 'in-sync');
+    const data = path.join(dir, 's1.bin');
+    writeRandomFile(data, 8 * MiB);
+    await check('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', data, primary.uri('s1')]);
+    // No waiting: every write qemu-img had acknowledged is on the replica already.
+    await identical(primary.uri('s1'), replica.uri('s1'));
+  });
+
+  it('holds a sync write until the replica answers, then drops it to behind after the timeout', async () => {
+    await createVolume(primary, 'p1', '16M');
+    assert.equal((await primary.cli('replica', 'add', 'p1', '--to', to, '--mode', 'sync')).code, 0);
+    await waitForState(primary, 'p1', 'in-sync');
+    replica.proc.kill('SIGSTOP');
+    try {
+      // cache=unsafe, and qemu-io's own timing of the write: what its exit does is not measured.
+      const r = await check(
+        'qemu-io',
+        ['-f', 'raw', '-t', 'unsafe', '-c', 'write -P 0x3c 0 4k', primary.uri('p1')],
+        { timeoutMs: 30_000 },
+      );
+      const held = opSeconds(r.stdout);
+      // The 2 s --mirror-timeout: an async replica, or a sync one that does not wait, answers in far less.
+      assert.ok(held >= 1.5, `the write was acknowledged after ${held} s, without the replica`);
+      assert.equal((await replicaList(primary, 'p1')).replicas[0]!.state !== 'in-sync', true);
+    } finally {
+      replica.proc.kill('SIGCONT');
+    }
+    await waitForState(primary, 'p1', 'in-sync');
+    await identical(primary.uri('p1'), replica.uri('p1'));
+  });
+
+  it('sends only the ids of blocks the replica already holds under another volume', async () => {
+    const data = path.join(dir, 'shared.bin');
+    writeRandomFile(data, 8 * MiB);
+    await createVolume(replica, 'local', '16M');
+    await check('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', data, replica.uri('local')]);
+    await createVolume(primary, 'h1', '16M');
+    await check('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', data, primary.uri('h1')]);
+    assert.equal((await primary.cli('replica', 'add', 'h1', '--to', to)).code, 0);
+    const l = await waitForState(primary, 'h1', 'in-sync');
+    await identical(primary.uri('h1'), replica.uri('h1'));
+    const sent = l.replicas[0]!.sentBytes;
+    // 2048 random blocks: 16 bytes of id each, not 4 KiB.
+    assert.ok(sent < 0.05 * 8 * MiB, `sent ${sent} bytes for 8 MiB the replica already held`);
+  });
+
+  it('serves the replica read-only and reports its primary', async () => {
+    const r = await run('qemu-io', ['-f', 'raw', '-c', 'write 0 4k', replica.uri('a1')]);
+    assert.notEqual(r.code, 0);
+    assert.match(r.stderr + r.stdout, /Permission denied|Operation not permitted/);
+    const l = await replicaList(replica, 'a1');
+    assert.equal(l.role, 'replica');
+    assert.match(l.primary ?? '', /^[0-9a-f]{32}$/);
+  });
+
+  it('refuses a second replica add to the same gateway and a mirror of a raw volume', async () => {
+    const again = await primary.cli('replica', 'add', 'a1', '--to', to);
+    assert.equal(again.code, 1);
+    assert.match(again.stderr, /already mirrored/);
+    await createVolume(primary, 'r1', '16M', '--backend', 'raw');
+    const raw = await primary.cli('replica', 'add', 'r1', '--to', to);
+    assert.equal(raw.code, 1);
+    assert.match(raw.stderr, /only dedup volumes are mirrored/);
+    const usage = await primary.cli('replica', 'add', 'a1');
+    assert.equal(usage.code, 2);
+    assert.match(usage.stderr, /needs --to/);
+  });
+
+  it('goes on writing when a sync replica dies, and resyncs it when it returns', async () => {
+    await createVolume(primary, 'k1', '32M');
+    assert.equal((await primary.cli('replica', 'add', 'k1', '--to', to, '--mode', 'sync')).code, 0);
+    await waitForState(primary, 'k1', 'in-sync');
+    await check('qemu-io', ['-f', 'raw', '-c', 'write -P 0x21 0 4M', primary.uri('k1')]);
+    const replicaDir = replica.dataDir;
+    const port = replicationPort(replica);
+    await replica.kill();
+    // Bounded by the 2 s mirror timeout: the write is acknowledged without the replica.
+    await check('qemu-io', ['-f', 'raw', '-c', 'write -P 0x42 1M 2M', '-c', 'flush', primary.uri('k1')], {
+      timeoutMs: 20_000,
+    });
+    const behind = await replicaList(primary, 'k1');
+    assert.notEqual(behind.replicas[0]!.state, 'in-sync');
+    replica = await Gateway.start({
+      dataDir: replicaDir,
+      args: ['--cluster-key', keyFile, '--replication-listen', `127.0.0.1:${port}`],
+    });
+    await waitForState(primary, 'k1', 'in-sync');
+    await identical(primary.uri('k1'), replica.uri('k1'));
+  });
+
+  it('removes a replica: writes stop following, its copy stays', async () => {
+    const rm = await primary.cli('replica', 'remove', 'a1', to);
+    assert.equal(rm.code, 0, rm.stderr);
+    assert.deepEqual((await replicaList(primary, 'a1')).replicas, []);
+    await check('qemu-io', ['-f', 'raw', '-c', 'write -P 0x99 0 64k', primary.uri('a1')]);
+    const r = await run('qemu-img', [
+      'compare',
+      '-f',
+      'raw',
+      '-F',
+      'raw',
+      primary.uri('a1'),
+      replica.uri('a1'),
+    ]);
+    assert.equal(r.code, 1, 'the removed replica no longer follows');
+  });
+});
