@@ -92,8 +92,14 @@ export interface StoreOptions {
   secretSeed?: Buffer;
 }
 
-function clusterSecret(seed: Buffer): Buffer {
+/** The hashing secret a new store of the cluster with this key gets. */
+export function clusterSecret(seed: Buffer): Buffer {
   return Buffer.from(crypto.hkdfSync('sha256', seed, Buffer.alloc(0), 'blockgate-store-secret-v1', 192));
+}
+
+/** Names a hashing secret's content-id domain without revealing the secret. */
+export function contentDomain(secret: Buffer): Buffer {
+  return crypto.createHmac('sha256', secret).update('blockgate-content-domain-v1').digest().subarray(0, 16);
 }
 
 /** Where a mirrored block's bytes are on the primary, for when the replica asks for them. */
@@ -1186,11 +1192,7 @@ export class DedupStore {
 
   /** Names this store's content-id key without revealing it: equal only for stores of one cluster. */
   contentDomain(): Buffer {
-    return crypto
-      .createHmac('sha256', Buffer.from(this.state.secret, 'base64'))
-      .update('blockgate-content-domain-v1')
-      .digest()
-      .subarray(0, 16);
+    return contentDomain(Buffer.from(this.state.secret, 'base64'));
   }
 
   /**

@@ -14,6 +14,8 @@ import { encodeFrame, Frame, FrameReader } from '../../protocol/replication/fram
 import { LinkProtocolError } from '../../protocol/replication/errors';
 import { connectLink, Link, LinkRefusedError } from '../../gateway/replication/link';
 import { Gateway } from '../helpers/gateway';
+import { BlockHasher } from '../../gateway/store/block-codec';
+import { clusterSecret, contentDomain } from '../../gateway/store/dedup-store';
 import { check, run } from '../helpers/run';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-link-'));
@@ -125,6 +127,98 @@ describe('replication link', () => {
       frames.slice(1).map((f) => ('error' in f ? f.error.code : '')),
       ['ERR_LINK_UNEXPECTED'],
     );
+  });
+
+  /** An authenticated peer that opens a mirror of `volume`; resolves with the gateway's answer. */
+  async function mirrorPeer(volume: string, domain: Buffer): Promise<{ link: Link; answer: Frame }> {
+    const link = await connectLink('127.0.0.1', port, { gatewayId: peerId, key, maxFrame: 1 << 20 });
+    const answer = nextFrame(link);
+    link.start();
+    link.send({ mirror: { volume, size: 1 << 20, domain } });
+    return { link, answer: await answer };
+  }
+
+  const domain = contentDomain(clusterSecret(key));
+  /** A block of the given byte, named by the cluster's content id. */
+  function cidOf(byte: number): Buffer {
+    return new BlockHasher(clusterSecret(key)).hash(Buffer.alloc(4096, byte));
+  }
+
+  it('refuses a batch before any mirror frame names its volume', async () => {
+    const link = await connectLink('127.0.0.1', port, { gatewayId: peerId, key, maxFrame: 1 << 20 });
+    const reply = nextFrame(link);
+    link.start();
+    link.send({
+      batch: {
+        seq: 1,
+        durable: false,
+        extents: [{ lba: 0, kinds: Buffer.from([1]), cids: Buffer.alloc(0) }],
+      },
+    });
+    const f = await reply;
+    assert.ok('error' in f && f.error.code === 'ERR_LINK_UNKNOWN_VOLUME', JSON.stringify(f));
+  });
+
+  it('refuses a mirror from a store whose content ids are of another domain', async () => {
+    const { answer } = await mirrorPeer('m-domain', crypto.randomBytes(16));
+    assert.ok('error' in answer && answer.error.code === 'ERR_LINK_DOMAIN', JSON.stringify(answer));
+    await gw.waitForLog(/ERR_LINK_DOMAIN/);
+  });
+
+  it('refuses a mirror over a volume that is a primary here', async () => {
+    const { answer } = await mirrorPeer('disk0', domain);
+    assert.ok('error' in answer && answer.error.code === 'ERR_LINK_NOT_REPLICA', JSON.stringify(answer));
+  });
+
+  it('refuses a block that does not match its content id, and changes nothing', async () => {
+    const { link, answer } = await mirrorPeer('m-bad', domain);
+    assert.deepEqual(answer, { mirrorReady: { volume: 'm-bad' } });
+    // A good batch first: block 0 becomes 0x61s.
+    let next = nextFrame(link);
+    link.send({
+      batch: { seq: 1, durable: true, extents: [{ lba: 0, kinds: Buffer.from([2]), cids: cidOf(0x61) }] },
+    });
+    assert.deepEqual(await next, { need: { seq: 1, ordinals: [0] } });
+    next = nextFrame(link);
+    link.send({
+      blocks: { seq: 1, blocks: [{ ordinal: 0, lz4: false, payload: Buffer.alloc(4096, 0x61) }] },
+    });
+    assert.deepEqual(await next, { ack: { seq: 1 } });
+    // Then one whose block 1 carries other bytes than its id names: nothing of it may land.
+    next = nextFrame(link);
+    const kinds = Buffer.from([2, 2]);
+    link.send({
+      batch: {
+        seq: 2,
+        durable: true,
+        extents: [{ lba: 0, kinds, cids: Buffer.concat([cidOf(0x62), cidOf(0x63)]) }],
+      },
+    });
+    assert.deepEqual(await next, { need: { seq: 2, ordinals: [0, 1] } });
+    next = nextFrame(link);
+    link.send({
+      blocks: {
+        seq: 2,
+        blocks: [
+          { ordinal: 0, lz4: false, payload: Buffer.alloc(4096, 0x62) },
+          { ordinal: 1, lz4: false, payload: Buffer.alloc(4096, 0x64) },
+        ],
+      },
+    });
+    const f = await next;
+    assert.ok('error' in f && f.error.code === 'ERR_LINK_BAD_BLOCK', JSON.stringify(f));
+    await gw.waitForLog(/mirror of m-bad from gateway [0-9a-f]+: ERR_LINK_BAD_BLOCK/);
+    const read = await check('qemu-io', [
+      '-r',
+      '-f',
+      'raw',
+      '-c',
+      'read -P 0x61 0 4k',
+      '-c',
+      'read -P 0 4k 4k',
+      gw.uri('m-bad'),
+    ]);
+    assert.doesNotMatch(read.stdout, /Pattern verification failed/);
   });
 
   it('goes on serving NBD clients after refusing links', async () => {
