@@ -33,6 +33,13 @@ const WINDOW = 8;
 /** A tick's writes share a batch up to this many blocks. */
 const BATCH_BLOCKS = 1024;
 const RETRY_MS = 1000;
+/**
+ * A replica acknowledges a batch once applied, durable or not; a crash of the
+ * replica loses what it applied since its last checkpoint. So the primary asks
+ * for a durable point this often while there are applied-but-volatile batches,
+ * and keeps their ranges until one comes: a replica that crashed is sent them again.
+ */
+const DURABLE_EVERY_MS = 1000;
 
 export interface MirrorOptions {
   /** A sync replica that has not acknowledged for this long drops to behind (writes go on). */
@@ -54,7 +61,7 @@ export interface MirrorStatus {
   mode: MirrorMode;
   state: MirrorState;
   peer: string | null;
-  /** Logical bytes the replica does not hold yet: dirty chunks and unacknowledged batches. */
+  /** Logical bytes the replica does not hold safely yet: dirty chunks, unacknowledged and not yet durable batches. */
   lagBytes: number;
   /** Age of the oldest unacknowledged batch, in seconds (0 when there is none). */
   lagSeconds: number;
@@ -74,6 +81,9 @@ export class Mirror {
   private filling: Batch | null = null;
   private readonly inflight: Batch[] = [];
   private readonly dirty = new Set<number>();
+  /** Ranges of batches the replica applied but may not have on disk yet. */
+  private volatile: Array<{ lba: number; count: number }> = [];
+  private volatileSince = 0;
   private syncTotal = 0;
   private closed = false;
   private retry: NodeJS.Timeout | null = null;
@@ -97,7 +107,10 @@ export class Mirror {
     private readonly opts: MirrorOptions,
   ) {
     this.markAllDirty();
-    this.watchdog = setInterval(() => this.checkStall(), Math.max(100, opts.timeoutMs / 4));
+    this.watchdog = setInterval(
+      () => this.checkStall(),
+      Math.min(DURABLE_EVERY_MS / 2, Math.max(100, opts.timeoutMs / 4)),
+    );
     this.watchdog.unref();
     this.connect();
   }
@@ -108,7 +121,10 @@ export class Mirror {
 
   status(): MirrorStatus {
     const oldest = this.inflight[0];
-    const unacked = this.inflight.reduce((n, b) => n + b.blocks, 0) + (this.filling?.blocks ?? 0);
+    const unacked =
+      this.inflight.reduce((n, b) => n + b.blocks, 0) +
+      (this.filling?.blocks ?? 0) +
+      this.volatile.reduce((n, r) => n + r.count, 0);
     return {
       to: this.address,
       mode: this.mode,
@@ -302,11 +318,22 @@ export class Mirror {
       for (const r of b.ranges) this.markDirty(r.lba, r.kinds.length);
       for (const w of b.waiters) w();
     }
+    // The replica may have lost them if it crashed: they go again.
+    for (const r of this.volatile) this.markDirty(r.lba, r.count);
+    this.volatile = [];
     if (this.filling) this.sendFilling();
     link?.socket.destroy();
   }
 
   private checkStall(): void {
+    if (
+      this.link &&
+      this.volatile.length > 0 &&
+      Date.now() - this.volatileSince >= DURABLE_EVERY_MS &&
+      !this.inflight.some((b) => b.durable)
+    ) {
+      this.batchFor(0).durable = true;
+    }
     const oldest = this.inflight[0];
     if (this.link && oldest && Date.now() - oldest.sentAt > this.opts.timeoutMs) {
       this.lastError = `no acknowledgement for ${this.opts.timeoutMs} ms`;
@@ -339,6 +366,11 @@ export class Mirror {
         throw new LinkProtocolError('ERR_LINK_UNEXPECTED', `ack for batch ${f.ack.seq} out of order`);
       this.inflight.shift();
       this.lastAckAt = Date.now();
+      if (head.durable) this.volatile = [];
+      else {
+        if (this.volatile.length === 0) this.volatileSince = Date.now();
+        for (const r of head.ranges) this.volatile.push({ lba: r.lba, count: r.kinds.length });
+      }
       for (const w of head.waiters) w();
       this.pump();
       return;

@@ -8,7 +8,7 @@
 import { LinkProtocolError } from '../../protocol/replication/errors';
 import type { Extent, Frame, WireBlock } from '../../protocol/replication/frames';
 import { native } from '../../native-bindings';
-import type { DedupStore } from '../store/dedup-store';
+import type { DedupStore, MirroredBlock } from '../store/dedup-store';
 import type { Logger } from '../util/log';
 import type { Link } from './link';
 
@@ -121,7 +121,7 @@ export class ReplicaSink {
 
   private async apply(batch: Incoming): Promise<void> {
     const { store, volumeId } = this.target!;
-    const provided = new Map<number, Buffer>();
+    const provided = new Map<number, MirroredBlock>();
     let missing = store.missingContent(batch.extents);
     for (let round = 0; ; round++) {
       if (missing.length) {
@@ -131,7 +131,8 @@ export class ReplicaSink {
             `batch ${batch.seq} still lacks blocks after ${round} rounds`,
           );
         const blocks = await this.ask(batch.seq, missing);
-        for (const b of blocks) provided.set(b.ordinal, decodeWireBlock(b));
+        for (const b of blocks)
+          provided.set(b.ordinal, { block: decodeWireBlock(b), payload: b.payload, lz4: b.lz4 });
       }
       const r = store.applyMirrored(volumeId, batch.extents, provided);
       if ('missing' in r) {
@@ -163,6 +164,9 @@ function decodeWireBlock(b: WireBlock): Buffer {
       );
     return b.payload;
   }
+  // The primary stores a block raw where lz4 gains nothing: a longer lz4 payload is not one of ours.
+  if (b.payload.length >= 4096)
+    throw new LinkProtocolError('ERR_LINK_BAD_BLOCK', `lz4 block ${b.ordinal} of ${b.payload.length} bytes`);
   const out = Buffer.allocUnsafe(4096);
   if (native.lz4Decompress(b.payload, out) !== 4096)
     throw new LinkProtocolError(

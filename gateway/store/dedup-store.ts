@@ -102,6 +102,13 @@ export function contentDomain(secret: Buffer): Buffer {
   return crypto.createHmac('sha256', secret).update('blockgate-content-domain-v1').digest().subarray(0, 16);
 }
 
+/** A block a replica received: its 4 KiB, and the payload as stored on the primary (lz4 or raw). */
+export interface MirroredBlock {
+  block: Buffer;
+  payload: Buffer;
+  lz4: boolean;
+}
+
 /** Where a mirrored block's bytes are on the primary, for when the replica asks for them. */
 export interface BlockSource {
   id: number;
@@ -1265,12 +1272,12 @@ export class DedupStore {
   applyMirrored(
     volume: number,
     ranges: Array<{ lba: number; kinds: Buffer; cids: Buffer }>,
-    blocks: Map<number, Buffer>,
+    blocks: Map<number, MirroredBlock>,
   ): { missing: number[] } | { written: Promise<void> } {
     const ids: number[] = [];
     const missing: number[] = [];
     /** New blocks by content id, with the ordinals that carry them (a batch may repeat one). */
-    const fresh = new Map<string, { block: Buffer; hash: Buffer; ordinals: number[] }>();
+    const fresh = new Map<string, { block: MirroredBlock; hash: Buffer; ordinals: number[] }>();
     let ordinal = 0;
     for (const r of ranges) {
       for (let at = 0; at < r.cids.length; at += 16, ordinal++) {
@@ -1283,7 +1290,7 @@ export class DedupStore {
         const block = blocks.get(ordinal);
         if (known) known.ordinals.push(ordinal);
         else if (block) {
-          if (!this.hasher.matches(block, cid))
+          if (!this.hasher.matches(block.block, cid))
             throw new CorruptBlockError(`mirrored block ${ordinal} does not match its content id`);
           fresh.set(hk, { block, hash: Buffer.from(cid), ordinals: [ordinal] });
         } else missing.push(ordinal);
@@ -1298,7 +1305,8 @@ export class DedupStore {
       const placed: Array<{ id: number; at: number; length: number; hash: Buffer }> = [];
       for (const f of fresh.values()) {
         const id = this.state.nextBlockId++;
-        const length = encodeRecordInto(id, f.block, f.hash, slab, used);
+        // Stored as it came: the payload was checked (decoded and hashed) above.
+        const length = writeRecordInto(id, f.hash, f.block.payload, f.block.lz4, slab, used);
         placed.push({ id, at: used, length, hash: f.hash });
         for (const o of f.ordinals) ids[o] = id;
         placedIds.add(id);

@@ -1,0 +1,327 @@
+// `scripts/bench mirror [--quick]`: what mirroring costs, on loopback, between
+// two gateway processes of one cluster (issue 4's benchmarks):
+//
+//   throughput  fio 4k randwrite QD32 and 1M sequential write QD8 on a dedup
+//               volume with no replica, one async and one sync replica, in
+//               one run, with ratios against no replica;
+//   wire        ten volumes written from one ext4 image with ~2% changed
+//               differently in each (scripts/corpus.ts), mirrored as they are
+//               written: bytes on the links against the logical bytes and
+//               the ideal (unique non-zero blocks after lz4);
+//   resync      a replica down while 5% of a volume's blocks change (random
+//               4k writes of fresh data), then back: bytes and time of the
+//               resync against the changed data, for a 1 GiB and a 4 GiB
+//               volume.
+//
+// A measurement, not a test: exits 0 whatever the figures, 1 if a run failed.
+// Writes bench/results/mirror-latest.md.
+
+import { ChildProcess, spawn, spawnSync } from 'node:child_process';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { buildCorpusImage, changedVolume, IdealBytes, IMAGE, sh, VOLUMES } from './corpus';
+
+const MiB = 1 << 20;
+const GiB = 1 << 30;
+const ROOT = path.resolve(__dirname, '..', '..');
+const BIN = path.join(ROOT, 'bin', 'blockgate');
+const RESULTS = path.join(ROOT, 'bench', 'results');
+
+const quick = process.argv.includes('--quick');
+const RUNTIME = quick ? 3 : 10;
+const RAMP = quick ? 0 : 2;
+
+class Gw {
+  private log = '';
+  readonly proc: ChildProcess;
+  readonly socket: string;
+
+  constructor(
+    readonly dir: string,
+    args: string[],
+  ) {
+    this.socket = path.join(dir, 'nbd.sock');
+    this.proc = spawn(
+      process.execPath,
+      [BIN, 'serve', '--data', path.join(dir, 'data'), '--listen', `unix:${this.socket}`, ...args],
+      { stdio: ['ignore', 'ignore', 'pipe'] },
+    );
+    this.proc.stderr!.on('data', (c: Buffer) => (this.log += c.toString()));
+  }
+
+  async ready(): Promise<void> {
+    for (let i = 0; !this.log.includes(' ready: '); i++) {
+      if (i > 300 || this.proc.exitCode !== null) throw new Error(`gateway did not start:\n${this.log}`);
+      await sleep(50);
+    }
+  }
+
+  get replicationPort(): number {
+    const m = /replication: gateway [0-9a-f]{32} listening on 127\.0\.0\.1:(\d+)/.exec(this.log);
+    if (!m) throw new Error('no replication listener');
+    return Number(m[1]);
+  }
+
+  cli(...args: string[]): string {
+    return sh(process.execPath, [BIN, '--data', path.join(this.dir, 'data'), ...args], 120_000);
+  }
+
+  uri(volume: string): string {
+    return `nbd+unix:///${volume}?socket=${this.socket}`;
+  }
+
+  async stop(signal: NodeJS.Signals = 'SIGTERM'): Promise<void> {
+    if (this.proc.exitCode !== null || this.proc.signalCode !== null) return;
+    const exited = new Promise((r) => this.proc.once('exit', r));
+    this.proc.kill(signal);
+    const t = setTimeout(() => this.proc.kill('SIGKILL'), 60_000);
+    await exited;
+    clearTimeout(t);
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+interface MirrorState {
+  state: string;
+  lagBytes: number;
+  sentBytes: number;
+}
+
+function mirrors(gw: Gw, volume: string): MirrorState[] {
+  return (JSON.parse(gw.cli('replica', 'list', volume, '--json')) as { replicas: MirrorState[] }).replicas;
+}
+
+/** Waits (bounded: 30 min) until every replica of `volume` is in sync; returns them. */
+async function inSync(gw: Gw, volume: string): Promise<MirrorState[]> {
+  const deadline = Date.now() + 30 * 60_000;
+  for (;;) {
+    const ms = mirrors(gw, volume);
+    // In sync, and durable there (no lag): a replica killed now loses nothing it acknowledged.
+    if (ms.every((m) => m.state === 'in-sync' && m.lagBytes === 0)) return ms;
+    if (Date.now() > deadline) throw new Error(`${volume} never got in sync: ${JSON.stringify(ms)}`);
+    await sleep(200);
+  }
+}
+
+interface Pair {
+  primary: Gw;
+  replica: Gw;
+  to: string;
+  keyFile: string;
+  root: string;
+}
+
+async function startPair(root: string): Promise<Pair> {
+  fs.mkdirSync(root, { recursive: true });
+  const keyFile = path.join(root, 'cluster.key');
+  fs.writeFileSync(keyFile, crypto.randomBytes(32), { mode: 0o600 });
+  const primary = new Gw(path.join(root, 'primary'), ['--cluster-key', keyFile]);
+  const replica = new Gw(path.join(root, 'replica'), [
+    '--cluster-key',
+    keyFile,
+    '--replication-listen',
+    '127.0.0.1:0',
+  ]);
+  await Promise.all([primary.ready(), replica.ready()]);
+  return { primary, replica, to: `127.0.0.1:${replica.replicationPort}`, keyFile, root };
+}
+
+async function stopPair(p: Pair): Promise<void> {
+  await Promise.all([p.primary.stop(), p.replica.stop()]);
+  fs.rmSync(p.root, { recursive: true, force: true });
+}
+
+function fio(
+  uri: string,
+  rw: string,
+  bs: string,
+  depth: number,
+  extra: string[] = [],
+): { iops: number; mbps: number } {
+  const args = [
+    '--name=m',
+    '--ioengine=nbd',
+    `--uri=${uri}`,
+    `--rw=${rw}`,
+    `--bs=${bs}`,
+    `--iodepth=${depth}`,
+    '--size=1G',
+    '--refill_buffers',
+    '--buffer_compress_percentage=50',
+    '--randrepeat=0',
+    '--output-format=json',
+    ...(rw.startsWith('rand') ? ['--norandommap'] : []),
+    ...extra,
+  ];
+  const out = sh('fio', args, 30 * 60_000);
+  const job = (
+    JSON.parse(out.slice(out.indexOf('{'))) as { jobs: Array<{ write: { iops: number; bw_bytes: number } }> }
+  ).jobs[0]!;
+  return { iops: job.write.iops, mbps: job.write.bw_bytes / 1e6 };
+}
+
+const timed = ['--time_based', `--runtime=${RUNTIME}`, `--ramp_time=${RAMP}`];
+
+async function throughput(tmp: string): Promise<string[]> {
+  const rows: Array<{ config: string; iops: number; mbps: number }> = [];
+  for (const config of ['none', 'async', 'sync']) {
+    const pair = await startPair(path.join(tmp, `tp-${config}`));
+    try {
+      pair.primary.cli('volume', 'create', 'bench', '--size', '2G');
+      if (config !== 'none') {
+        pair.primary.cli('replica', 'add', 'bench', '--to', pair.to, '--mode', config);
+        await inSync(pair.primary, 'bench');
+      }
+      const uri = pair.primary.uri('bench');
+      process.stderr.write(`mirror bench: ${config}: 4k randwrite\n`);
+      const r4k = fio(uri, 'randwrite', '4k', 32, timed);
+      process.stderr.write(`mirror bench: ${config}: 1M write\n`);
+      const r1m = fio(uri, 'write', '1M', 8, timed);
+      rows.push({ config, iops: r4k.iops, mbps: r1m.mbps });
+    } finally {
+      await stopPair(pair);
+    }
+  }
+  const none = rows[0]!;
+  return [
+    '## Throughput: no replica, one async, one sync (loopback)',
+    '',
+    `fio nbd engine, one connection, ${RUNTIME} s after ${RAMP} s ramp, 1 GiB working set on a 2 GiB dedup volume, fresh half-compressible data.`,
+    '',
+    '| replica | 4k randwrite QD32 (IOPS) | ratio | 1M seq write QD8 (MB/s) | ratio |',
+    '| --- | ---: | ---: | ---: | ---: |',
+    ...rows.map(
+      (r) =>
+        `| ${r.config} | ${Math.round(r.iops).toLocaleString('en')} | ${(r.iops / none.iops).toFixed(2)}× | ${r.mbps.toFixed(0)} | ${(r.mbps / none.mbps).toFixed(2)}× |`,
+    ),
+    '',
+    `Targets (issue 4): sync ≥ 0.5× no-replica 4k IOPS: ${rows[2]!.iops / none.iops >= 0.5 ? 'PASS' : 'FAIL'}; sync ≥ 0.6× its 1M throughput: ${rows[2]!.mbps / none.mbps >= 0.6 ? 'PASS' : 'FAIL'}.`,
+    '',
+  ];
+}
+
+async function wire(tmp: string): Promise<string[]> {
+  const work = path.join(tmp, 'wire');
+  fs.mkdirSync(work, { recursive: true });
+  const { base } = buildCorpusImage(work);
+  const pair = await startPair(path.join(work, 'pair'));
+  try {
+    const ideal = new IdealBytes();
+    const names = Array.from({ length: VOLUMES }, (_, v) => `vm${v}`);
+    for (const n of names) {
+      pair.primary.cli('volume', 'create', n, '--size', `${IMAGE / MiB}M`);
+      pair.primary.cli('replica', 'add', n, '--to', pair.to, '--mode', 'async');
+    }
+    let before = 0;
+    for (const n of names) before += (await inSync(pair.primary, n))[0]!.sentBytes;
+    const started = Date.now();
+    for (let v = 0; v < VOLUMES; v++) {
+      const final = changedVolume(base, v);
+      const file = path.join(work, `${names[v]}.raw`);
+      fs.writeFileSync(file, final);
+      sh('nbdcopy', [file, pair.primary.uri(names[v]!)], 600_000);
+      fs.rmSync(file);
+      ideal.add(final);
+    }
+    let after = 0;
+    for (const n of names) after += (await inSync(pair.primary, n))[0]!.sentBytes;
+    const seconds = (Date.now() - started) / 1000;
+    const sent = after - before;
+    const logical = VOLUMES * IMAGE;
+    const compare = spawnSync(
+      'qemu-img',
+      ['compare', '-f', 'raw', '-F', 'raw', pair.primary.uri('vm9'), pair.replica.uri('vm9')],
+      { encoding: 'utf8' },
+    );
+    return [
+      '## Wire bytes: ten volumes from one image, ~2% changed in each',
+      '',
+      '| figure | value |',
+      '| --- | ---: |',
+      `| logical bytes written | ${(logical / MiB).toFixed(0)} MiB |`,
+      `| ideal: unique non-zero blocks after lz4 | ${(ideal.bytes / MiB).toFixed(1)} MiB (${ideal.blocks} blocks) |`,
+      `| bytes sent on the links (frames, ids and blocks) | ${(sent / MiB).toFixed(1)} MiB |`,
+      `| sent / logical | ${(sent / logical).toFixed(3)} |`,
+      `| sent / ideal | ${(sent / ideal.bytes).toFixed(3)} (target ≤ 1.15: ${sent / ideal.bytes <= 1.15 ? 'PASS' : 'FAIL'}) |`,
+      `| time to write and mirror the ${VOLUMES} volumes | ${seconds.toFixed(1)} s |`,
+      `| qemu-img compare vm9, primary against replica | ${compare.status === 0 ? 'identical' : `differs (${compare.stdout.trim()})`} |`,
+      '',
+    ];
+  } finally {
+    await stopPair(pair);
+  }
+}
+
+async function resync(tmp: string, size: number): Promise<string> {
+  const pair = await startPair(path.join(tmp, `resync-${size}`));
+  try {
+    const blocks = size / 4096;
+    pair.primary.cli('volume', 'create', 'r', '--size', `${size / MiB}M`);
+    fio(pair.primary.uri('r'), 'write', '1M', 8, [`--size=${size}`]);
+    pair.primary.cli('replica', 'add', 'r', '--to', pair.to, '--mode', 'async');
+    await inSync(pair.primary, 'r');
+    const before = mirrors(pair.primary, 'r')[0]!.sentBytes;
+    const port = pair.replica.replicationPort;
+    await pair.replica.stop('SIGKILL');
+    const changes = Math.round(blocks * 0.05);
+    fio(pair.primary.uri('r'), 'randwrite', '4k', 32, [`--size=${size}`, `--number_ios=${changes}`]);
+    const replica = new Gw(pair.replica.dir, [
+      '--cluster-key',
+      pair.keyFile,
+      '--replication-listen',
+      `127.0.0.1:${port}`,
+    ]);
+    pair.replica = replica;
+    await replica.ready();
+    const t0 = Date.now();
+    await inSync(pair.primary, 'r');
+    const seconds = (Date.now() - t0) / 1000;
+    const sent = mirrors(pair.primary, 'r')[0]!.sentBytes - before;
+    const changed = changes * 4096;
+    return `| ${size / GiB} GiB | ${changes} blocks, ${(changed / MiB).toFixed(1)} MiB | ${(sent / MiB).toFixed(1)} MiB | ${(sent / changed).toFixed(2)}× | ${seconds.toFixed(1)} s |`;
+  } finally {
+    await stopPair(pair);
+  }
+}
+
+async function main(): Promise<void> {
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-bench-mirror-'));
+  try {
+    const lines = [
+      '# blockgate mirroring benchmark',
+      '',
+      `- date: ${new Date().toISOString()}${quick ? ' (quick)' : ''}`,
+      `- machine: ${os.availableParallelism()} CPUs, ${(os.totalmem() / GiB).toFixed(1)} GiB RAM; both gateways and fio on it, links on loopback`,
+      '',
+      ...(await throughput(tmp)),
+      ...(quick ? [] : await wire(tmp)),
+      '## Resync after a replica was down while 5% of the volume changed',
+      '',
+      'Random 4 KiB writes of fresh half-compressible data while the replica is killed; then it restarts and catches up (its dirty chunks, hash-first).',
+      '',
+      '| volume | changed | resync bytes sent | sent / changed | resync time |',
+      '| --- | ---: | ---: | ---: | ---: |',
+      await resync(tmp, GiB),
+      ...(quick ? [] : [await resync(tmp, 4 * GiB)]),
+      '',
+      'Target (issue 4): resync bytes ≤ 1.2× the changed unique data.',
+      '',
+    ];
+    const text = lines.join('\n');
+    process.stdout.write(text);
+    fs.mkdirSync(RESULTS, { recursive: true });
+    fs.writeFileSync(path.join(RESULTS, quick ? 'mirror-quick.md' : 'mirror-latest.md'), text);
+  } finally {
+    fs.rmSync(tmp, { recursive: true, force: true });
+  }
+}
+
+main().catch((err: unknown) => {
+  process.stderr.write(`bench mirror: ${(err as Error).message}\n`);
+  process.exit(1);
+});
