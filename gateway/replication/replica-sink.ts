@@ -29,14 +29,23 @@ interface Incoming {
   seq: number;
   extents: Extent[];
   durable: boolean;
+  /** The blocks asked for on arrival (none missing: resolved at once). */
+  fetched: Promise<WireBlock[]>;
+  /** Their content ids (latin1 keys), for `coming`. */
+  asked: string[];
 }
 
 export class ReplicaSink {
   private target: { name: string; store: DedupStore; volumeId: number } | null = null;
   private readonly queue: Incoming[] = [];
   private busy = false;
-  /** Resolves the wait of the batch at the head for the blocks it asked for. */
-  private awaitingBlocks: { seq: number; resolve: (blocks: WireBlock[]) => void } | null = null;
+  /** Batches waiting for the blocks they asked for, by sequence number. */
+  private readonly awaiting = new Map<number, (blocks: WireBlock[]) => void>();
+  /**
+   * Content ids asked for by batches not applied yet: a later batch naming one will
+   * find it stored by then, so it does not ask for it again.
+   */
+  private readonly coming = new Map<string, number>();
 
   constructor(
     private readonly link: Link,
@@ -52,19 +61,30 @@ export class ReplicaSink {
     }
     if ('batch' in f) {
       if (!this.target) throw new LinkProtocolError('ERR_LINK_UNKNOWN_VOLUME', 'batch before a mirror frame');
-      this.queue.push(f.batch);
+      // Asked for at once, applied in order: the round trips of a window of batches overlap.
+      const cids = cidsOf(f.batch.extents);
+      const asked: string[] = [];
+      const missing = this.target.store.missingContent(f.batch.extents).filter((o) => {
+        const hk = cids[o]!;
+        if (this.coming.has(hk)) return false;
+        asked.push(hk);
+        return true;
+      });
+      for (const hk of asked) this.coming.set(hk, (this.coming.get(hk) ?? 0) + 1);
+      const fetched = missing.length ? this.ask(f.batch.seq, missing) : Promise.resolve([]);
+      this.queue.push({ ...f.batch, fetched, asked });
       this.drain();
       return true;
     }
     if ('blocks' in f) {
-      const w = this.awaitingBlocks;
-      if (!w || w.seq !== f.blocks.seq)
+      const resolve = this.awaiting.get(f.blocks.seq);
+      if (!resolve)
         throw new LinkProtocolError(
           'ERR_LINK_UNEXPECTED',
           `blocks for batch ${f.blocks.seq}, which asked for none`,
         );
-      this.awaitingBlocks = null;
-      w.resolve(f.blocks.blocks);
+      this.awaiting.delete(f.blocks.seq);
+      resolve(f.blocks.blocks);
       return true;
     }
     return false;
@@ -104,6 +124,11 @@ export class ReplicaSink {
     this.busy = true;
     this.apply(next).then(
       () => {
+        for (const hk of next.asked) {
+          const n = this.coming.get(hk)! - 1;
+          if (n > 0) this.coming.set(hk, n);
+          else this.coming.delete(hk);
+        }
         this.busy = false;
         this.drain();
       },
@@ -119,39 +144,58 @@ export class ReplicaSink {
     );
   }
 
+  /**
+   * Applies a batch (after the ones before it) and acknowledges it: at once when it is
+   * not durable (readers see it; a crash before the next durable point loses it, and
+   * the primary, which keeps such batches' ranges, sends them again), after a
+   * checkpoint when it is.
+   */
   private async apply(batch: Incoming): Promise<void> {
     const { store, volumeId } = this.target!;
     const provided = new Map<number, MirroredBlock>();
-    let missing = store.missingContent(batch.extents);
+    let blocks = await batch.fetched;
     for (let round = 0; ; round++) {
-      if (missing.length) {
-        if (round >= NEED_ROUNDS)
-          throw new LinkProtocolError(
-            'ERR_LINK_BAD_BLOCK',
-            `batch ${batch.seq} still lacks blocks after ${round} rounds`,
-          );
-        const blocks = await this.ask(batch.seq, missing);
-        for (const b of blocks)
-          provided.set(b.ordinal, { block: decodeWireBlock(b), payload: b.payload, lz4: b.lz4 });
-      }
+      for (const b of blocks)
+        provided.set(b.ordinal, { block: decodeWireBlock(b), payload: b.payload, lz4: b.lz4 });
       const r = store.applyMirrored(volumeId, batch.extents, provided);
-      if ('missing' in r) {
-        missing = r.missing;
-        continue;
+      if ('written' in r) {
+        if (batch.durable) {
+          await r.written;
+          await store.flush();
+        } else {
+          r.written.catch((err: Error) =>
+            this.link.fail(
+              new LinkProtocolError('ERR_LINK_BAD_BLOCK', `storing batch ${batch.seq}: ${err.message}`),
+            ),
+          );
+        }
+        break;
       }
-      await r.written;
-      break;
+      // Blocks this replica had when the batch came were released since: ask again.
+      if (round + 1 >= NEED_ROUNDS)
+        throw new LinkProtocolError(
+          'ERR_LINK_BAD_BLOCK',
+          `batch ${batch.seq} still lacks blocks after ${round + 1} rounds`,
+        );
+      blocks = await this.ask(batch.seq, r.missing);
     }
-    if (batch.durable) await store.flush();
     this.link.send({ ack: { seq: batch.seq } });
   }
 
   private ask(seq: number, ordinals: number[]): Promise<WireBlock[]> {
     return new Promise((resolve) => {
-      this.awaitingBlocks = { seq, resolve };
+      this.awaiting.set(seq, resolve);
       this.link.send({ need: { seq, ordinals } });
     });
   }
+}
+
+/** The content id (latin1 key) of each data block of a batch, by ordinal. */
+function cidsOf(extents: Extent[]): string[] {
+  const out: string[] = [];
+  for (const e of extents)
+    for (let at = 0; at < e.cids.length; at += 16) out.push(e.cids.toString('latin1', at, at + 16));
+  return out;
 }
 
 /** A block's 4 KiB from the wire; the content-id check comes after (applyMirrored). */

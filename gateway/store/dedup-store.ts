@@ -1234,14 +1234,18 @@ export class DedupStore {
   }
 
   /**
-   * A captured block's stored payload (lz4 or raw), checked against its hash first so
-   * a damaged copy is never sent. Records never change in place; a record compacted
+   * A captured block's stored payload (lz4 or raw), checked against its hash first when
+   * it comes from disk, so a damaged copy is never sent. Records never change in place; a record compacted
    * away since the capture is an error the mirror answers with a resync.
    */
   async sourcePayload(src: BlockSource): Promise<{ lz4: boolean; payload: Buffer }> {
-    const rec =
-      src.record ?? (await this.segments.read(src.segment, src.offset, RECORD_HEADER + src.storedLength));
-    decodeRecordInto(rec, src.id, src.hash, this.hasher, this.mirrorScratch);
+    let rec = src.record;
+    if (!rec) {
+      // From disk: checked first. A record still in memory was encoded from the client's
+      // bytes moments ago, and checking it again would only double the cost.
+      rec = await this.segments.read(src.segment, src.offset, RECORD_HEADER + src.storedLength);
+      decodeRecordInto(rec, src.id, src.hash, this.hasher, this.mirrorScratch);
+    }
     const storedLength = rec.readUInt32BE(16);
     return {
       lz4: (rec.readUInt16BE(4) & 1) === 1,
