@@ -37,6 +37,8 @@ commands:
                                   (mirror a dedup volume to another gateway; hash-first sync)
   replica list VOL [--json]       (state, lag and sync progress of each replica)
   replica remove VOL HOST:PORT
+  promote VOL                     (a replica becomes the primary, one generation up)
+  demote VOL                      (a primary becomes a replica; its contents are kept as VOL.gN)
   fsck --data DIR [--json]        (offline: the gateway must be stopped)
 --hash-pool: dedup writes of at least SIZE (default 256K) are hashed and compressed on
   worker threads; off keeps all of it on the event loop.
@@ -132,28 +134,32 @@ async function replicaCommand(p: Parsed): Promise<void> {
         volume: string;
         role: string;
         primary: string | null;
+        generation: number;
+        splitBrain: { peer: string; generation: number } | null;
         replicas: MirrorStatus[];
       };
       return print(p, r, (x: typeof r) =>
-        x.role === 'replica'
-          ? `${x.volume} is a replica of gateway ${x.primary}\n`
-          : x.replicas.length === 0
-            ? `${x.volume} has no replicas\n`
-            : table(
-                ['REPLICA', 'MODE', 'STATE', 'LAG', 'LAG (s)', 'SYNC', 'LAST ACK', 'SENT'],
-                x.replicas.map((m) => [
-                  m.to,
-                  m.mode,
-                  m.state,
-                  bytes(m.lagBytes),
-                  m.lagSeconds.toFixed(1),
-                  m.sync.totalChunks
-                    ? `${(100 * (1 - m.sync.remainingChunks / m.sync.totalChunks)).toFixed(0)}%`
-                    : '-',
-                  m.lastAckAt ?? '-',
-                  bytes(m.sentBytes),
-                ]),
-              ),
+        x.splitBrain
+          ? `${x.volume}: SPLIT BRAIN: gateway ${x.splitBrain.peer} holds it at generation ${x.splitBrain.generation}, this copy is at ${x.generation}; writes refused until 'blockgate demote ${x.volume}'\n`
+          : x.role === 'replica'
+            ? `${x.volume} is a replica of gateway ${x.primary} (generation ${x.generation})\n`
+            : x.replicas.length === 0
+              ? `${x.volume} has no replicas\n`
+              : table(
+                  ['REPLICA', 'MODE', 'STATE', 'LAG', 'LAG (s)', 'SYNC', 'LAST ACK', 'SENT'],
+                  x.replicas.map((m) => [
+                    m.to,
+                    m.mode,
+                    m.state,
+                    bytes(m.lagBytes),
+                    m.lagSeconds.toFixed(1),
+                    m.sync.totalChunks
+                      ? `${(100 * (1 - m.sync.remainingChunks / m.sync.totalChunks)).toFixed(0)}%`
+                      : '-',
+                    m.lastAckAt ?? '-',
+                    bytes(m.sentBytes),
+                  ]),
+                ),
       );
     }
     case 'remove': {
@@ -357,6 +363,29 @@ async function main(argv: string[]): Promise<void> {
       return volumeCommand(p);
     case 'replica':
       return replicaCommand(p);
+    case 'promote': {
+      expectPositionals(p, 2, 'promote VOL');
+      onlyOptions(p, ['json']);
+      const r = (await callGateway(adminPath(p), 'promote', { name: p.positionals[1] })) as {
+        name: string;
+        generation: number;
+      };
+      return print(p, r, (x: typeof r) => `${x.name} is the primary now, at generation ${x.generation}\n`);
+    }
+    case 'demote': {
+      expectPositionals(p, 2, 'demote VOL');
+      onlyOptions(p, ['json']);
+      const r = (await callGateway(adminPath(p), 'demote', { name: p.positionals[1] })) as {
+        volume: string;
+        kept: string;
+      };
+      return print(
+        p,
+        r,
+        (x: typeof r) =>
+          `${x.volume} is a replica now, waiting for its primary's mirror; its contents are kept as ${x.kept}\n`,
+      );
+    }
     case 'fsck':
       return fsckCommand(p);
     case 'similarity': {

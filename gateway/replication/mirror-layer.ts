@@ -2,9 +2,11 @@
 // applied locally, hands the state of the blocks it touched (captured in that
 // tick) to each of the volume's mirrors, and answers the client when the
 // mirrors allow (at once for async replicas; at the acknowledgement for sync
-// ones). FLUSH waits for every sync replica to be durable too.
+// ones). FLUSH waits for every sync replica to be durable too. A volume in
+// split brain (a newer generation of it exists elsewhere) refuses writes: EPERM.
 
 import type { BlockDevice, WriteFlags, ZeroFlags } from '../device/block-device';
+import { BlockError } from '../device/errors';
 import { Layer } from '../device/layer';
 import type { DedupStore } from '../store/dedup-store';
 import type { Mirror } from './mirror';
@@ -17,21 +19,31 @@ export class MirrorLayer extends Layer {
     private readonly store: DedupStore,
     private readonly volumeId: number,
     private readonly mirrors: () => readonly Mirror[],
+    /** Why writes are refused now (split brain), or null. */
+    private readonly refusal: () => string | null,
   ) {
     super(next);
   }
 
+  private check(): void {
+    const why = this.refusal();
+    if (why) throw new BlockError('EPERM', why);
+  }
+
   override async write(offset: number, data: Buffer, flags?: WriteFlags): Promise<void> {
+    this.check();
     await this.next.write(offset, data, flags);
     return this.split(offset, data.length, flags?.fua === true);
   }
 
   override async trim(offset: number, length: number, flags?: WriteFlags): Promise<void> {
+    this.check();
     await this.next.trim(offset, length, flags);
     return this.split(offset, length, flags?.fua === true);
   }
 
   override async writeZeroes(offset: number, length: number, flags?: ZeroFlags): Promise<void> {
+    this.check();
     await this.next.writeZeroes(offset, length, flags);
     return this.split(offset, length, flags?.fua === true);
   }

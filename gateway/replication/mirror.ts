@@ -25,7 +25,7 @@ import type { BlockSource, CapturedRange, DedupStore } from '../store/dedup-stor
 import { connectLink, Link, LinkIdentity } from './link';
 
 export type MirrorMode = 'sync' | 'async';
-export type MirrorState = 'connecting' | 'syncing' | 'in-sync' | 'behind';
+export type MirrorState = 'connecting' | 'syncing' | 'in-sync' | 'behind' | 'superseded';
 
 export const CHUNK_BLOCKS = 1024;
 /** Batches sent and not yet acknowledged, at most. */
@@ -44,6 +44,10 @@ const DURABLE_EVERY_MS = 1000;
 export interface MirrorOptions {
   /** A sync replica that has not acknowledged for this long drops to behind (writes go on). */
   timeoutMs: number;
+  /** The volume's generation here: the replica refuses it if its own copy has a newer one. */
+  generation: number;
+  /** The replica's copy has a newer generation (it was promoted): this volume is stale here. */
+  onSuperseded: (peer: string, generation: number) => void;
 }
 
 interface Batch {
@@ -302,6 +306,7 @@ export class Mirror {
         volume: this.volumeName,
         size: this.volumeBlocks * 4096,
         domain: this.store.contentDomain(),
+        generation: this.opts.generation,
       },
     });
   }
@@ -379,6 +384,15 @@ export class Mirror {
       this.lastError = `${f.error.code}: ${f.error.message}`;
       this.log.error(`replica ${this.address} refused ${this.volumeName}: ${this.lastError}`);
       this.dropLink(this.lastError);
+      return;
+    }
+    if ('superseded' in f) {
+      // No reconnecting: the peer holds a newer generation, and writes here stop (split brain).
+      this.lastError = `superseded: the copy at ${this.address} is at generation ${f.superseded.generation}`;
+      this.log.error(`replica ${this.address} of ${this.volumeName}: ${this.lastError}; split brain`);
+      this.close();
+      this.state = 'superseded';
+      this.opts.onSuperseded(link.peerId, f.superseded.generation);
       return;
     }
     if ('pong' in f) return;

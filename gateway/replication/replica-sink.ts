@@ -17,12 +17,29 @@ const NEED_ROUNDS = 3;
 
 /** What the replica side needs from the volume manager. */
 export interface ReplicaVolumes {
-  /** Opens (creating it read-only the first time) this gateway's copy; throws a LinkProtocolError if it may not. */
+  /**
+   * Opens (creating it read-only the first time) this gateway's copy at the primary's
+   * generation; throws a LinkProtocolError if it may not (SupersededError when the copy
+   * here is newer).
+   */
   replicaVolume(
     name: string,
     size: number,
     primary: string,
+    generation: number,
   ): Promise<{ store: DedupStore; volumeId: number }>;
+  /** Whether the volume is still a replica that takes this generation's batches (not promoted since). */
+  takesMirror(name: string, generation: number): boolean;
+}
+
+/** The volume here has a newer generation than the mirror's: its sender has been superseded. */
+export class SupersededError extends LinkProtocolError {
+  constructor(
+    readonly volume: string,
+    readonly generation: number,
+  ) {
+    super('ERR_LINK_STALE_GENERATION', `volume ${volume} is at generation ${generation} here`);
+  }
 }
 
 interface Incoming {
@@ -36,7 +53,7 @@ interface Incoming {
 }
 
 export class ReplicaSink {
-  private target: { name: string; store: DedupStore; volumeId: number } | null = null;
+  private target: { name: string; store: DedupStore; volumeId: number; generation: number } | null = null;
   private readonly queue: Incoming[] = [];
   private busy = false;
   /** Batches waiting for the blocks they asked for, by sequence number. */
@@ -56,11 +73,16 @@ export class ReplicaSink {
   /** Frames of a mirror link; false for those it does not handle. */
   handle(f: Frame): boolean {
     if ('mirror' in f) {
-      this.open(f.mirror.volume, f.mirror.size, f.mirror.domain);
+      this.open(f.mirror.volume, f.mirror.size, f.mirror.domain, f.mirror.generation);
       return true;
     }
     if ('batch' in f) {
       if (!this.target) throw new LinkProtocolError('ERR_LINK_UNKNOWN_VOLUME', 'batch before a mirror frame');
+      if (!this.volumes.takesMirror(this.target.name, this.target.generation)) {
+        // Promoted here since the link opened: the sender is the stale side now.
+        this.refuse(new SupersededError(this.target.name, this.target.generation + 1));
+        return true;
+      }
       // Asked for at once, applied in order: the round trips of a window of batches overlap.
       const cids = cidsOf(f.batch.extents);
       const asked: string[] = [];
@@ -90,9 +112,16 @@ export class ReplicaSink {
     return false;
   }
 
-  private open(name: string, size: number, domain: Buffer): void {
+  /** Tells a superseded primary so (it stops taking writes), then closes the link. */
+  private refuse(err: LinkProtocolError): void {
+    if (err instanceof SupersededError)
+      this.link.send({ superseded: { volume: err.volume, generation: err.generation } });
+    this.link.fail(err);
+  }
+
+  private open(name: string, size: number, domain: Buffer, generation: number): void {
     if (this.target) throw new LinkProtocolError('ERR_LINK_UNEXPECTED', 'second mirror frame on one link');
-    this.volumes.replicaVolume(name, size, this.link.peerId).then(
+    this.volumes.replicaVolume(name, size, this.link.peerId, generation).then(
       ({ store, volumeId }) => {
         if (!store.contentDomain().equals(domain)) {
           this.link.fail(
@@ -103,12 +132,13 @@ export class ReplicaSink {
           );
           return;
         }
-        this.target = { name, store, volumeId };
+        this.target = { name, store, volumeId, generation };
         this.log.info(`gateway ${this.link.peerId} mirrors ${name} here`);
         this.link.send({ mirrorReady: { volume: name } });
       },
       (err: Error) => {
-        this.link.fail(
+        this.log.warn(`mirror of ${name} from gateway ${this.link.peerId} refused: ${err.message}`);
+        this.refuse(
           err instanceof LinkProtocolError
             ? err
             : new LinkProtocolError('ERR_LINK_UNKNOWN_VOLUME', err.message),

@@ -1195,6 +1195,24 @@ export class DedupStore {
     };
   }
 
+  /**
+   * Makes volume `dst` (empty) map every block `src` maps, raising reference counts: a
+   * copy in metadata only, no data read or written. A chunk per tick; `src` must not
+   * change meanwhile (demote copies a volume nobody writes).
+   */
+  async copyVolume(src: number, dst: number, blocks: number): Promise<void> {
+    const CHUNK = 4096;
+    for (let first = 0; first < blocks; first += CHUNK) {
+      const end = Math.min(blocks, first + CHUNK);
+      for (let lba = first; lba < end; lba++) {
+        const id = this.lookupMeta(metaKey(src, lba));
+        if (id !== undefined) this.setMeta(metaKey(dst, lba), id);
+      }
+      await new Promise<void>((resolve) => setImmediate(resolve));
+    }
+    await this.flush();
+  }
+
   // ---- mirroring -------------------------------------------------------------------
 
   /** Names this store's content-id key without revealing it: equal only for stores of one cluster. */

@@ -20,6 +20,10 @@ export interface VolumeRecord {
   replicas?: ReplicaConfig[];
   /** Set on a replica's copy: the gateway id of the primary that mirrors it here. */
   replicaOf?: string;
+  /** Raised by every promote; absent means 1. A mirror of an older generation is refused. */
+  generation?: number;
+  /** This primary met its volume at a newer generation elsewhere: writes are refused until demote. */
+  splitBrain?: { peer: string; generation: number; at: string };
 }
 
 export interface ReplicaConfig {

@@ -23,7 +23,7 @@ import { LinkProtocolError } from '../../protocol/replication/errors';
 import type { LinkIdentity } from '../replication/link';
 import { Mirror, MirrorMode, MirrorStatus } from '../replication/mirror';
 import { MirrorLayer } from '../replication/mirror-layer';
-import type { ReplicaVolumes } from '../replication/replica-sink';
+import { ReplicaVolumes, SupersededError } from '../replication/replica-sink';
 import { parseListenAddress } from '../nbd/listen-address';
 
 export const DEFAULT_VOLUME = 'disk0';
@@ -62,6 +62,16 @@ export interface ReplicationOptions {
 }
 
 const DEFAULT_MIRROR_TIMEOUT_MS = 10_000;
+
+/** `replica list`: the volume's role and generation here, and its replicas' states. */
+export interface ReplicaListing {
+  volume: string;
+  role: 'primary' | 'replica';
+  primary: string | null;
+  generation: number;
+  splitBrain: { peer: string; generation: number; at: string } | null;
+  replicas: MirrorStatus[];
+}
 
 class Volume implements NbdExport {
   readonly clients = new Map<number, ClientInfo>();
@@ -309,7 +319,18 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
     if (rec.backend !== 'dedup' || rec.replicaOf !== undefined) return new Volume(rec, device);
     const store = this.store();
     let vol: Volume | null = null;
-    const layer = new MirrorLayer(device, store, store.volumeId(rec.name), () => vol!.mirrors);
+    const layer = new MirrorLayer(
+      device,
+      store,
+      store.volumeId(rec.name),
+      () => vol!.mirrors,
+      () => {
+        const sb = vol!.record.splitBrain;
+        return sb
+          ? `split brain: gateway ${sb.peer} holds volume ${rec.name} at generation ${sb.generation}; demote this copy`
+          : null;
+      },
+    );
     vol = new Volume(rec, layer);
     for (const r of rec.replicas ?? []) {
       try {
@@ -337,7 +358,14 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
       r.mode,
       link,
       this.log.child('mirror'),
-      { timeoutMs: this.replication.mirrorTimeoutMs ?? DEFAULT_MIRROR_TIMEOUT_MS },
+      {
+        timeoutMs: this.replication.mirrorTimeoutMs ?? DEFAULT_MIRROR_TIMEOUT_MS,
+        generation: generationOf(rec),
+        onSuperseded: (peer, generation) => {
+          const vol = this.volumes.get(rec.name);
+          if (vol) this.markSplitBrain(vol, peer, generation);
+        },
+      },
     );
   }
 
@@ -389,17 +417,14 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
   }
 
   /** `replica list`: each replica's state, lag and sync progress; on a replica, whose copy it is. */
-  replicaList(name: string): {
-    volume: string;
-    role: 'primary' | 'replica';
-    primary: string | null;
-    replicas: MirrorStatus[];
-  } {
+  replicaList(name: string): ReplicaListing {
     const vol = this.volume(name);
     return {
       volume: name,
       role: vol.record.replicaOf === undefined ? 'primary' : 'replica',
       primary: vol.record.replicaOf ?? null,
+      generation: generationOf(vol.record),
+      splitBrain: vol.record.splitBrain ?? null,
       replicas: vol.mirrors.map((m) => m.status()),
     };
   }
@@ -409,22 +434,31 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
     name: string,
     size: number,
     primary: string,
+    generation: number,
   ): Promise<{ store: DedupStore; volumeId: number }> {
     return this.exclusive(async () => {
       const existing = this.volumes.get(name);
       if (existing) {
-        if (existing.record.replicaOf === undefined)
-          throw new LinkProtocolError(
-            'ERR_LINK_NOT_REPLICA',
-            `volume ${name} is a primary here, not a replica`,
-          );
+        const here = generationOf(existing.record);
+        if (existing.record.replicaOf === undefined) {
+          if (generation > here) {
+            // A newer generation elsewhere: this primary was superseded (its replica promoted).
+            this.markSplitBrain(existing, primary, generation);
+            throw new LinkProtocolError(
+              'ERR_LINK_NOT_REPLICA',
+              `volume ${name} is a primary here (generation ${here}), now stopped as split brain: demote it to take the mirror`,
+            );
+          }
+          throw new SupersededError(name, here);
+        }
+        if (generation < here) throw new SupersededError(name, here);
         if (existing.device.size !== size)
           throw new LinkProtocolError(
             'ERR_LINK_UNKNOWN_VOLUME',
             `replica of ${name} here is ${existing.device.size} bytes, the primary's ${size}`,
           );
-        if (existing.record.replicaOf !== primary) {
-          existing.record = { ...existing.record, replicaOf: primary };
+        if (existing.record.replicaOf !== primary || here !== generation) {
+          existing.record = { ...existing.record, replicaOf: primary, generation };
           this.catalog.save(this.records());
         }
       } else {
@@ -437,6 +471,7 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
           backend: 'dedup',
           readOnly: true,
           replicaOf: primary,
+          generation,
           created: new Date().toISOString(),
         };
         this.volumes.set(name, this.openVolume(record));
@@ -446,6 +481,103 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
       const store = this.store();
       return { store, volumeId: store.volumeId(name) };
     });
+  }
+
+  takesMirror(name: string, generation: number): boolean {
+    const v = this.volumes.get(name);
+    return !!v && v.record.replicaOf !== undefined && generationOf(v.record) <= generation;
+  }
+
+  /** This primary volume met a newer generation of itself: writes stop (EPERM) until it is demoted. */
+  private markSplitBrain(vol: Volume, peer: string, generation: number): void {
+    if (vol.record.splitBrain && vol.record.splitBrain.generation >= generation) return;
+    vol.record = { ...vol.record, splitBrain: { peer, generation, at: new Date().toISOString() } };
+    this.catalog.save(this.records());
+    this.log.error(
+      `volume ${vol.name}: split brain: gateway ${peer} holds it at generation ${generation}, this one at ${generationOf(vol.record)}; writes refused until 'blockgate demote ${vol.name}'`,
+    );
+  }
+
+  /**
+   * `promote`: a replica becomes the primary of its volume, one generation up. The old
+   * primary's next batch (or its next connection) is refused as superseded.
+   */
+  promote(name: string): Promise<VolumeInfo & { generation: number }> {
+    return this.exclusive(async () => {
+      const vol = this.volume(name);
+      if (vol.record.replicaOf === undefined)
+        throw new InvalidArgumentError(`volume '${name}' is already a primary here`);
+      if (vol.clients.size > 0)
+        throw new VolumeBusyError(
+          `volume '${name}' has ${vol.clients.size} connected client(s); disconnect them first`,
+        );
+      const generation = generationOf(vol.record) + 1;
+      const { replicaOf: _was, ...rest } = vol.record;
+      const record: VolumeRecord = { ...rest, readOnly: false, generation };
+      await this.reopen(vol, record);
+      this.log.info(
+        `volume ${name} promoted to primary at generation ${generation} (was a replica of ${_was})`,
+      );
+      return { ...this.describe(this.volume(name)), generation };
+    });
+  }
+
+  /**
+   * `demote`: a primary becomes a replica (of whichever primary mirrors to it next, which
+   * sends only what differs). Its present contents are kept first as a read-only volume
+   * NAME.gGENERATION, so nothing it holds is lost to the resync.
+   */
+  demote(name: string): Promise<{ volume: string; kept: string }> {
+    return this.exclusive(async () => {
+      const vol = this.volume(name);
+      if (vol.record.replicaOf !== undefined)
+        throw new InvalidArgumentError(
+          `volume '${name}' is already a replica (of gateway ${vol.record.replicaOf})`,
+        );
+      if (vol.record.backend !== 'dedup')
+        throw new InvalidArgumentError(
+          `volume '${name}' is ${vol.record.backend}: only dedup volumes are mirrored`,
+        );
+      if (vol.clients.size > 0)
+        throw new VolumeBusyError(
+          `volume '${name}' has ${vol.clients.size} connected client(s); disconnect them first`,
+        );
+      const kept = `${name}.g${generationOf(vol.record)}`;
+      if (this.volumes.has(kept)) throw new VolumeExistsError(`volume '${kept}' exists: delete it first`);
+      for (const m of vol.mirrors) m.close();
+      vol.mirrors = [];
+      await vol.device.flush();
+      const store = this.store();
+      const keptRecord: VolumeRecord = {
+        name: kept,
+        size: vol.record.size,
+        backend: 'dedup',
+        readOnly: true,
+        created: new Date().toISOString(),
+      };
+      await store.copyVolume(store.volumeId(name), store.volumeId(kept), Math.ceil(vol.record.size / 4096));
+      this.volumes.set(kept, this.openVolume(keptRecord));
+      const { splitBrain } = vol.record;
+      const record: VolumeRecord = {
+        ...vol.record,
+        readOnly: true,
+        replicaOf: splitBrain?.peer ?? 'unknown',
+      };
+      delete record.replicas;
+      delete record.splitBrain;
+      await this.reopen(vol, record);
+      this.log.info(`volume ${name} demoted to a replica; its contents are kept as ${kept}`);
+      return { volume: name, kept };
+    });
+  }
+
+  /** Swaps a volume's record and device stack (its role changed); the catalog follows. */
+  private async reopen(vol: Volume, record: VolumeRecord): Promise<void> {
+    for (const m of vol.mirrors) m.close();
+    await vol.device.flush();
+    await vol.device.close();
+    this.volumes.set(record.name, this.openVolume(record));
+    this.catalog.save(this.records());
   }
 
   /**
@@ -513,6 +645,11 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
       this.dedup = null;
     });
   }
+}
+
+/** A volume's generation: 1 until a promote raises it. */
+function generationOf(rec: VolumeRecord): number {
+  return rec.generation ?? 1;
 }
 
 function checkSize(size: number): void {

@@ -13,7 +13,8 @@ export class LinkProtocolError extends Error {
       | 'ERR_LINK_UNKNOWN_VOLUME'
       | 'ERR_LINK_NOT_REPLICA'
       | 'ERR_LINK_BAD_BLOCK'
-      | 'ERR_LINK_DOMAIN',
+      | 'ERR_LINK_DOMAIN'
+      | 'ERR_LINK_STALE_GENERATION',
     message: string,
   ) {
     super(message);

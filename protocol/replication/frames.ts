@@ -45,12 +45,13 @@ export type Frame =
   | { error: { code: string; message: string } }
   | { ping: { seq: number } }
   | { pong: { seq: number } }
-  | { mirror: { volume: string; size: number; domain: Buffer } }
+  | { mirror: { volume: string; size: number; domain: Buffer; generation: number } }
   | { mirrorReady: { volume: string } }
   | { batch: { seq: number; extents: Extent[]; durable: boolean } }
   | { need: { seq: number; ordinals: number[] } }
   | { blocks: { seq: number; blocks: WireBlock[] } }
-  | { ack: { seq: number } };
+  | { ack: { seq: number } }
+  | { superseded: { volume: string; generation: number } };
 
 export type FrameKind =
   | 'hello'
@@ -63,7 +64,8 @@ export type FrameKind =
   | 'batch'
   | 'need'
   | 'blocks'
-  | 'ack';
+  | 'ack'
+  | 'superseded';
 
 export function frameKind(f: Frame): FrameKind {
   return Object.keys(f)[0] as FrameKind;
@@ -122,7 +124,14 @@ export function decodeFrameBody(bytes: Uint8Array): Frame {
           volume: (m['volume'] as string) ?? '',
           size: toNumber(m['size'] ?? 0),
           domain: bytesOf(m['domain']),
+          generation: toNumber(m['generation'] ?? 0),
         },
+      };
+    }
+    case 'superseded': {
+      const m = msg['superseded'] as Record<string, unknown>;
+      return {
+        superseded: { volume: (m['volume'] as string) ?? '', generation: toNumber(m['generation'] ?? 0) },
       };
     }
     case 'mirrorReady':
