@@ -1,7 +1,7 @@
 // The `blockgate` command: `serve` runs the gateway; everything else is a
 // request to a running gateway over its admin socket.
 
-import type { MirrorStatus } from '../replication/mirror';
+import type { MirrorStatus, VerifyReport } from '../replication/mirror';
 import fs from 'node:fs';
 import path from 'node:path';
 import { callGateway } from '../control/admin-client';
@@ -38,6 +38,7 @@ commands:
   replica list VOL [--json]       (state, lag and sync progress of each replica)
   replica remove VOL HOST:PORT
   promote VOL                     (a replica becomes the primary, one generation up)
+  verify VOL [--json]             (compare a primary with its replicas by content ids; exit 1 on a difference)
   demote VOL                      (a primary becomes a replica; its contents are kept as VOL.gN)
   fsck --data DIR [--json]        (offline: the gateway must be stopped)
 --hash-pool: dedup writes of at least SIZE (default 256K) are hashed and compressed on
@@ -371,6 +372,25 @@ async function main(argv: string[]): Promise<void> {
         generation: number;
       };
       return print(p, r, (x: typeof r) => `${x.name} is the primary now, at generation ${x.generation}\n`);
+    }
+    case 'verify': {
+      expectPositionals(p, 2, 'verify VOL');
+      onlyOptions(p, ['json']);
+      const r = (await callGateway(adminPath(p), 'verify', { name: p.positionals[1] })) as {
+        volume: string;
+        replicas: VerifyReport[];
+      };
+      if (r.replicas.some((x) => x.mismatched.length > 0)) process.exitCode = 1;
+      return print(p, r, (x: typeof r) =>
+        x.replicas
+          .map((m) =>
+            m.mismatched.length === 0
+              ? `${m.to}: same content (${m.chunks} chunks compared, replica ${m.state})\n`
+              : `${m.to}: ${m.mismatched.length} range(s) differ (replica ${m.state}):\n` +
+                m.mismatched.map((g) => `  offset ${g.offset} length ${g.length}\n`).join(''),
+          )
+          .join(''),
+      );
     }
     case 'demote': {
       expectPositionals(p, 2, 'demote VOL');

@@ -67,6 +67,7 @@ export function commandTable(volumes: VolumeManager, status: GatewayStatus): Map
     ['replica.remove', (a) => volumes.replicaRemove(str(a, 'name')!, str(a, 'to')!)],
     ['replica.list', (a) => volumes.replicaList(str(a, 'name')!)],
     ['promote', (a) => volumes.promote(str(a, 'name')!)],
+    ['verify', (a) => volumes.verify(str(a, 'name')!)],
     ['demote', (a) => volumes.demote(str(a, 'name')!)],
     [
       'stats',

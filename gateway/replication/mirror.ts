@@ -60,6 +60,17 @@ interface Batch {
   waiters: Array<() => void>;
 }
 
+const VERIFY_TIMEOUT_MS = 60_000;
+
+/** What `verify` found for one replica: block ranges whose content differs, by content id. */
+export interface VerifyReport {
+  to: string;
+  state: MirrorState;
+  chunks: number;
+  differingChunks: number;
+  mismatched: Array<{ offset: number; length: number }>;
+}
+
 export interface MirrorStatus {
   to: string;
   mode: MirrorMode;
@@ -98,6 +109,11 @@ export class Mirror {
   private sentBlocks = 0;
   private sentBatches = 0;
   private peer: string | null = null;
+  private verifySeq = 0;
+  private readonly verifying = new Map<
+    number,
+    { resolve: (mismatched: number[]) => void; reject: (e: Error) => void }
+  >();
 
   constructor(
     private readonly store: DedupStore,
@@ -170,6 +186,72 @@ export class Mirror {
     const batch = this.batchFor(0);
     batch.durable = true;
     return new Promise((resolve) => batch.waiters.push(resolve));
+  }
+
+  /**
+   * Compares this volume with the replica's copy by content ids: chunk digests first,
+   * then the blocks of the chunks that differ. Both sides answer at the same point of
+   * the write order, so writes going on meanwhile are no false alarm.
+   */
+  async verify(): Promise<VerifyReport> {
+    const mismatched: number[] = [];
+    const digests = (): Frame => ({
+      verifyChunks: {
+        seq: ++this.verifySeq,
+        digests: this.store.chunkDigests(this.volumeId, this.volumeBlocks),
+      },
+    });
+    const chunks = await this.request(digests);
+    for (const c of chunks) {
+      const lba = c * CHUNK_BLOCKS;
+      const count = Math.min(CHUNK_BLOCKS, this.volumeBlocks - lba);
+      const blocks = (): Frame => {
+        const r = this.store.captureRange(this.volumeId, lba, count);
+        return { verifyBlocks: { seq: ++this.verifySeq, lba, kinds: r.kinds, cids: r.cids } };
+      };
+      mismatched.push(...(await this.request(blocks)));
+    }
+    const ranges: Array<{ offset: number; length: number }> = [];
+    for (const lba of mismatched) {
+      const last = ranges[ranges.length - 1];
+      if (last && last.offset + last.length === lba * 4096) last.length += 4096;
+      else ranges.push({ offset: lba * 4096, length: 4096 });
+    }
+    return {
+      to: this.address,
+      state: this.state,
+      chunks: Math.ceil(this.volumeBlocks / CHUNK_BLOCKS),
+      differingChunks: chunks.length,
+      mismatched: ranges,
+    };
+  }
+
+  /** Sends a verify frame (made in the tick it goes, after this tick's batch) and waits for its answer. */
+  private request(make: () => Frame): Promise<number[]> {
+    const link = this.link;
+    if (!link || (this.state !== 'in-sync' && this.state !== 'syncing'))
+      return Promise.reject(new Error(`replica ${this.address} is ${this.state}: verify needs its link up`));
+    this.sendFilling();
+    const frame = make();
+    const seq =
+      'verifyChunks' in frame ? frame.verifyChunks.seq : 'verifyBlocks' in frame ? frame.verifyBlocks.seq : 0;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.verifying.delete(seq);
+        reject(new Error(`replica ${this.address} did not answer verify within ${VERIFY_TIMEOUT_MS} ms`));
+      }, VERIFY_TIMEOUT_MS);
+      this.verifying.set(seq, {
+        resolve: (m) => {
+          clearTimeout(timer);
+          resolve(m);
+        },
+        reject: (e) => {
+          clearTimeout(timer);
+          reject(e);
+        },
+      });
+      link.send(frame);
+    });
   }
 
   close(): void {
@@ -327,6 +409,8 @@ export class Mirror {
     for (const r of this.volatile) this.markDirty(r.lba, r.count);
     this.volatile = [];
     if (this.filling) this.sendFilling();
+    for (const w of this.verifying.values()) w.reject(new Error(`replica ${this.address}: ${why}`));
+    this.verifying.clear();
     link?.socket.destroy();
   }
 
@@ -393,6 +477,14 @@ export class Mirror {
       this.close();
       this.state = 'superseded';
       this.opts.onSuperseded(link.peerId, f.superseded.generation);
+      return;
+    }
+    if ('verifyChunksResult' in f || 'verifyBlocksResult' in f) {
+      const r = 'verifyChunksResult' in f ? f.verifyChunksResult : f.verifyBlocksResult;
+      const w = this.verifying.get(r.seq);
+      if (!w) throw new LinkProtocolError('ERR_LINK_UNEXPECTED', `verify answer ${r.seq}, not asked`);
+      this.verifying.delete(r.seq);
+      w.resolve(r.mismatched);
       return;
     }
     if ('pong' in f) return;

@@ -6,7 +6,8 @@
 // with an Error frame and changes nothing.
 
 import { LinkProtocolError } from '../../protocol/replication/errors';
-import type { Extent, Frame, WireBlock } from '../../protocol/replication/frames';
+import { Extent, Frame, KIND_DATA, WireBlock } from '../../protocol/replication/frames';
+import { CHUNK_BLOCKS } from './mirror';
 import { native } from '../../native-bindings';
 import type { DedupStore, MirroredBlock } from '../store/dedup-store';
 import type { Logger } from '../util/log';
@@ -54,7 +55,8 @@ interface Incoming {
 
 export class ReplicaSink {
   private target: { name: string; store: DedupStore; volumeId: number; generation: number } | null = null;
-  private readonly queue: Incoming[] = [];
+  /** Batches, and verify requests between them, in the order they came. */
+  private readonly queue: Array<Incoming | (() => void)> = [];
   private busy = false;
   /** Batches waiting for the blocks they asked for, by sequence number. */
   private readonly awaiting = new Map<number, (blocks: WireBlock[]) => void>();
@@ -95,6 +97,13 @@ export class ReplicaSink {
       for (const hk of asked) this.coming.set(hk, (this.coming.get(hk) ?? 0) + 1);
       const fetched = missing.length ? this.ask(f.batch.seq, missing) : Promise.resolve([]);
       this.queue.push({ ...f.batch, fetched, asked });
+      this.drain();
+      return true;
+    }
+    if ('verifyChunks' in f || 'verifyBlocks' in f) {
+      const t = this.target;
+      if (!t) throw new LinkProtocolError('ERR_LINK_UNKNOWN_VOLUME', 'verify before a mirror frame');
+      this.queue.push(() => this.link.send(this.verify(t.store, t.volumeId, f)));
       this.drain();
       return true;
     }
@@ -151,6 +160,12 @@ export class ReplicaSink {
     if (this.busy) return;
     const next = this.queue.shift();
     if (!next) return;
+    if (typeof next === 'function') {
+      // A verify request: answered at its place in the batch order.
+      next();
+      this.drain();
+      return;
+    }
     this.busy = true;
     this.apply(next).then(
       () => {
@@ -210,6 +225,39 @@ export class ReplicaSink {
       blocks = await this.ask(batch.seq, r.missing);
     }
     this.link.send({ ack: { seq: batch.seq } });
+  }
+
+  /** This copy's side of a verify request, at its place among the batches. */
+  private verify(
+    store: DedupStore,
+    volumeId: number,
+    f:
+      | { verifyChunks: { seq: number; digests: Buffer } }
+      | { verifyBlocks: { seq: number; lba: number; kinds: Buffer; cids: Buffer } },
+  ): Frame {
+    if ('verifyChunks' in f) {
+      const theirs = f.verifyChunks.digests;
+      const chunks = theirs.length / 32;
+      const ours = store.chunkDigests(volumeId, chunks * CHUNK_BLOCKS);
+      const mismatched: number[] = [];
+      for (let c = 0; c < chunks; c++)
+        if (ours.compare(theirs, c * 32, c * 32 + 32, c * 32, c * 32 + 32) !== 0) mismatched.push(c);
+      return { verifyChunksResult: { seq: f.verifyChunks.seq, mismatched } };
+    }
+    const { seq, lba, kinds, cids } = f.verifyBlocks;
+    const mine = store.captureRange(volumeId, lba, kinds.length);
+    const mismatched: number[] = [];
+    let a = 0;
+    let b = 0;
+    for (let i = 0; i < kinds.length; i++) {
+      const k = kinds[i]!;
+      const m = mine.kinds[i]!;
+      const same = k === m && (k !== KIND_DATA || cids.compare(mine.cids, b, b + 16, a, a + 16) === 0);
+      if (k === KIND_DATA) a += 16;
+      if (m === KIND_DATA) b += 16;
+      if (!same) mismatched.push(lba + i);
+    }
+    return { verifyBlocksResult: { seq, mismatched } };
   }
 
   private ask(seq: number, ordinals: number[]): Promise<WireBlock[]> {

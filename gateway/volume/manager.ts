@@ -21,7 +21,7 @@ import { allocatedBytes, openStack, removeBackingStore } from './backends';
 import { Backend, BACKENDS, Catalog, ReplicaConfig, VolumeRecord } from './catalog';
 import { LinkProtocolError } from '../../protocol/replication/errors';
 import type { LinkIdentity } from '../replication/link';
-import { Mirror, MirrorMode, MirrorStatus } from '../replication/mirror';
+import { Mirror, MirrorMode, MirrorStatus, VerifyReport } from '../replication/mirror';
 import { MirrorLayer } from '../replication/mirror-layer';
 import { ReplicaVolumes, SupersededError } from '../replication/replica-sink';
 import { parseListenAddress } from '../nbd/listen-address';
@@ -427,6 +427,23 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
       splitBrain: vol.record.splitBrain ?? null,
       replicas: vol.mirrors.map((m) => m.status()),
     };
+  }
+
+  /** `verify`: each replica compared with this volume by content ids. */
+  async verify(name: string): Promise<{ volume: string; replicas: VerifyReport[] }> {
+    const vol = this.volume(name);
+    if (vol.record.replicaOf !== undefined)
+      throw new InvalidArgumentError(`volume '${name}' is a replica here: verify it from its primary`);
+    if (vol.mirrors.length === 0) throw new InvalidArgumentError(`volume '${name}' has no replicas`);
+    const replicas: VerifyReport[] = [];
+    for (const m of vol.mirrors) {
+      try {
+        replicas.push(await m.verify());
+      } catch (err) {
+        throw new BackendError((err as Error).message);
+      }
+    }
+    return { volume: name, replicas };
   }
 
   /** ReplicaVolumes: this gateway's copy of a volume a peer mirrors here. */

@@ -51,7 +51,11 @@ export type Frame =
   | { need: { seq: number; ordinals: number[] } }
   | { blocks: { seq: number; blocks: WireBlock[] } }
   | { ack: { seq: number } }
-  | { superseded: { volume: string; generation: number } };
+  | { superseded: { volume: string; generation: number } }
+  | { verifyChunks: { seq: number; digests: Buffer } }
+  | { verifyChunksResult: { seq: number; mismatched: number[] } }
+  | { verifyBlocks: { seq: number; lba: number; kinds: Buffer; cids: Buffer } }
+  | { verifyBlocksResult: { seq: number; mismatched: number[] } };
 
 export type FrameKind =
   | 'hello'
@@ -65,7 +69,11 @@ export type FrameKind =
   | 'need'
   | 'blocks'
   | 'ack'
-  | 'superseded';
+  | 'superseded'
+  | 'verifyChunks'
+  | 'verifyChunksResult'
+  | 'verifyBlocks'
+  | 'verifyBlocksResult';
 
 export function frameKind(f: Frame): FrameKind {
   return Object.keys(f)[0] as FrameKind;
@@ -127,6 +135,28 @@ export function decodeFrameBody(bytes: Uint8Array): Frame {
           generation: toNumber(m['generation'] ?? 0),
         },
       };
+    }
+    case 'verifyChunks': {
+      const m = msg['verifyChunks'] as Record<string, unknown>;
+      const digests = bytesOf(m['digests']);
+      if (digests.length % 32 !== 0)
+        throw new LinkProtocolError('ERR_LINK_MALFORMED', `chunk digests of ${digests.length} bytes`);
+      return { verifyChunks: { seq: toNumber(m['seq'] ?? 0), digests } };
+    }
+    case 'verifyChunksResult':
+    case 'verifyBlocksResult': {
+      const m = msg[kind] as Record<string, unknown>;
+      const r = {
+        seq: toNumber(m['seq'] ?? 0),
+        mismatched: ((m['mismatched'] as unknown[] | undefined) ?? []).map(toNumber),
+      };
+      return kind === 'verifyChunksResult' ? { verifyChunksResult: r } : { verifyBlocksResult: r };
+    }
+    case 'verifyBlocks': {
+      const m = msg['verifyBlocks'] as Record<string, unknown>;
+      const e = { lba: toNumber(m['lba'] ?? 0), kinds: bytesOf(m['kinds']), cids: bytesOf(m['cids']) };
+      checkExtent(e);
+      return { verifyBlocks: { seq: toNumber(m['seq'] ?? 0), ...e } };
     }
     case 'superseded': {
       const m = msg['superseded'] as Record<string, unknown>;

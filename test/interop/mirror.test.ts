@@ -12,6 +12,7 @@ import { after, before, describe, it } from 'node:test';
 import { Gateway } from '../helpers/gateway';
 import { createVolume, MiB, scratchDir, writeRandomFile } from '../helpers/fixtures';
 import { check, run } from '../helpers/run';
+import { openIndex } from '../../gateway/store/index-db';
 
 const dir = scratchDir('blockgate-mirror-');
 const keyFile = path.join(dir, 'cluster.key');
@@ -240,6 +241,48 @@ describe('mirrored volumes', () => {
     });
     await waitForState(primary, 'c1', 'in-sync', true);
     await identical(primary.uri('c1'), replica.uri('c1'));
+  });
+
+  it('verify finds a block of the replica changed behind its gateway, and only that one', async () => {
+    await createVolume(primary, 'v1', '16M');
+    assert.equal((await primary.cli('replica', 'add', 'v1', '--to', to)).code, 0);
+    await check('qemu-io', [
+      '-f',
+      'raw',
+      '-c',
+      'write -P 0x51 0 1M',
+      '-c',
+      'write -P 0x52 1M 1M',
+      primary.uri('v1'),
+    ]);
+    await waitForState(primary, 'v1', 'in-sync', true);
+    const same = await primary.cli('verify', 'v1');
+    assert.equal(same.code, 0, same.stdout + same.stderr);
+    assert.match(same.stdout, /same content/);
+
+    // Behind the replica gateway's back: block 300 of its copy now maps to block 0's content.
+    const replicaDir = replica.dataDir;
+    const port = replicationPort(replica);
+    await replica.stop();
+    const { env, meta, state } = openIndex(path.join(replicaDir, 'store'));
+    const vid = (state.get('store') as { volumes: Record<string, number> }).volumes['v1']!;
+    const key = (lba: number): Buffer => {
+      const k = Buffer.alloc(12);
+      k.writeUInt32BE(vid, 0);
+      k.writeUInt32BE(lba, 8);
+      return k;
+    };
+    await meta.put(key(300), Buffer.from(meta.getBinary(key(0))!));
+    await env.close();
+    replica = await Gateway.start({
+      dataDir: replicaDir,
+      args: ['--cluster-key', keyFile, '--replication-listen', `127.0.0.1:${port}`],
+    });
+    await waitForState(primary, 'v1', 'in-sync', true);
+    const differs = await primary.cli('verify', 'v1', '--json');
+    assert.equal(differs.code, 1, differs.stderr);
+    const report = JSON.parse(differs.stdout) as { replicas: Array<{ mismatched: unknown[] }> };
+    assert.deepEqual(report.replicas[0]!.mismatched, [{ offset: 300 * 4096, length: 4096 }]);
   });
 
   it('removes a replica: writes stop following, its copy stays', async () => {
