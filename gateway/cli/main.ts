@@ -33,8 +33,10 @@ commands:
   stats [--json]
   compact [--json]                (reclaim dedup space now instead of in the background)
   similarity [--json]             (share of common content for each pair of dedup volumes)
-  replica add VOL --to HOST:PORT [--mode sync|async]
-                                  (mirror a dedup volume to another gateway; hash-first sync)
+  replica add VOL --to HOST:PORT [--mode sync|async] [--dr] [--max-rate RATE]
+                                  (mirror a dedup volume to another gateway; hash-first sync;
+                                   --dr: the disaster-recovery site, fed first; RATE: bytes/s
+                                   of sync traffic, e.g. 50M)
   replica list VOL [--json]       (state, lag and sync progress of each replica)
   replica remove VOL HOST:PORT
   promote VOL                     (a replica becomes the primary, one generation up)
@@ -52,7 +54,7 @@ ADDR is HOST:PORT or unix:PATH (default ${DEFAULT_LISTEN}); SIZE takes K, M, G, 
 const NOT_YET = new Set(['snapshot', 'rollback', 'clone', 'promote', 'demote', 'verify', 'seed', 'fsck']);
 
 const SPEC = {
-  flags: ['json', 'read-only', 'help'],
+  flags: ['json', 'read-only', 'help', 'dr'],
   values: [
     'admin',
     'data',
@@ -66,6 +68,7 @@ const SPEC = {
     'mirror-timeout',
     'to',
     'mode',
+    'max-rate',
   ],
   repeatable: ['listen'],
 };
@@ -111,16 +114,19 @@ async function replicaCommand(p: Parsed): Promise<void> {
   const sock = adminPath(p);
   switch (sub) {
     case 'add': {
-      expectPositionals(p, 3, 'replica add VOL --to HOST:PORT [--mode sync|async]');
-      onlyOptions(p, ['to', 'mode', 'json']);
+      expectPositionals(p, 3, 'replica add VOL --to HOST:PORT [--mode sync|async] [--dr] [--max-rate RATE]');
+      onlyOptions(p, ['to', 'mode', 'dr', 'max-rate', 'json']);
       const to = p.values.get('to');
       if (to === undefined) throw new UsageError('replica add needs --to HOST:PORT');
       const mode = p.values.get('mode') ?? 'async';
       if (mode !== 'sync' && mode !== 'async') throw new UsageError(`--mode ${mode}: use sync or async`);
+      const rate = p.values.get('max-rate');
       const r = (await callGateway(sock, 'replica.add', {
         name: p.positionals[2],
         to,
         mode,
+        dr: p.flags.has('dr'),
+        ...(rate !== undefined ? { maxRate: parseSize(rate) } : {}),
       })) as MirrorStatus;
       return print(
         p,
@@ -150,7 +156,7 @@ async function replicaCommand(p: Parsed): Promise<void> {
                   ['REPLICA', 'MODE', 'STATE', 'LAG', 'LAG (s)', 'SYNC', 'LAST ACK', 'SENT'],
                   x.replicas.map((m) => [
                     m.to,
-                    m.mode,
+                    m.dr ? `${m.mode} DR` : m.mode,
                     m.state,
                     bytes(m.lagBytes),
                     m.lagSeconds.toFixed(1),

@@ -62,7 +62,10 @@ export function commandTable(volumes: VolumeManager, status: GatewayStatus): Map
     [
       'replica.add',
       (a) =>
-        volumes.replicaAdd(str(a, 'name')!, str(a, 'to')!, (str(a, 'mode', false) ?? 'async') as MirrorMode),
+        volumes.replicaAdd(str(a, 'name')!, str(a, 'to')!, (str(a, 'mode', false) ?? 'async') as MirrorMode, {
+          dr: bool(a, 'dr'),
+          ...(a['maxRate'] !== undefined ? { maxRate: size(a, 'maxRate') } : {}),
+        }),
     ],
     ['replica.remove', (a) => volumes.replicaRemove(str(a, 'name')!, str(a, 'to')!)],
     ['replica.list', (a) => volumes.replicaList(str(a, 'name')!)],

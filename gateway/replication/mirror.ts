@@ -48,6 +48,10 @@ export interface MirrorOptions {
   generation: number;
   /** The replica's copy has a newer generation (it was promoted): this volume is stale here. */
   onSuperseded: (peer: string, generation: number) => void;
+  /** Bytes per second of block data the initial sync and resyncs may send; 0: no limit. */
+  maxRate: number;
+  /** The disaster-recovery site: fed before the volume's other replicas. */
+  dr: boolean;
 }
 
 interface Batch {
@@ -58,6 +62,8 @@ interface Batch {
   sentAt: number;
   /** Sync-mode writers waiting for the acknowledgement. */
   waiters: Array<() => void>;
+  /** Sent by the initial sync or a resync (throttled by --max-rate), not by a client's write. */
+  resync?: boolean;
 }
 
 const VERIFY_TIMEOUT_MS = 60_000;
@@ -74,6 +80,10 @@ export interface VerifyReport {
 export interface MirrorStatus {
   to: string;
   mode: MirrorMode;
+  /** The disaster-recovery replica (fed first; its lag is this status's own). */
+  dr: boolean;
+  /** --max-rate in bytes per second (0: none). */
+  maxRate: number;
   state: MirrorState;
   peer: string | null;
   /** Logical bytes the replica does not hold safely yet: dirty chunks, unacknowledged and not yet durable batches. */
@@ -110,6 +120,8 @@ export class Mirror {
   private sentBatches = 0;
   private peer: string | null = null;
   private verifySeq = 0;
+  private tokens = 0;
+  private tokensAt = Date.now();
   private readonly verifying = new Map<
     number,
     { resolve: (mismatched: number[]) => void; reject: (e: Error) => void }
@@ -148,10 +160,12 @@ export class Mirror {
     return {
       to: this.address,
       mode: this.mode,
+      dr: this.opts.dr,
+      maxRate: this.opts.maxRate,
       state: this.state,
       peer: this.peer,
       lagBytes: (this.dirty.size * CHUNK_BLOCKS + unacked) * 4096,
-      lagSeconds: oldest ? (Date.now() - oldest.sentAt) / 1000 : 0,
+      lagSeconds: oldest ? Math.max(0, Date.now() - oldest.sentAt) / 1000 : 0,
       lastAckAt: this.lastAckAt === null ? null : new Date(this.lastAckAt).toISOString(),
       sync: { remainingChunks: this.dirty.size, totalChunks: this.syncTotal },
       sentBytes: this.sentBytes + (this.link?.bytesOut ?? 0),
@@ -224,6 +238,19 @@ export class Mirror {
       differingChunks: chunks.length,
       mismatched: ranges,
     };
+  }
+
+  /**
+   * --max-rate for the sync's block data (clients' writes are never held by it): a
+   * token bucket holding at most a second's worth. Returns how long to wait, in ms.
+   */
+  private throttle(bytes: number): number {
+    const rate = this.opts.maxRate;
+    if (!rate) return 0;
+    const now = Date.now();
+    this.tokens = Math.min(rate, this.tokens + ((now - this.tokensAt) / 1000) * rate) - bytes;
+    this.tokensAt = now;
+    return this.tokens >= 0 ? 0 : Math.ceil((-this.tokens / rate) * 1000);
   }
 
   /** Sends a verify frame (made in the tick it goes, after this tick's batch) and waits for its answer. */
@@ -319,7 +346,15 @@ export class Mirror {
         return;
       }
       this.sendFilling();
-      this.send({ seq: 0, ranges: [range], blocks: count, durable: false, sentAt: 0, waiters: [] });
+      this.send({
+        seq: 0,
+        ranges: [range],
+        blocks: count,
+        durable: false,
+        sentAt: 0,
+        waiters: [],
+        resync: true,
+      });
     }
     if (this.state === 'syncing' && this.dirty.size === 0 && this.inflight.length === 0) {
       this.state = 'in-sync';
@@ -424,7 +459,10 @@ export class Mirror {
       this.batchFor(0).durable = true;
     }
     const oldest = this.inflight[0];
-    if (this.link && oldest && Date.now() - oldest.sentAt > this.opts.timeoutMs) {
+    // Silence since the oldest batch went, or since the last acknowledgement if later:
+    // batches wait in order behind one held by --max-rate, and are not stalled for it.
+    const since = oldest ? Math.max(oldest.sentAt, this.lastAckAt ?? 0) : 0;
+    if (this.link && oldest && Date.now() - since > this.opts.timeoutMs) {
       this.lastError = `no acknowledgement for ${this.opts.timeoutMs} ms`;
       this.dropLink(`${this.lastError}: behind, writes go on without it`);
     }
@@ -510,9 +548,16 @@ export class Mirror {
       })),
     ).then(
       (blocks) => {
-        if (this.link !== link) return;
-        link.send({ blocks: { seq: batch.seq, blocks } });
-        this.sentBlocks += blocks.length;
+        const go = (): void => {
+          if (this.link !== link) return;
+          link.send({ blocks: { seq: batch.seq, blocks } });
+          this.sentBlocks += blocks.length;
+        };
+        const wait = batch.resync ? this.throttle(blocks.reduce((n, b) => n + b.payload.length, 0)) : 0;
+        if (wait > 0) {
+          batch.sentAt = Math.max(batch.sentAt, Date.now() + wait);
+          setTimeout(go, wait).unref();
+        } else go();
       },
       (err: Error) => {
         // A block compacted away since its capture, or damaged: send its chunk again, as it is now.

@@ -30,6 +30,10 @@ export interface ReplicaConfig {
   /** The replica gateway's replication listener, HOST:PORT. */
   to: string;
   mode: 'sync' | 'async';
+  /** The disaster-recovery site: fed first, its lag reported on its own. */
+  dr?: boolean;
+  /** Bytes per second the initial sync and resyncs may send (absent: no limit). */
+  maxRate?: number;
 }
 
 interface CatalogFile {

@@ -361,6 +361,8 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
       {
         timeoutMs: this.replication.mirrorTimeoutMs ?? DEFAULT_MIRROR_TIMEOUT_MS,
         generation: generationOf(rec),
+        maxRate: r.maxRate ?? 0,
+        dr: r.dr === true,
         onSuperseded: (peer, generation) => {
           const vol = this.volumes.get(rec.name);
           if (vol) this.markSplitBrain(vol, peer, generation);
@@ -370,7 +372,12 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
   }
 
   /** `replica add`: mirrors a dedup volume to another gateway, starting with a hash-first sync. */
-  replicaAdd(name: string, to: string, mode: MirrorMode = 'async'): Promise<MirrorStatus> {
+  replicaAdd(
+    name: string,
+    to: string,
+    mode: MirrorMode = 'async',
+    opts: { dr?: boolean; maxRate?: number } = {},
+  ): Promise<MirrorStatus> {
     return this.exclusive(async () => {
       const vol = this.volume(name);
       if (vol.record.backend !== 'dedup')
@@ -391,12 +398,23 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
       const canonical = `${addr.host}:${addr.port}`;
       if (vol.mirrors.some((m) => m.address === canonical))
         throw new VolumeExistsError(`volume '${name}' is already mirrored to ${canonical}`);
-      const config: ReplicaConfig = { to: canonical, mode };
+      if (opts.maxRate !== undefined && !(Number.isSafeInteger(opts.maxRate) && opts.maxRate > 0))
+        throw new InvalidArgumentError(`invalid --max-rate ${opts.maxRate}`);
+      if (opts.dr && vol.mirrors.some((m) => m.status().dr))
+        throw new InvalidArgumentError(`volume '${name}' already has a --dr replica`);
+      const config: ReplicaConfig = {
+        to: canonical,
+        mode,
+        ...(opts.dr ? { dr: true } : {}),
+        ...(opts.maxRate !== undefined ? { maxRate: opts.maxRate } : {}),
+      };
       const mirror = this.startMirror(vol.record, config);
-      vol.mirrors.push(mirror);
+      // The DR replica first: the write splitter hands every change to it before the others.
+      if (opts.dr) vol.mirrors.unshift(mirror);
+      else vol.mirrors.push(mirror);
       vol.record = { ...vol.record, replicas: [...(vol.record.replicas ?? []), config] };
       this.catalog.save(this.records());
-      this.log.info(`volume ${name}: ${mode} replica ${canonical} added`);
+      this.log.info(`volume ${name}: ${mode}${opts.dr ? ' DR' : ''} replica ${canonical} added`);
       return mirror.status();
     });
   }

@@ -13,6 +13,7 @@ import { Gateway } from '../helpers/gateway';
 import { createVolume, MiB, scratchDir, writeRandomFile } from '../helpers/fixtures';
 import { check, run } from '../helpers/run';
 import { openIndex } from '../../gateway/store/index-db';
+import { TcpProxy } from '../helpers/tcp-proxy';
 
 const dir = scratchDir('blockgate-mirror-');
 const keyFile = path.join(dir, 'cluster.key');
@@ -283,6 +284,70 @@ describe('mirrored volumes', () => {
     assert.equal(differs.code, 1, differs.stderr);
     const report = JSON.parse(differs.stdout) as { replicas: Array<{ mismatched: unknown[] }> };
     assert.deepEqual(report.replicas[0]!.mismatched, [{ offset: 300 * 4096, length: 4096 }]);
+  });
+
+  it('survives a link that stalls and one that is cut, losing nothing acknowledged', async () => {
+    const proxy = await TcpProxy.start({ host: '127.0.0.1', port: replicationPort(replica) });
+    try {
+      await createVolume(primary, 'n1', '16M');
+      const add = await primary.cli(
+        'replica',
+        'add',
+        'n1',
+        '--to',
+        `127.0.0.1:${proxy.port}`,
+        '--mode',
+        'sync',
+      );
+      assert.equal(add.code, 0, add.stderr);
+      await waitForState(primary, 'n1', 'in-sync', true);
+
+      // Stalled: a sync write waits out the 2 s timeout, the replica drops to behind, writes go on.
+      proxy.stall();
+      await check('qemu-io', ['-f', 'raw', '-c', 'write -P 0x71 0 1M', primary.uri('n1')], {
+        timeoutMs: 30_000,
+      });
+      await check('qemu-io', ['-f', 'raw', '-c', 'write -P 0x72 1M 1M', primary.uri('n1')], {
+        timeoutMs: 30_000,
+      });
+      assert.notEqual((await replicaList(primary, 'n1')).replicas[0]!.state, 'in-sync');
+      proxy.resume();
+      await waitForState(primary, 'n1', 'in-sync', true);
+      await identical(primary.uri('n1'), replica.uri('n1'));
+
+      // Cut: the mirror reconnects and sends what the replica missed.
+      proxy.cut();
+      await check('qemu-io', ['-f', 'raw', '-c', 'write -P 0x73 2M 1M', primary.uri('n1')], {
+        timeoutMs: 30_000,
+      });
+      proxy.cut();
+      await waitForState(primary, 'n1', 'in-sync', true);
+      await identical(primary.uri('n1'), replica.uri('n1'));
+      assert.match(replica.log, /link from gateway [0-9a-f]+ at .* closed/);
+    } finally {
+      await primary.cli('replica', 'remove', 'n1', `127.0.0.1:${proxy.port}`);
+      await proxy.close();
+    }
+  });
+
+  it('throttles the initial sync to --max-rate, and lists a --dr replica first', async () => {
+    await createVolume(primary, 't1', '16M');
+    const data = path.join(dir, 't1.bin');
+    writeRandomFile(data, 8 * MiB);
+    await check('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', data, primary.uri('t1')]);
+    const t0 = Date.now();
+    const add = await primary.cli('replica', 'add', 't1', '--to', to, '--dr', '--max-rate', '2M');
+    assert.equal(add.code, 0, add.stderr);
+    await waitForState(primary, 't1', 'in-sync');
+    const seconds = (Date.now() - t0) / 1000;
+    // 8 MiB of random blocks at 2 MiB/s, with a second's burst: at least 3 s.
+    assert.ok(seconds >= 2.5, `the sync took ${seconds} s`);
+    const l = await primary.cli('replica', 'list', 't1');
+    assert.match(l.stdout, /async DR/);
+    const twice = await primary.cli('replica', 'add', 't1', '--to', '127.0.0.1:1', '--dr');
+    assert.equal(twice.code, 1);
+    assert.match(twice.stderr, /already has a --dr replica/);
+    await identical(primary.uri('t1'), replica.uri('t1'));
   });
 
   it('removes a replica: writes stop following, its copy stays', async () => {
