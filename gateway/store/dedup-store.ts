@@ -82,6 +82,8 @@ export interface StoreOptions {
   hashPoolMin?: number | null;
   /** Overlay changes past which writes wait for the running checkpoint (tests lower it). */
   overlayLimit?: number;
+  /** Overlay changes that start a checkpoint (tests lower it). */
+  checkpointEntries?: number;
   /** Memory for the metamap's in-memory pages (meta-cache.ts); 0 turns them off. */
   metaCacheBytes?: number;
   /**
@@ -255,6 +257,12 @@ export class DedupStore {
   private readonly recordScratch = Buffer.allocUnsafe(RECORD_HEADER + BLOCK);
   private readonly blockScratch = Buffer.allocUnsafe(BLOCK);
   private readonly mirrorScratch = Buffer.allocUnsafe(BLOCK);
+  /**
+   * Above zero while a change that must land in one overlay is being made: a checkpoint
+   * set off by the overlay's size mid-way would freeze half of it (setMeta starts one
+   * synchronously), splitting new blocks from their references.
+   */
+  private holdCheckpoints = 0;
   /** verify's chunk digests by page key (chunks are metamap pages), dropped by setMeta. */
   private readonly digests = new Map<number, Buffer>();
   private readonly hasher: BlockHasher;
@@ -282,6 +290,7 @@ export class DedupStore {
     private readonly poolMinBlocks: number,
     private readonly overlayLimit: number,
     private readonly cache: MetaCache,
+    private readonly checkpointEntries: number,
   ) {
     this.pool = Number.isFinite(poolMinBlocks) ? new BlockPool(state.secret) : null;
     this.hasher = new BlockHasher(Buffer.from(state.secret, 'base64'));
@@ -339,6 +348,7 @@ export class DedupStore {
       poolMinBlocks,
       overlayLimit,
       new MetaCache(opts.metaCacheBytes ?? DEFAULT_META_CACHE_BYTES),
+      opts.checkpointEntries ?? CHECKPOINT_ENTRIES,
     );
   }
 
@@ -509,7 +519,7 @@ export class DedupStore {
     this.live.meta.set(key, value);
     this.cache.set(key, value);
     if (this.digests.size) this.digests.delete(pageKey(key));
-    if (this.live.size >= CHECKPOINT_ENTRIES && !this.checkpointing) {
+    if (this.live.size >= this.checkpointEntries && !this.checkpointing && this.holdCheckpoints === 0) {
       this.flush().catch((e) => this.log.error(`checkpoint: ${e}`));
     }
     return old;
@@ -1345,6 +1355,23 @@ export class DedupStore {
       }
     }
     if (missing.length) return { missing };
+    this.holdCheckpoints++;
+    try {
+      return { written: this.applyMirroredNow(volume, ranges, ids, fresh) };
+    } finally {
+      this.holdCheckpoints--;
+      if (this.live.size >= this.checkpointEntries && !this.checkpointing)
+        this.flush().catch((e) => this.log.error(`checkpoint: ${e}`));
+    }
+  }
+
+  /** applyMirrored's changes, all in one overlay: the new blocks, then every mapping. */
+  private applyMirroredNow(
+    volume: number,
+    ranges: Array<{ lba: number; kinds: Buffer; cids: Buffer }>,
+    ids: number[],
+    fresh: Map<string, { block: MirroredBlock; hash: Buffer; ordinals: number[] }>,
+  ): Promise<void> {
     let written: Promise<void> = RESOLVED;
     const placedIds = new Set<number>();
     if (fresh.size) {
@@ -1396,7 +1423,7 @@ export class DedupStore {
         throw err;
       });
     }
-    ordinal = 0;
+    let ordinal = 0;
     for (const r of ranges) {
       for (let b = 0; b < r.kinds.length; b++) {
         const key = metaKey(volume, r.lba + b);
@@ -1405,7 +1432,7 @@ export class DedupStore {
         else this.setMeta(key, kind === MIRROR_ZERO ? ZERO_BLOCK : HOLE);
       }
     }
-    return { written };
+    return written;
   }
 
   async close(): Promise<void> {

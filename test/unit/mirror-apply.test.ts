@@ -1,0 +1,96 @@
+import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { after, describe, it } from 'node:test';
+import { BlockHasher } from '../../gateway/store/block-codec';
+import { DedupDevice } from '../../gateway/store/dedup-device';
+import { clusterSecret, DedupStore, MIRROR_DATA, MirroredBlock } from '../../gateway/store/dedup-store';
+import { fsckStore } from '../../gateway/store/fsck';
+import { silentLogger } from '../../gateway/util/log';
+
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-mirror-apply-'));
+after(() => fs.rmSync(tmp, { recursive: true, force: true }));
+const seed = crypto.randomBytes(32);
+const hasher = new BlockHasher(clusterSecret(seed));
+let n = 0;
+
+function blocks(count: number): Buffer[] {
+  return Array.from({ length: count }, () => crypto.randomBytes(4096));
+}
+
+/** A batch of data blocks at lba 0.., as a primary would send it, with every block provided raw. */
+function batch(data: Buffer[]): {
+  ranges: Array<{ lba: number; kinds: Buffer; cids: Buffer }>;
+  provided: Map<number, MirroredBlock>;
+} {
+  const ranges = [
+    {
+      lba: 0,
+      kinds: Buffer.alloc(data.length, MIRROR_DATA),
+      cids: Buffer.concat(data.map((b) => hasher.hash(b))),
+    },
+  ];
+  const provided = new Map(data.map((b, i) => [i, { block: b, payload: b, lz4: false }]));
+  return { ranges, provided };
+}
+
+describe('applying mirrored batches', () => {
+  it('keeps a batch whose new blocks cross the checkpoint trigger in one overlay', async () => {
+    const dir = path.join(tmp, `s${n++}`);
+    // A checkpoint is due after 50 changes: a 64-block batch makes ~190.
+    const store = DedupStore.open(dir, silentLogger, { secretSeed: seed, checkpointEntries: 50 });
+    const vol = store.volumeId('m');
+    const data = blocks(64);
+    const { ranges, provided } = batch(data);
+    const r = store.applyMirrored(vol, ranges, provided);
+    assert.ok('written' in r);
+    await r.written;
+    await store.flush();
+    const dev = new DedupDevice(store, vol, 64 * 4096);
+    const got = Buffer.alloc(64 * 4096);
+    await dev.read(0, got);
+    assert.ok(got.equals(Buffer.concat(data)));
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+  });
+
+  it('names the blocks it lacks, and links the ones it holds under any volume', async () => {
+    const dir = path.join(tmp, `s${n++}`);
+    const store = DedupStore.open(dir, silentLogger, { secretSeed: seed });
+    const data = blocks(4);
+    const local = new DedupDevice(store, store.volumeId('local'), 4 * 4096);
+    await local.write(0, Buffer.concat([data[1]!, data[3]!]));
+    const { ranges } = batch(data);
+    assert.deepEqual(store.missingContent(ranges), [0, 2]);
+    const vol = store.volumeId('m');
+    assert.deepEqual(store.applyMirrored(vol, ranges, new Map()), { missing: [0, 2] });
+    const some = new Map([0, 2].map((i) => [i, { block: data[i]!, payload: data[i]!, lz4: false }]));
+    const r = store.applyMirrored(vol, ranges, some);
+    assert.ok('written' in r);
+    await r.written;
+    const got = Buffer.alloc(4 * 4096);
+    await new DedupDevice(store, vol, 4 * 4096).read(0, got);
+    assert.ok(got.equals(Buffer.concat(data)));
+    assert.equal((await store.stats()).uniqueBlocks, 4);
+    await store.close();
+  });
+
+  it('refuses a block whose bytes do not match its content id, changing nothing', async () => {
+    const dir = path.join(tmp, `s${n++}`);
+    const store = DedupStore.open(dir, silentLogger, { secretSeed: seed });
+    const vol = store.volumeId('m');
+    const data = blocks(2);
+    const { ranges } = batch(data);
+    const wrong = new Map([
+      [0, { block: data[0]!, payload: data[0]!, lz4: false }],
+      [1, { block: data[0]!, payload: data[0]!, lz4: false }],
+    ]);
+    assert.throws(() => store.applyMirrored(vol, ranges, wrong), /does not match its content id/);
+    const got = Buffer.alloc(2 * 4096, 1);
+    await new DedupDevice(store, vol, 2 * 4096).read(0, got);
+    assert.ok(got.every((b) => b === 0));
+    await store.close();
+  });
+});
