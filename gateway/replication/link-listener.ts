@@ -14,6 +14,8 @@ export class LinkListener {
   private readonly links = new Set<Link>();
   private readonly pending = new Set<net.Socket>();
   private readonly sinks = new WeakMap<Link, ReplicaSink>();
+  /** The sink applying each volume's mirror now. */
+  private readonly owners = new Map<string, ReplicaSink>();
 
   constructor(
     private readonly me: LinkIdentity,
@@ -63,6 +65,7 @@ export class LinkListener {
           );
         socket.on('close', () => {
           this.links.delete(link);
+          this.sinks.get(link)?.close();
           this.log.info(`link from gateway ${link.peerId} at ${remote} closed`);
         });
         link.start();
@@ -87,7 +90,7 @@ export class LinkListener {
     if (this.volumes) {
       let sink = this.sinks.get(link);
       if (!sink) {
-        sink = new ReplicaSink(link, this.volumes, this.log);
+        sink = new ReplicaSink(link, this.volumes, this.log, this.owners);
         this.sinks.set(link, sink);
       }
       if (sink.handle(f)) return;

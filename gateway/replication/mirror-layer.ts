@@ -32,19 +32,38 @@ export class MirrorLayer extends Layer {
 
   override async write(offset: number, data: Buffer, flags?: WriteFlags): Promise<void> {
     this.check();
-    await this.next.write(offset, data, flags);
+    await this.guard(this.next.write(offset, data, flags), offset, data.length);
     return this.split(offset, data.length, flags?.fua === true);
+  }
+
+  /**
+   * A change that fails may have applied in part (some blocks stored, an edge not): the
+   * replicas are told the range is dirty, so a resync sends whatever it now holds.
+   */
+  private async guard(change: Promise<void>, offset: number, length: number): Promise<void> {
+    try {
+      await change;
+    } catch (err) {
+      this.dirty(offset, length);
+      throw err;
+    }
+  }
+
+  private dirty(offset: number, length: number): void {
+    const first = Math.floor(offset / BLOCK);
+    const end = Math.ceil((offset + length) / BLOCK);
+    for (const m of this.mirrors()) m.markDirty(first, end - first);
   }
 
   override async trim(offset: number, length: number, flags?: WriteFlags): Promise<void> {
     this.check();
-    await this.next.trim(offset, length, flags);
+    await this.guard(this.next.trim(offset, length, flags), offset, length);
     return this.split(offset, length, flags?.fua === true);
   }
 
   override async writeZeroes(offset: number, length: number, flags?: ZeroFlags): Promise<void> {
     this.check();
-    await this.next.writeZeroes(offset, length, flags);
+    await this.guard(this.next.writeZeroes(offset, length, flags), offset, length);
     return this.split(offset, length, flags?.fua === true);
   }
 
@@ -59,7 +78,14 @@ export class MirrorLayer extends Layer {
     if (ms.length === 0 || length === 0) return undefined;
     const first = Math.floor(offset / BLOCK);
     const end = Math.ceil((offset + length) / BLOCK);
-    const range = this.store.captureRange(this.volumeId, first, end - first);
+    let range;
+    try {
+      range = this.store.captureRange(this.volumeId, first, end - first);
+    } catch {
+      // A block the store cannot describe now (damaged index): the resync will try again.
+      this.dirty(offset, length);
+      return undefined;
+    }
     if (ms.length === 1) return ms[0]!.captured(range, durable);
     return Promise.all(ms.map((m) => m.captured(range, durable))).then(() => undefined);
   }

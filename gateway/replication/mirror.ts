@@ -18,6 +18,7 @@
 // walk starts over, still hash-first, so only the ids of unchanged blocks
 // travel again.
 
+import { BlockError } from '../device/errors';
 import type { Logger } from '../util/log';
 import { Frame, WireBlock } from '../../protocol/replication/frames';
 import { LinkProtocolError } from '../../protocol/replication/errors';
@@ -60,13 +61,17 @@ interface Batch {
   blocks: number;
   durable: boolean;
   sentAt: number;
-  /** Sync-mode writers waiting for the acknowledgement. */
-  waiters: Array<() => void>;
+  /** Sync-mode writers waiting for the acknowledgement; an error fails their write. */
+  waiters: Array<(err?: Error) => void>;
   /** Sent by the initial sync or a resync (throttled by --max-rate), not by a client's write. */
   resync?: boolean;
 }
 
 const VERIFY_TIMEOUT_MS = 60_000;
+
+function waitFor(batch: Batch): Promise<void> {
+  return new Promise((resolve, reject) => batch.waiters.push((err) => (err ? reject(err) : resolve())));
+}
 
 /** What `verify` found for one replica: block ranges whose content differs, by content id. */
 export interface VerifyReport {
@@ -105,7 +110,7 @@ export class Mirror {
   private seq = 0;
   private filling: Batch | null = null;
   private readonly inflight: Batch[] = [];
-  private readonly dirty = new Set<number>();
+  private readonly dirty: DirtyChunks;
   /** Ranges of batches the replica applied but may not have on disk yet. */
   private volatile: Array<{ lba: number; count: number }> = [];
   private volatileSince = 0;
@@ -120,6 +125,9 @@ export class Mirror {
   private sentBatches = 0;
   private peer: string | null = null;
   private verifySeq = 0;
+  /** Sync batches sent and not yet acknowledged (the window counts these only). */
+  private resyncInflight = 0;
+  private pumpTimer: NodeJS.Timeout | null = null;
   private tokens = 0;
   private tokensAt = Date.now();
   private readonly verifying = new Map<
@@ -138,6 +146,7 @@ export class Mirror {
     private readonly log: Logger,
     private readonly opts: MirrorOptions,
   ) {
+    this.dirty = new DirtyChunks(Math.ceil(volumeBlocks / CHUNK_BLOCKS));
     this.markAllDirty();
     this.watchdog = setInterval(
       () => this.checkStall(),
@@ -190,7 +199,7 @@ export class Mirror {
     batch.blocks += range.kinds.length;
     batch.durable ||= durable;
     if (this.mode === 'async') return Promise.resolve();
-    return new Promise((resolve) => batch.waiters.push(resolve));
+    return waitFor(batch);
   }
 
   /** FLUSH: on a sync replica, resolves once everything before it is durable there. */
@@ -199,7 +208,7 @@ export class Mirror {
       return Promise.resolve();
     const batch = this.batchFor(0);
     batch.durable = true;
-    return new Promise((resolve) => batch.waiters.push(resolve));
+    return waitFor(batch);
   }
 
   /**
@@ -241,16 +250,27 @@ export class Mirror {
   }
 
   /**
-   * --max-rate for the sync's block data (clients' writes are never held by it): a
-   * token bucket holding at most a second's worth. Returns how long to wait, in ms.
+   * --max-rate: a token bucket (at most a second's worth) spent by the sync's block data
+   * as it goes, and waited out before the next sync batch. Clients' batches never wait.
    */
-  private throttle(bytes: number): number {
+  private refill(): void {
     const rate = this.opts.maxRate;
-    if (!rate) return 0;
     const now = Date.now();
-    this.tokens = Math.min(rate, this.tokens + ((now - this.tokensAt) / 1000) * rate) - bytes;
+    this.tokens = Math.min(rate, this.tokens + ((now - this.tokensAt) / 1000) * rate);
     this.tokensAt = now;
-    return this.tokens >= 0 ? 0 : Math.ceil((-this.tokens / rate) * 1000);
+  }
+
+  private spend(bytes: number): void {
+    if (!this.opts.maxRate) return;
+    this.refill();
+    this.tokens -= bytes;
+  }
+
+  /** How long the sync must wait before its next batch, in ms. */
+  private rateWait(): number {
+    if (!this.opts.maxRate) return 0;
+    this.refill();
+    return this.tokens >= 0 ? 0 : Math.ceil((-this.tokens / this.opts.maxRate) * 1000);
   }
 
   /** Sends a verify frame (made in the tick it goes, after this tick's batch) and waits for its answer. */
@@ -283,6 +303,7 @@ export class Mirror {
 
   close(): void {
     this.closed = true;
+    if (this.pumpTimer) clearTimeout(this.pumpTimer);
     clearInterval(this.watchdog);
     if (this.retry) clearTimeout(this.retry);
     this.dropLink('mirror removed');
@@ -318,6 +339,7 @@ export class Mirror {
     batch.seq = ++this.seq;
     batch.sentAt = Date.now();
     this.inflight.push(batch);
+    if (batch.resync) this.resyncInflight++;
     const frame: Frame = {
       batch: {
         seq: batch.seq,
@@ -329,11 +351,21 @@ export class Mirror {
     this.sentBatches++;
   }
 
-  /** The initial sync and every resync: the dirty chunks' current states, a window at a time. */
+  /**
+   * The initial sync and every resync: the dirty chunks' current states, a window at a
+   * time, and no faster than --max-rate (checked before a batch goes, so clients' batches
+   * never queue behind block data held back).
+   */
   private pump(): void {
-    while (this.link && this.inflight.length < WINDOW && this.dirty.size > 0) {
-      const chunk = Math.min(...this.dirty);
-      this.dirty.delete(chunk);
+    // Under --max-rate one sync batch at a time, so its block data is spent before the next goes.
+    const window = this.opts.maxRate ? 1 : WINDOW;
+    while (this.link && this.resyncInflight < window && this.dirty.size > 0) {
+      const wait = this.rateWait();
+      if (wait > 0) {
+        this.schedulePump(wait);
+        break;
+      }
+      const chunk = this.dirty.next();
       const lba = chunk * CHUNK_BLOCKS;
       const count = Math.min(CHUNK_BLOCKS, this.volumeBlocks - lba);
       let range: CapturedRange;
@@ -343,6 +375,7 @@ export class Mirror {
         this.dirty.add(chunk);
         this.lastError = `capture of chunk ${chunk}: ${(err as Error).message}`;
         this.log.error(`mirror of ${this.volumeName} to ${this.address}: ${this.lastError}`);
+        this.schedulePump(RETRY_MS);
         return;
       }
       this.sendFilling();
@@ -356,23 +389,37 @@ export class Mirror {
         resync: true,
       });
     }
-    if (this.state === 'syncing' && this.dirty.size === 0 && this.inflight.length === 0) {
+    // In sync once no sync batch is owed or in flight (clients' batches may always be).
+    if (this.state === 'syncing' && this.dirty.size === 0 && this.resyncInflight === 0) {
       this.state = 'in-sync';
       this.log.info(`replica ${this.address} of ${this.volumeName} is in sync`);
     }
   }
 
-  private markDirty(lba: number, count: number): void {
+  /** Blocks the replica may not have: their chunks go again (also for a change that failed half-way). */
+  markDirty(lba: number, count: number): void {
     if (count === 0) return;
     const first = Math.floor(lba / CHUNK_BLOCKS);
-    const last = Math.floor((lba + count - 1) / CHUNK_BLOCKS);
+    const last = Math.min(Math.floor((lba + count - 1) / CHUNK_BLOCKS), this.dirty.chunks - 1);
     for (let c = first; c <= last; c++) this.dirty.add(c);
+    if (this.state === 'in-sync') {
+      this.state = 'syncing';
+      this.schedulePump(0);
+    }
   }
 
   private markAllDirty(): void {
-    const chunks = Math.ceil(this.volumeBlocks / CHUNK_BLOCKS);
-    for (let c = 0; c < chunks; c++) this.dirty.add(c);
-    this.syncTotal = chunks;
+    for (let c = 0; c < this.dirty.chunks; c++) this.dirty.add(c);
+    this.syncTotal = this.dirty.chunks;
+  }
+
+  private schedulePump(ms: number): void {
+    if (this.pumpTimer) return;
+    this.pumpTimer = setTimeout(() => {
+      this.pumpTimer = null;
+      if (!this.closed) this.pump();
+    }, ms);
+    this.pumpTimer.unref();
   }
 
   // ---- the link ------------------------------------------------------------------------
@@ -436,6 +483,7 @@ export class Mirror {
     this.sentBytes += link?.bytesOut ?? 0;
     if (this.state !== 'connecting') this.log.warn(`replica ${this.address} of ${this.volumeName}: ${why}`);
     this.state = this.closed ? 'connecting' : 'behind';
+    this.resyncInflight = 0;
     for (const b of this.inflight.splice(0)) {
       for (const r of b.ranges) this.markDirty(r.lba, r.kinds.length);
       for (const w of b.waiters) w();
@@ -492,6 +540,7 @@ export class Mirror {
       if (!head || head.seq !== f.ack.seq)
         throw new LinkProtocolError('ERR_LINK_UNEXPECTED', `ack for batch ${f.ack.seq} out of order`);
       this.inflight.shift();
+      if (head.resync) this.resyncInflight--;
       this.lastAckAt = Date.now();
       if (head.durable) this.volatile = [];
       else {
@@ -512,6 +561,13 @@ export class Mirror {
       // No reconnecting: the peer holds a newer generation, and writes here stop (split brain).
       this.lastError = `superseded: the copy at ${this.address} is at generation ${f.superseded.generation}`;
       this.log.error(`replica ${this.address} of ${this.volumeName}: ${this.lastError}; split brain`);
+      // Writes waiting for this replica never reached the volume's newer primary: they fail.
+      const err = new BlockError('EPERM', `volume ${this.volumeName} was superseded at ${this.address}`);
+      for (const b of this.inflight.splice(0)) for (const w of b.waiters) w(err);
+      if (this.filling) {
+        for (const w of this.filling.waiters) w(err);
+        this.filling = null;
+      }
       this.close();
       this.state = 'superseded';
       this.opts.onSuperseded(link.peerId, f.superseded.generation);
@@ -548,16 +604,10 @@ export class Mirror {
       })),
     ).then(
       (blocks) => {
-        const go = (): void => {
-          if (this.link !== link) return;
-          link.send({ blocks: { seq: batch.seq, blocks } });
-          this.sentBlocks += blocks.length;
-        };
-        const wait = batch.resync ? this.throttle(blocks.reduce((n, b) => n + b.payload.length, 0)) : 0;
-        if (wait > 0) {
-          batch.sentAt = Math.max(batch.sentAt, Date.now() + wait);
-          setTimeout(go, wait).unref();
-        } else go();
+        if (this.link !== link) return;
+        link.send({ blocks: { seq: batch.seq, blocks } });
+        this.sentBlocks += blocks.length;
+        if (batch.resync) this.spend(blocks.reduce((n, b) => n + b.payload.length, 0));
       },
       (err: Error) => {
         // A block compacted away since its capture, or damaged: send its chunk again, as it is now.
@@ -565,5 +615,41 @@ export class Mirror {
         if (this.link === link) this.dropLink(this.lastError);
       },
     );
+  }
+}
+
+/** Chunks the replica may lack: a bitmap, taken in order from a cursor that wraps. */
+class DirtyChunks {
+  private readonly bits: Uint8Array;
+  private count = 0;
+  private cursor = 0;
+
+  constructor(readonly chunks: number) {
+    this.bits = new Uint8Array(chunks);
+  }
+
+  get size(): number {
+    return this.count;
+  }
+
+  add(c: number): void {
+    if (this.bits[c]) return;
+    this.bits[c] = 1;
+    this.count++;
+    if (c < this.cursor) this.cursor = c;
+  }
+
+  /** The lowest dirty chunk at or after the cursor (the caller checked size > 0); cleared. */
+  next(): number {
+    for (let i = 0; i < this.chunks; i++) {
+      const c = (this.cursor + i) % this.chunks;
+      if (this.bits[c]) {
+        this.bits[c] = 0;
+        this.count--;
+        this.cursor = c + 1;
+        return c;
+      }
+    }
+    throw new Error('no dirty chunk');
   }
 }

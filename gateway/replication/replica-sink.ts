@@ -7,7 +7,6 @@
 
 import { LinkProtocolError } from '../../protocol/replication/errors';
 import { Extent, Frame, KIND_DATA, WireBlock } from '../../protocol/replication/frames';
-import { CHUNK_BLOCKS } from './mirror';
 import { native } from '../../native-bindings';
 import type { DedupStore, MirroredBlock } from '../store/dedup-store';
 import type { Logger } from '../util/log';
@@ -29,8 +28,11 @@ export interface ReplicaVolumes {
     primary: string,
     generation: number,
   ): Promise<{ store: DedupStore; volumeId: number }>;
-  /** Whether the volume is still a replica that takes this generation's batches (not promoted since). */
-  takesMirror(name: string, generation: number): boolean;
+  /**
+   * Null while the volume is still a replica that takes this generation's batches; else
+   * the refusal (SupersededError once promoted here, another error once deleted).
+   */
+  mirrorRefusal(name: string, generation: number): LinkProtocolError | null;
 }
 
 /** The volume here has a newer generation than the mirror's: its sender has been superseded. */
@@ -54,7 +56,14 @@ interface Incoming {
 }
 
 export class ReplicaSink {
-  private target: { name: string; store: DedupStore; volumeId: number; generation: number } | null = null;
+  private target: {
+    name: string;
+    store: DedupStore;
+    volumeId: number;
+    generation: number;
+    blocks: number;
+  } | null = null;
+  private closed = false;
   /** Batches, and verify requests between them, in the order they came. */
   private readonly queue: Array<Incoming | (() => void)> = [];
   private busy = false;
@@ -70,7 +79,20 @@ export class ReplicaSink {
     private readonly link: Link,
     private readonly volumes: ReplicaVolumes,
     private readonly log: Logger,
+    /** The sink applying each volume's batches now, shared by the listener's sinks. */
+    private readonly owners: Map<string, ReplicaSink>,
   ) {}
+
+  /** The link is gone (or replaced): nothing queued is applied any more. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.queue.length = 0;
+    for (const resolve of this.awaiting.values()) resolve([]);
+    this.awaiting.clear();
+    if (this.target && this.owners.get(this.target.name) === this) this.owners.delete(this.target.name);
+    this.link.socket.destroy();
+  }
 
   /** Frames of a mirror link; false for those it does not handle. */
   handle(f: Frame): boolean {
@@ -80,9 +102,9 @@ export class ReplicaSink {
     }
     if ('batch' in f) {
       if (!this.target) throw new LinkProtocolError('ERR_LINK_UNKNOWN_VOLUME', 'batch before a mirror frame');
-      if (!this.volumes.takesMirror(this.target.name, this.target.generation)) {
-        // Promoted here since the link opened: the sender is the stale side now.
-        this.refuse(new SupersededError(this.target.name, this.target.generation + 1));
+      const refusal = this.volumes.mirrorRefusal(this.target.name, this.target.generation);
+      if (refusal) {
+        this.refuse(refusal);
         return true;
       }
       // Asked for at once, applied in order: the round trips of a window of batches overlap.
@@ -103,7 +125,13 @@ export class ReplicaSink {
     if ('verifyChunks' in f || 'verifyBlocks' in f) {
       const t = this.target;
       if (!t) throw new LinkProtocolError('ERR_LINK_UNKNOWN_VOLUME', 'verify before a mirror frame');
-      this.queue.push(() => this.link.send(this.verify(t.store, t.volumeId, f)));
+      this.queue.push(() => {
+        try {
+          this.link.send(this.verify(t.store, t.volumeId, t.blocks, f));
+        } catch (err) {
+          this.refuse(new LinkProtocolError('ERR_LINK_BAD_BLOCK', `verify: ${(err as Error).message}`));
+        }
+      });
       this.drain();
       return true;
     }
@@ -141,7 +169,13 @@ export class ReplicaSink {
           );
           return;
         }
-        this.target = { name, store, volumeId, generation };
+        if (this.closed) return;
+        this.target = { name, store, volumeId, generation, blocks: Math.ceil(size / 4096) };
+        // One sink per volume: a link the primary gave up on must not apply its queue
+        // after the new one has started (older states over newer ones).
+        const prev = this.owners.get(name);
+        if (prev && prev !== this) prev.close();
+        this.owners.set(name, this);
         this.log.info(`gateway ${this.link.peerId} mirrors ${name} here`);
         this.link.send({ mirrorReady: { volume: name } });
       },
@@ -184,7 +218,7 @@ export class ReplicaSink {
         this.log.error(
           `mirror of ${this.target?.name} from gateway ${this.link.peerId}: ${e.code}: ${e.message}`,
         );
-        this.link.fail(e);
+        this.refuse(e);
       },
     );
   }
@@ -202,6 +236,10 @@ export class ReplicaSink {
     for (let round = 0; ; round++) {
       for (const b of blocks)
         provided.set(b.ordinal, { block: decodeWireBlock(b), payload: b.payload, lz4: b.lz4 });
+      // Checked in the tick the batch applies: closed (a newer link took over) or promoted here since.
+      if (this.closed) return;
+      const refusal = this.volumes.mirrorRefusal(this.target!.name, this.target!.generation);
+      if (refusal) throw refusal;
       const r = store.applyMirrored(volumeId, batch.extents, provided);
       if ('written' in r) {
         if (batch.durable) {
@@ -231,6 +269,7 @@ export class ReplicaSink {
   private verify(
     store: DedupStore,
     volumeId: number,
+    blocks: number,
     f:
       | { verifyChunks: { seq: number; digests: Buffer } }
       | { verifyBlocks: { seq: number; lba: number; kinds: Buffer; cids: Buffer } },
@@ -238,7 +277,12 @@ export class ReplicaSink {
     if ('verifyChunks' in f) {
       const theirs = f.verifyChunks.digests;
       const chunks = theirs.length / 32;
-      const ours = store.chunkDigests(volumeId, chunks * CHUNK_BLOCKS);
+      const ours = store.chunkDigests(volumeId, blocks);
+      if (ours.length !== theirs.length)
+        throw new LinkProtocolError(
+          'ERR_LINK_MALFORMED',
+          `digests of ${chunks} chunks for ${ours.length / 32}`,
+        );
       const mismatched: number[] = [];
       for (let c = 0; c < chunks; c++)
         if (ours.compare(theirs, c * 32, c * 32 + 32, c * 32, c * 32 + 32) !== 0) mismatched.push(c);

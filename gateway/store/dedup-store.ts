@@ -264,7 +264,7 @@ export class DedupStore {
    */
   private holdCheckpoints = 0;
   /** verify's chunk digests by page key (chunks are metamap pages), dropped by setMeta. */
-  private readonly digests = new Map<number, Buffer>();
+  private readonly digests = new Map<number, { count: number; digest: Buffer }>();
   private readonly hasher: BlockHasher;
   private checkpointing: Promise<void> | null = null;
   private nextCheckpoint: Promise<void> | null = null;
@@ -1238,13 +1238,14 @@ export class DedupStore {
     for (let c = 0; c < chunks; c++) {
       const lba = c * META_PAGE;
       const pk = pageKey(metaKey(volume, lba));
+      const count = Math.min(META_PAGE, blocks - lba);
       let d = this.digests.get(pk);
-      if (!d) {
-        const r = this.captureRange(volume, lba, Math.min(META_PAGE, blocks - lba));
-        d = crypto.createHash('sha256').update(r.kinds).update(r.cids).digest();
+      if (!d || d.count !== count) {
+        const r = this.captureRange(volume, lba, count);
+        d = { count, digest: crypto.createHash('sha256').update(r.kinds).update(r.cids).digest() };
         this.digests.set(pk, d);
       }
-      d.copy(out, c * 32);
+      d.digest.copy(out, c * 32);
     }
     return out;
   }
@@ -1297,7 +1298,16 @@ export class DedupStore {
     if (!rec) {
       // From disk: checked first. A record still in memory was encoded from the client's
       // bytes moments ago, and checking it again would only double the cost.
-      rec = await this.segments.read(src.segment, src.offset, RECORD_HEADER + src.storedLength);
+      try {
+        rec = await this.segments.read(src.segment, src.offset, RECORD_HEADER + src.storedLength);
+      } catch (err) {
+        // The compactor may have moved the block (same id) and deleted the old segment.
+        const now = this.lookupData(src.id);
+        if (!now || (now.segment === src.segment && now.offset === src.offset)) throw err;
+        rec =
+          this.pending.get(src.id)?.record ??
+          (await this.segments.read(now.segment, now.offset, RECORD_HEADER + now.storedLength));
+      }
       decodeRecordInto(rec, src.id, src.hash, this.hasher, this.mirrorScratch);
     }
     const storedLength = rec.readUInt32BE(16);

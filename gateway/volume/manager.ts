@@ -76,6 +76,8 @@ export interface ReplicaListing {
 class Volume implements NbdExport {
   readonly clients = new Map<number, ClientInfo>();
   mirrors: Mirror[] = [];
+  /** Set while promote or demote swaps the volume's role: no client may attach or write. */
+  changingRole: 'promote' | 'demote' | null = null;
   constructor(
     public record: VolumeRecord,
     readonly device: BlockDevice,
@@ -241,6 +243,10 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
       const vol = this.volume(name);
       checkSize(size);
       if (vol.record.readOnly) throw new InvalidArgumentError(`volume '${name}' is read-only`);
+      if (vol.mirrors.length > 0)
+        throw new InvalidArgumentError(
+          `volume '${name}' has replicas: remove them, resize, and add them again (resizes are not mirrored yet)`,
+        );
       if (size < vol.device.size && vol.clients.size > 0) {
         throw new VolumeBusyError(
           `cannot shrink volume '${name}' while ${vol.clients.size} client(s) are connected`,
@@ -309,6 +315,8 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
 
   attach(name: string, client: ClientInfo): () => void {
     const vol = this.volume(name);
+    if (vol.changingRole)
+      throw new VolumeBusyError(`volume '${name}' is being ${vol.changingRole}d; connect again in a moment`);
     vol.clients.set(client.id, client);
     return () => vol.clients.delete(client.id);
   }
@@ -325,6 +333,7 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
       store.volumeId(rec.name),
       () => vol!.mirrors,
       () => {
+        if (vol!.changingRole) return `volume ${rec.name} is being ${vol!.changingRole}d`;
         const sb = vol!.record.splitBrain;
         return sb
           ? `split brain: gateway ${sb.peer} holds volume ${rec.name} at generation ${sb.generation}; demote this copy`
@@ -484,7 +493,12 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
               `volume ${name} is a primary here (generation ${here}), now stopped as split brain: demote it to take the mirror`,
             );
           }
-          throw new SupersededError(name, here);
+          // Only a newer generation supersedes: an equal one is another primary of the name.
+          if (here > generation) throw new SupersededError(name, here);
+          throw new LinkProtocolError(
+            'ERR_LINK_NOT_REPLICA',
+            `volume ${name} is a primary here too, at the same generation ${here}`,
+          );
         }
         if (generation < here) throw new SupersededError(name, here);
         if (existing.device.size !== size)
@@ -518,9 +532,14 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
     });
   }
 
-  takesMirror(name: string, generation: number): boolean {
+  mirrorRefusal(name: string, generation: number): LinkProtocolError | null {
     const v = this.volumes.get(name);
-    return !!v && v.record.replicaOf !== undefined && generationOf(v.record) <= generation;
+    if (!v) return new LinkProtocolError('ERR_LINK_UNKNOWN_VOLUME', `volume ${name} is gone here`);
+    const here = generationOf(v.record);
+    if (here > generation) return new SupersededError(name, here);
+    if (v.record.replicaOf === undefined)
+      return new LinkProtocolError('ERR_LINK_NOT_REPLICA', `volume ${name} is a primary here`);
+    return null;
   }
 
   /** This primary volume met a newer generation of itself: writes stop (EPERM) until it is demoted. */
@@ -547,11 +566,17 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
           `volume '${name}' has ${vol.clients.size} connected client(s); disconnect them first`,
         );
       const generation = generationOf(vol.record) + 1;
-      const { replicaOf: _was, ...rest } = vol.record;
-      const record: VolumeRecord = { ...rest, readOnly: false, generation };
-      await this.reopen(vol, record);
+      vol.changingRole = 'promote';
+      const was = vol.record.replicaOf;
+      const record: VolumeRecord = { ...vol.record, readOnly: false, generation };
+      delete record.replicaOf;
+      try {
+        await this.reopen(vol, record);
+      } finally {
+        vol.changingRole = null;
+      }
       this.log.info(
-        `volume ${name} promoted to primary at generation ${generation} (was a replica of ${_was})`,
+        `volume ${name} promoted to primary at generation ${generation} (was a replica of ${was})`,
       );
       return { ...this.describe(this.volume(name)), generation };
     });
@@ -579,31 +604,43 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
         );
       const kept = `${name}.g${generationOf(vol.record)}`;
       if (this.volumes.has(kept)) throw new VolumeExistsError(`volume '${kept}' exists: delete it first`);
-      for (const m of vol.mirrors) m.close();
-      vol.mirrors = [];
-      await vol.device.flush();
-      const store = this.store();
-      const keptRecord: VolumeRecord = {
-        name: kept,
-        size: vol.record.size,
-        backend: 'dedup',
-        readOnly: true,
-        created: new Date().toISOString(),
-      };
-      await store.copyVolume(store.volumeId(name), store.volumeId(kept), Math.ceil(vol.record.size / 4096));
-      this.volumes.set(kept, this.openVolume(keptRecord));
-      const { splitBrain } = vol.record;
-      const record: VolumeRecord = {
-        ...vol.record,
-        readOnly: true,
-        replicaOf: splitBrain?.peer ?? 'unknown',
-      };
-      delete record.replicas;
-      delete record.splitBrain;
-      await this.reopen(vol, record);
-      this.log.info(`volume ${name} demoted to a replica; its contents are kept as ${kept}`);
-      return { volume: name, kept };
+      // From here until the swap no client may attach or write (copyVolume yields).
+      vol.changingRole = 'demote';
+      try {
+        return await this.demoteNow(vol, kept);
+      } finally {
+        vol.changingRole = null;
+      }
     });
+  }
+
+  /** demote's work, with the volume held from clients. */
+  private async demoteNow(vol: Volume, kept: string): Promise<{ volume: string; kept: string }> {
+    const name = vol.name;
+    for (const m of vol.mirrors) m.close();
+    vol.mirrors = [];
+    await vol.device.flush();
+    const store = this.store();
+    const keptRecord: VolumeRecord = {
+      name: kept,
+      size: vol.record.size,
+      backend: 'dedup',
+      readOnly: true,
+      created: new Date().toISOString(),
+    };
+    await store.copyVolume(store.volumeId(name), store.volumeId(kept), Math.ceil(vol.record.size / 4096));
+    this.volumes.set(kept, this.openVolume(keptRecord));
+    const { splitBrain } = vol.record;
+    const record: VolumeRecord = {
+      ...vol.record,
+      readOnly: true,
+      replicaOf: splitBrain?.peer ?? 'unknown',
+    };
+    delete record.replicas;
+    delete record.splitBrain;
+    await this.reopen(vol, record);
+    this.log.info(`volume ${name} demoted to a replica; its contents are kept as ${kept}`);
+    return { volume: name, kept };
   }
 
   /** Swaps a volume's record and device stack (its role changed); the catalog follows. */

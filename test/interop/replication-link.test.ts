@@ -130,11 +130,15 @@ describe('replication link', () => {
   });
 
   /** An authenticated peer that opens a mirror of `volume`; resolves with the gateway's answer. */
-  async function mirrorPeer(volume: string, domain: Buffer): Promise<{ link: Link; answer: Frame }> {
+  async function mirrorPeer(
+    volume: string,
+    domain: Buffer,
+    generation = 1,
+  ): Promise<{ link: Link; answer: Frame }> {
     const link = await connectLink('127.0.0.1', port, { gatewayId: peerId, key, maxFrame: 1 << 20 });
     const answer = nextFrame(link);
     link.start();
-    link.send({ mirror: { volume, size: 1 << 20, domain, generation: 1 } });
+    link.send({ mirror: { volume, size: 1 << 20, domain, generation } });
     return { link, answer: await answer };
   }
 
@@ -166,8 +170,13 @@ describe('replication link', () => {
   });
 
   it('tells a mirror of an older generation than a primary volume here that it is superseded', async () => {
-    const { answer } = await mirrorPeer('disk0', domain);
+    const { answer } = await mirrorPeer('disk0', domain, 0);
     assert.deepEqual(answer, { superseded: { volume: 'disk0', generation: 1 } });
+  });
+
+  it('refuses a mirror over a primary volume of the same generation here, without superseding it', async () => {
+    const { answer } = await mirrorPeer('disk0', domain);
+    assert.ok('error' in answer && answer.error.code === 'ERR_LINK_NOT_REPLICA', JSON.stringify(answer));
   });
 
   it('refuses a block that does not match its content id, and changes nothing', async () => {
