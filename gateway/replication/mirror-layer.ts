@@ -30,10 +30,35 @@ export class MirrorLayer extends Layer {
     if (why) throw new BlockError('EPERM', why);
   }
 
-  override async write(offset: number, data: Buffer, flags?: WriteFlags): Promise<void> {
+  override write(offset: number, data: Buffer, flags?: WriteFlags): Promise<void> {
+    return this.change(offset, data.length, flags?.fua === true, () => this.next.write(offset, data, flags));
+  }
+
+  /**
+   * One change: refused in split brain; its chunks marked in each mirror's activity log
+   * first (durably, before anything is applied: a crash then resends them); applied
+   * locally; then its resulting state handed to the mirrors.
+   */
+  private async change(
+    offset: number,
+    length: number,
+    durable: boolean,
+    apply: () => Promise<void>,
+  ): Promise<void> {
     this.check();
-    await this.guard(this.next.write(offset, data, flags), offset, data.length);
-    return this.split(offset, data.length, flags?.fua === true);
+    const ms = this.mirrors();
+    if (ms.length === 0) return apply();
+    const first = Math.floor(offset / BLOCK);
+    const count = Math.ceil((offset + length) / BLOCK) - first;
+    const holds = ms.map((m) => m.activate(first, count));
+    try {
+      const ready = holds.map((h) => h.ready).filter((p): p is Promise<void> => p !== null);
+      if (ready.length) await Promise.all(ready);
+      await this.guard(apply(), offset, length);
+      return this.split(offset, length, durable);
+    } finally {
+      for (const h of holds) h.release();
+    }
   }
 
   /**
@@ -55,16 +80,14 @@ export class MirrorLayer extends Layer {
     for (const m of this.mirrors()) m.markDirty(first, end - first);
   }
 
-  override async trim(offset: number, length: number, flags?: WriteFlags): Promise<void> {
-    this.check();
-    await this.guard(this.next.trim(offset, length, flags), offset, length);
-    return this.split(offset, length, flags?.fua === true);
+  override trim(offset: number, length: number, flags?: WriteFlags): Promise<void> {
+    return this.change(offset, length, flags?.fua === true, () => this.next.trim(offset, length, flags));
   }
 
-  override async writeZeroes(offset: number, length: number, flags?: ZeroFlags): Promise<void> {
-    this.check();
-    await this.guard(this.next.writeZeroes(offset, length, flags), offset, length);
-    return this.split(offset, length, flags?.fua === true);
+  override writeZeroes(offset: number, length: number, flags?: ZeroFlags): Promise<void> {
+    return this.change(offset, length, flags?.fua === true, () =>
+      this.next.writeZeroes(offset, length, flags),
+    );
   }
 
   override async flush(): Promise<void> {

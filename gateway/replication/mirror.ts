@@ -23,6 +23,7 @@ import type { Logger } from '../util/log';
 import { Frame, WireBlock } from '../../protocol/replication/frames';
 import { LinkProtocolError } from '../../protocol/replication/errors';
 import type { BlockSource, CapturedRange, DedupStore } from '../store/dedup-store';
+import { ActivityLog } from './activity-log';
 import { connectLink, Link, LinkIdentity } from './link';
 
 export type MirrorMode = 'sync' | 'async';
@@ -41,6 +42,8 @@ const RETRY_MS = 1000;
  * and keeps their ranges until one comes: a replica that crashed is sent them again.
  */
 const DURABLE_EVERY_MS = 1000;
+/** How often the activity log drops the chunks the replica holds durably. */
+const SETTLE_LOG_MS = 2000;
 
 export interface MirrorOptions {
   /** A sync replica that has not acknowledged for this long drops to behind (writes go on). */
@@ -53,6 +56,8 @@ export interface MirrorOptions {
   maxRate: number;
   /** The disaster-recovery site: fed before the volume's other replicas. */
   dr: boolean;
+  /** The activity log's file (activity-log.ts): where a restarted primary resumes the sync. */
+  activityLog: string;
 }
 
 interface Batch {
@@ -125,9 +130,13 @@ export class Mirror {
   private sentBatches = 0;
   private peer: string | null = null;
   private verifySeq = 0;
+  private readonly al: ActivityLog;
+  /** Changes under way per chunk (activated, not yet captured): never unmarked meanwhile. */
+  private readonly active: Uint32Array;
   /** Sync batches sent and not yet acknowledged (the window counts these only). */
   private resyncInflight = 0;
   private pumpTimer: NodeJS.Timeout | null = null;
+  private settledAt = 0;
   private tokens = 0;
   private tokensAt = Date.now();
   private readonly verifying = new Map<
@@ -147,7 +156,14 @@ export class Mirror {
     private readonly opts: MirrorOptions,
   ) {
     this.dirty = new DirtyChunks(Math.ceil(volumeBlocks / CHUNK_BLOCKS));
-    this.markAllDirty();
+    const { log: al, resumed } = ActivityLog.open(opts.activityLog, this.dirty.chunks);
+    this.al = al;
+    this.active = new Uint32Array(this.dirty.chunks);
+    if (resumed) {
+      // What the replica may lack when this primary last stopped (or crashed): only that.
+      for (let c = 0; c < this.dirty.chunks; c++) if (al.marked(c)) this.dirty.add(c);
+      this.syncTotal = this.dirty.size;
+    } else this.markAllDirty();
     this.watchdog = setInterval(
       () => this.checkStall(),
       Math.min(DURABLE_EVERY_MS / 2, Math.max(100, opts.timeoutMs / 4)),
@@ -200,6 +216,43 @@ export class Mirror {
     batch.durable ||= durable;
     if (this.mode === 'async') return Promise.resolve();
     return waitFor(batch);
+  }
+
+  /**
+   * Before a change to blocks lba.. is applied locally: marks their chunks in the
+   * activity log (durably: the returned promise, when there is one, must settle first).
+   * `release` once the change is captured (or has failed and marked itself dirty).
+   */
+  activate(lba: number, count: number): { ready: Promise<void> | null; release: () => void } {
+    const first = Math.floor(lba / CHUNK_BLOCKS);
+    const last = Math.min(Math.floor((lba + Math.max(count, 1) - 1) / CHUNK_BLOCKS), this.dirty.chunks - 1);
+    for (let c = first; c <= last; c++) this.active[c]!++;
+    let released = false;
+    return {
+      ready: this.closed ? null : this.al.mark(first, last),
+      release: () => {
+        if (released) return;
+        released = true;
+        for (let c = first; c <= last; c++) this.active[c]!--;
+      },
+    };
+  }
+
+  /** Unmarks the chunks the replica now holds durably: none dirty, active, in flight or volatile. */
+  private settleLog(): void {
+    const busy = new Uint8Array(this.dirty.chunks);
+    const cover = (lba: number, count: number): void => {
+      if (count === 0) return;
+      const last = Math.min(Math.floor((lba + count - 1) / CHUNK_BLOCKS), busy.length - 1);
+      for (let c = Math.floor(lba / CHUNK_BLOCKS); c <= last; c++) busy[c] = 1;
+    };
+    for (const b of this.inflight) for (const r of b.ranges) cover(r.lba, r.kinds.length);
+    for (const r of this.filling?.ranges ?? []) cover(r.lba, r.kinds.length);
+    for (const r of this.volatile) cover(r.lba, r.count);
+    for (let c = 0; c < busy.length; c++) {
+      if (!busy[c] && !this.active[c] && !this.dirty.has(c) && this.al.marked(c)) this.al.unmark(c);
+    }
+    this.al.saveLazily();
   }
 
   /** FLUSH: on a sync replica, resolves once everything before it is durable there. */
@@ -301,8 +354,12 @@ export class Mirror {
     });
   }
 
-  close(): void {
+  /** Stops mirroring; `forget` deletes the activity log (the replica was removed). */
+  close(forget = false): void {
+    if (this.closed) return;
     this.closed = true;
+    if (!forget) this.settleLog();
+    void this.al.close(forget).catch(() => undefined);
     if (this.pumpTimer) clearTimeout(this.pumpTimer);
     clearInterval(this.watchdog);
     if (this.retry) clearTimeout(this.retry);
@@ -498,6 +555,10 @@ export class Mirror {
   }
 
   private checkStall(): void {
+    if (Date.now() - this.settledAt >= SETTLE_LOG_MS) {
+      this.settledAt = Date.now();
+      this.settleLog();
+    }
     if (
       this.link &&
       this.volatile.length > 0 &&
@@ -630,6 +691,10 @@ class DirtyChunks {
 
   get size(): number {
     return this.count;
+  }
+
+  has(c: number): boolean {
+    return this.bits[c] === 1;
   }
 
   add(c: number): void {

@@ -230,7 +230,7 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
       }
       this.volumes.delete(name);
       this.catalog.save(this.records());
-      for (const m of vol.mirrors) m.close();
+      for (const m of vol.mirrors) m.close(true);
       await vol.device.close();
       removeBackingStore(this.dataDir, vol.record);
       if (vol.record.backend === 'dedup') await this.store().deleteVolume(name);
@@ -372,6 +372,11 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
         generation: generationOf(rec),
         maxRate: r.maxRate ?? 0,
         dr: r.dr === true,
+        activityLog: path.join(
+          this.dataDir,
+          'mirrors',
+          `${rec.name}@${r.to.replace(/[^A-Za-z0-9.-]/g, '_')}.al`,
+        ),
         onSuperseded: (peer, generation) => {
           const vol = this.volumes.get(rec.name);
           if (vol) this.markSplitBrain(vol, peer, generation);
@@ -434,7 +439,7 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
       const vol = this.volume(name);
       const mirror = vol.mirrors.find((m) => m.address === to);
       if (!mirror) throw new VolumeNotFoundError(`volume '${name}' has no replica at ${to}`);
-      mirror.close();
+      mirror.close(true);
       vol.mirrors = vol.mirrors.filter((m) => m !== mirror);
       vol.record = { ...vol.record, replicas: (vol.record.replicas ?? []).filter((r) => r.to !== to) };
       this.catalog.save(this.records());
@@ -617,7 +622,7 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
   /** demote's work, with the volume held from clients. */
   private async demoteNow(vol: Volume, kept: string): Promise<{ volume: string; kept: string }> {
     const name = vol.name;
-    for (const m of vol.mirrors) m.close();
+    for (const m of vol.mirrors) m.close(true);
     vol.mirrors = [];
     await vol.device.flush();
     const store = this.store();

@@ -350,6 +350,48 @@ describe('mirrored volumes', () => {
     await identical(primary.uri('t1'), replica.uri('t1'));
   });
 
+  it('resumes the sync after the primary is killed mid-way, and resends what a crash may have cut', async () => {
+    await createVolume(primary, 'r2', '64M');
+    const data = path.join(dir, 'r2.bin');
+    writeRandomFile(data, 32 * MiB);
+    await check('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', data, primary.uri('r2')]);
+    // Slow enough to kill it half-way: one 4 MiB chunk a second.
+    assert.equal((await primary.cli('replica', 'add', 'r2', '--to', to, '--max-rate', '4M')).code, 0);
+    const deadline = Date.now() + 30_000;
+    for (;;) {
+      const s = (
+        JSON.parse((await primary.cli('replica', 'list', 'r2', '--json')).stdout) as {
+          replicas: Array<{ sync: { remainingChunks: number } }>;
+        }
+      ).replicas[0]!.sync;
+      if (s.remainingChunks <= 12) break;
+      assert.ok(Date.now() < deadline, 'the sync never got going');
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    // Writes acknowledged just before the crash, which the replica may not have got.
+    await check('fio', [
+      '--name=r2',
+      '--ioengine=nbd',
+      `--uri=${primary.uri('r2')}`,
+      '--rw=write',
+      '--bs=64k',
+      '--offset=60M',
+      '--size=2M',
+      '--buffer_pattern=0x5e',
+    ]);
+    const primaryDir = primary.dataDir;
+    await primary.kill();
+    primary = await Gateway.start({
+      dataDir: primaryDir,
+      args: ['--cluster-key', keyFile, '--mirror-timeout', '2'],
+    });
+    const resumed = await replicaList(primary, 'r2');
+    const total = (resumed.replicas[0] as unknown as { sync: { totalChunks: number } }).sync.totalChunks;
+    assert.ok(total > 0 && total < 16, `the restarted sync covers ${total} of 16 chunks`);
+    await waitForState(primary, 'r2', 'in-sync', true);
+    await identical(primary.uri('r2'), replica.uri('r2'));
+  });
+
   it('removes a replica: writes stop following, its copy stays', async () => {
     const rm = await primary.cli('replica', 'remove', 'a1', to);
     assert.equal(rm.code, 0, rm.stderr);

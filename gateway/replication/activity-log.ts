@@ -1,0 +1,121 @@
+// Which chunks of a mirrored volume the replica may not hold, kept on disk so a
+// restart of the primary resumes the sync instead of starting over (DRBD's
+// activity log, at the mirror's 4 MiB chunk grain). A chunk is marked, and the
+// mark is durable, before any change to it is applied locally; it is unmarked
+// only once the replica holds it durably (lazily written: a lost unmark costs a
+// resend, never a miss). A missing file means everything is marked.
+
+import fs from 'node:fs';
+import path from 'node:path';
+
+export class ActivityLog {
+  private readonly marks: Uint8Array;
+  /** Writes of the file, one after another; each writes the marks as they are when it runs. */
+  private chain: Promise<void> = Promise.resolve();
+  /** The next durable write, shared by every mark made before it starts. */
+  private nextDurable: Promise<void> | null = null;
+  private changed = false;
+  private closed = false;
+
+  private constructor(
+    private readonly file: string,
+    private readonly fd: number,
+    chunks: number,
+    existing: Buffer | null,
+  ) {
+    this.marks = new Uint8Array(chunks);
+    if (existing && existing.length === chunks) this.marks.set(existing);
+    else this.marks.fill(1);
+  }
+
+  /**
+   * Opens the log at `file`, or creates it with every chunk marked (written and synced
+   * before it is used). `resumed` tells whether marks came from disk.
+   */
+  static open(file: string, chunks: number): { log: ActivityLog; resumed: boolean } {
+    fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o700 });
+    let existing: Buffer | null = null;
+    try {
+      existing = fs.readFileSync(file);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+    }
+    const resumed = existing !== null && existing.length === chunks;
+    if (!resumed) {
+      const tmp = `${file}.tmp`;
+      const fd = fs.openSync(tmp, 'w', 0o600);
+      try {
+        fs.writeSync(fd, Buffer.alloc(chunks, 1));
+        fs.fsyncSync(fd);
+      } finally {
+        fs.closeSync(fd);
+      }
+      fs.renameSync(tmp, file);
+      const dir = fs.openSync(path.dirname(file), 'r');
+      try {
+        fs.fsyncSync(dir);
+      } finally {
+        fs.closeSync(dir);
+      }
+    }
+    const fd = fs.openSync(file, 'r+');
+    return { log: new ActivityLog(file, fd, chunks, resumed ? existing : null), resumed };
+  }
+
+  marked(chunk: number): boolean {
+    return this.marks[chunk] === 1;
+  }
+
+  /** Marks chunks first..last; null when they all were, else resolves once the marks are durable. */
+  mark(first: number, last: number): Promise<void> | null {
+    let added = false;
+    for (let c = first; c <= last && c < this.marks.length; c++) {
+      if (!this.marks[c]) {
+        this.marks[c] = 1;
+        added = true;
+      }
+    }
+    if (!added) return null;
+    this.nextDurable ??= this.write(true).finally(() => (this.nextDurable = null));
+    return this.nextDurable;
+  }
+
+  /** The replica holds the chunk durably: unmarked, written to disk later. */
+  unmark(chunk: number): void {
+    if (!this.marks[chunk]) return;
+    this.marks[chunk] = 0;
+    this.changed = true;
+  }
+
+  /** Writes unmarks made since the last write (no sync: losing them costs a resend). */
+  saveLazily(): void {
+    if (this.changed) void this.write(false).catch(() => undefined);
+  }
+
+  private write(durable: boolean): Promise<void> {
+    const run = async (): Promise<void> => {
+      if (this.closed) return;
+      this.changed = false;
+      const snapshot = Buffer.from(this.marks);
+      await new Promise<void>((resolve, reject) =>
+        fs.write(this.fd, snapshot, 0, snapshot.length, 0, (err) => (err ? reject(err) : resolve())),
+      );
+      if (durable)
+        await new Promise<void>((resolve, reject) =>
+          fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())),
+        );
+    };
+    const p = this.chain.then(run, run);
+    this.chain = p.catch(() => undefined);
+    return p;
+  }
+
+  /** Writes what is pending, then closes; `remove` deletes the file (the mirror is gone). */
+  async close(remove = false): Promise<void> {
+    if (!remove && this.changed) await this.write(true).catch(() => undefined);
+    await this.chain;
+    this.closed = true;
+    fs.closeSync(this.fd);
+    if (remove) fs.rmSync(this.file, { force: true });
+  }
+}
