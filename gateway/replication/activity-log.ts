@@ -76,7 +76,13 @@ export class ActivityLog {
       }
     }
     if (!added) return null;
-    this.nextDurable ??= this.write(true).finally(() => (this.nextDurable = null));
+    if (!this.nextDurable) {
+      // Shared by marks made until its snapshot is taken; later ones need the write after.
+      const p: Promise<void> = this.write(true, () => {
+        if (this.nextDurable === p) this.nextDurable = null;
+      });
+      this.nextDurable = p;
+    }
     return this.nextDurable;
   }
 
@@ -92,8 +98,9 @@ export class ActivityLog {
     if (this.changed) void this.write(false).catch(() => undefined);
   }
 
-  private write(durable: boolean): Promise<void> {
+  private write(durable: boolean, onSnapshot: () => void = () => undefined): Promise<void> {
     const run = async (): Promise<void> => {
+      onSnapshot();
       if (this.closed) return;
       this.changed = false;
       const snapshot = Buffer.from(this.marks);
