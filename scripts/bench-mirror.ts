@@ -90,7 +90,6 @@ interface MirrorState {
   state: string;
   lagBytes: number;
   sentBytes: number;
-  sentBlocks: number;
 }
 
 function mirrors(gw: Gw, volume: string): MirrorState[] {
@@ -266,7 +265,7 @@ async function resync(tmp: string, size: number): Promise<string> {
     fio(pair.primary.uri('r'), 'write', '1M', 8, [`--size=${size}`]);
     pair.primary.cli('replica', 'add', 'r', '--to', pair.to, '--mode', 'async');
     await inSync(pair.primary, 'r');
-    const { sentBytes: before, sentBlocks: blocksBefore } = mirrors(pair.primary, 'r')[0]!;
+    const before = mirrors(pair.primary, 'r')[0]!.sentBytes;
     const port = pair.replica.replicationPort;
     await pair.replica.stop('SIGKILL');
     const changes = Math.round(blocks * 0.05);
@@ -294,7 +293,6 @@ async function resync(tmp: string, size: number): Promise<string> {
     const seconds = (Date.now() - t0) / 1000;
     const after = mirrors(pair.primary, 'r')[0]!;
     const sent = after.sentBytes - before;
-    process.stderr.write(`resync ${size}: ${after.sentBlocks - blocksBefore} blocks sent\n`);
     const changed = changes * 4096;
     return `| ${size / GiB} GiB | ${changes} writes, ${(changed / MiB).toFixed(1)} MiB | ${(changedStored / MiB).toFixed(1)} MiB | ${(sent / MiB).toFixed(1)} MiB | ${(sent / changedStored).toFixed(2)}× | ${(sent / changed).toFixed(2)}× | ${seconds.toFixed(1)} s |`;
   } finally {

@@ -11,7 +11,7 @@ import { serve } from '../serve';
 import type { StoreStats } from '../store/dedup-store';
 import { FsckReport, fsckStore } from '../store/fsck';
 import { DataDirLock } from '../util/data-lock';
-import type { VolumeInfo } from '../volume/manager';
+import type { ReplicaListing, VolumeInfo } from '../volume/manager';
 import { parseSize } from '../util/size';
 import { parseArgs, Parsed, UsageError } from './args';
 import { bytes, keyValues, table } from './format';
@@ -137,14 +137,7 @@ async function replicaCommand(p: Parsed): Promise<void> {
     case 'list': {
       expectPositionals(p, 3, 'replica list VOL');
       onlyOptions(p, ['json']);
-      const r = (await callGateway(sock, 'replica.list', { name: p.positionals[2] })) as {
-        volume: string;
-        role: string;
-        primary: string | null;
-        generation: number;
-        splitBrain: { peer: string; generation: number } | null;
-        replicas: MirrorStatus[];
-      };
+      const r = (await callGateway(sock, 'replica.list', { name: p.positionals[2] })) as ReplicaListing;
       return print(p, r, (x: typeof r) =>
         x.splitBrain
           ? `${x.volume}: SPLIT BRAIN: gateway ${x.splitBrain.peer} holds it at generation ${x.splitBrain.generation}, this copy is at ${x.generation}; writes refused until 'blockgate demote ${x.volume}'\n`

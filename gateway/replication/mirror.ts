@@ -23,13 +23,15 @@ import type { Logger } from '../util/log';
 import { Frame, WireBlock } from '../../protocol/replication/frames';
 import { LinkProtocolError } from '../../protocol/replication/errors';
 import type { BlockSource, CapturedRange, DedupStore } from '../store/dedup-store';
+import { META_PAGE } from '../store/meta-cache';
 import { ActivityLog } from './activity-log';
 import { connectLink, Link, LinkIdentity } from './link';
 
 export type MirrorMode = 'sync' | 'async';
 export type MirrorState = 'connecting' | 'syncing' | 'in-sync' | 'behind' | 'superseded';
 
-export const CHUNK_BLOCKS = 1024;
+/** Chunks are the store's metamap pages: verify's digests are cached per page. */
+export const CHUNK_BLOCKS = META_PAGE;
 /** Batches sent and not yet acknowledged, at most. */
 const WINDOW = 8;
 /** A tick's writes share a batch up to this many blocks. */

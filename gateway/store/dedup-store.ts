@@ -52,6 +52,7 @@ import {
   metaKeyVolume,
 } from './layout';
 import { HOLE, Overlay } from './overlay';
+import { KIND_DATA, KIND_ZERO } from '../../protocol/replication/block-kinds';
 import { META_PAGE, MetaCache, MetaPage, packPlace, pageKey, placeOffset, placeSegment } from './meta-cache';
 import { SegmentFiles } from './segments';
 import { encodeCheckpoint } from './checkpoint-message';
@@ -129,10 +130,6 @@ export interface CapturedRange {
   cids: Buffer;
   sources: BlockSource[];
 }
-
-export const MIRROR_HOLE = 0;
-export const MIRROR_ZERO = 1;
-export const MIRROR_DATA = 2;
 
 /** 128 MiB of pages holds the metamap of about 28 GiB of volume blocks. */
 export const DEFAULT_META_CACHE_BYTES = 128 * 1024 * 1024;
@@ -1267,14 +1264,14 @@ export class DedupStore {
     const sources: BlockSource[] = [];
     for (let b = 0; b < count; b++) {
       const id = this.lookupMeta(metaKey(volume, lba + b));
-      if (id === undefined) continue; // MIRROR_HOLE
+      if (id === undefined) continue; // a hole: KIND_HOLE, already 0
       if (id === ZERO_BLOCK) {
-        kinds[b] = MIRROR_ZERO;
+        kinds[b] = KIND_ZERO;
         continue;
       }
       const entry = this.lookupData(id);
       if (!entry) throw new CorruptBlockError(`block ${id} has no datamap entry`);
-      kinds[b] = MIRROR_DATA;
+      kinds[b] = KIND_DATA;
       cids.push(entry.hash);
       sources.push({
         id,
@@ -1438,8 +1435,8 @@ export class DedupStore {
       for (let b = 0; b < r.kinds.length; b++) {
         const key = metaKey(volume, r.lba + b);
         const kind = r.kinds[b];
-        if (kind === MIRROR_DATA) this.setMeta(key, ids[ordinal++]!);
-        else this.setMeta(key, kind === MIRROR_ZERO ? ZERO_BLOCK : HOLE);
+        if (kind === KIND_DATA) this.setMeta(key, ids[ordinal++]!);
+        else this.setMeta(key, kind === KIND_ZERO ? ZERO_BLOCK : HOLE);
       }
     }
     return written;

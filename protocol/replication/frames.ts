@@ -4,6 +4,7 @@
 import path from 'node:path';
 import protobuf from 'protobufjs';
 import { ByteQueue } from '../nbd/byte-queue';
+import { CID_BYTES, KIND_DATA } from './block-kinds';
 import { LinkProtocolError } from './errors';
 
 export const LINK_VERSION = 1;
@@ -34,10 +35,7 @@ export interface WireBlock {
   payload: Buffer;
 }
 
-export const KIND_HOLE = 0;
-export const KIND_ZERO = 1;
-export const KIND_DATA = 2;
-export const CID_BYTES = 16;
+export { CID_BYTES, KIND_DATA, KIND_HOLE, KIND_ZERO } from './block-kinds';
 
 export type Frame =
   | { hello: Hello }

@@ -6,7 +6,8 @@ import path from 'node:path';
 import { after, describe, it } from 'node:test';
 import { BlockHasher } from '../../gateway/store/block-codec';
 import { DedupDevice } from '../../gateway/store/dedup-device';
-import { clusterSecret, DedupStore, MIRROR_DATA, MirroredBlock } from '../../gateway/store/dedup-store';
+import { clusterSecret, DedupStore, MirroredBlock } from '../../gateway/store/dedup-store';
+import { KIND_DATA } from '../../protocol/replication/block-kinds';
 import { fsckStore } from '../../gateway/store/fsck';
 import { silentLogger } from '../../gateway/util/log';
 
@@ -28,7 +29,7 @@ function batch(data: Buffer[]): {
   const ranges = [
     {
       lba: 0,
-      kinds: Buffer.alloc(data.length, MIRROR_DATA),
+      kinds: Buffer.alloc(data.length, KIND_DATA),
       cids: Buffer.concat(data.map((b) => hasher.hash(b))),
     },
   ];
