@@ -39,6 +39,7 @@ import { BlockPool } from './block-pool';
 import {
   BLOCK,
   DataEntry,
+  MASK_BLOCK,
   RECORD_HEADER,
   ZERO_BLOCK,
   decodeDataEntry,
@@ -55,6 +56,7 @@ import { HOLE, Overlay } from './overlay';
 import { KIND_DATA, KIND_ZERO } from '../../protocol/replication/block-kinds';
 import { META_PAGE, MetaCache, MetaPage, packPlace, pageKey, placeOffset, placeSegment } from './meta-cache';
 import { SegmentFiles } from './segments';
+import { TreeError, TreeState, VolumeTree, isData } from './volume-tree';
 import { encodeCheckpoint } from './checkpoint-message';
 import { IndexWriter } from './index-writer';
 
@@ -175,6 +177,8 @@ interface StoreState {
   segmentLive: Record<string, number>;
   /** Blocks kept at reference count zero, for the next checkpoint to delete if untouched. */
   zeroRef?: number[];
+  /** Snapshots and clones: which volume reads fall through to. */
+  tree?: TreeState;
 }
 
 export interface StoreStats {
@@ -234,7 +238,7 @@ interface RunItem {
 }
 
 function stateOf(id: number): BlockState {
-  return id === HOLE ? 'hole' : id === ZERO_BLOCK ? 'zero' : 'data';
+  return id === HOLE || id === MASK_BLOCK ? 'hole' : id === ZERO_BLOCK ? 'zero' : 'data';
 }
 
 export class DedupStore {
@@ -273,6 +277,8 @@ export class DedupStore {
   private readonly indexFile: string;
   /** Blocks at reference count zero in the index (the writer's last word on it). */
   private zeroRef: Set<number>;
+  /** Snapshots and clones, linked to the volumes they read through to. */
+  private readonly tree: VolumeTree;
 
   private constructor(
     readonly dir: string,
@@ -294,6 +300,11 @@ export class DedupStore {
     this.indexFile = fs.realpathSync(path.join(dir, 'index', 'data.mdb'));
     this.writer = new IndexWriter(dir);
     this.zeroRef = new Set(state.zeroRef ?? []);
+    this.tree = new VolumeTree(state.tree, {
+      own: (key) => this.lookupMeta(key),
+      setOwn: (key, value) => this.setMeta(key, value ?? HOLE),
+      ownBlocks: (volume) => this.ownBlocks(volume),
+    });
     this.timer = setInterval(() => {
       if (this.live.size > 0 && !this.checkpointing)
         this.flush().catch((e) => this.log.error(`checkpoint: ${e}`));
@@ -367,6 +378,7 @@ export class DedupStore {
 
   /** Drops a volume's blocks from `fromLba` on (all of them for a delete). */
   async truncateVolume(volume: number, fromLba: number): Promise<void> {
+    this.tree.truncate(volume, fromLba);
     await this.flush();
     const start = encodeMetaKey(volume, fromLba);
     const end = encodeMetaKey(volume + 1, 0);
@@ -385,6 +397,8 @@ export class DedupStore {
   async deleteVolume(name: string): Promise<void> {
     const id = this.state.volumes[name];
     if (id === undefined) return;
+    // First, in one tick: an older snapshot gets the entries it reads through this one for.
+    this.tree.unlink(id);
     await this.truncateVolume(id, 0);
     delete this.state.volumes[name];
     this.cache.dropVolume(id);
@@ -403,7 +417,7 @@ export class DedupStore {
     });
     for (const { value } of range) {
       const id = decodeId(value as Buffer);
-      if (id !== ZERO_BLOCK) ids.set(id, (ids.get(id) ?? 0) + 1);
+      if (isData(id)) ids.set(id, (ids.get(id) ?? 0) + 1);
     }
     return ids;
   }
@@ -422,6 +436,7 @@ export class DedupStore {
     });
     for (const { value } of range) {
       const id = decodeId(value as Buffer);
+      if (id === MASK_BLOCK) continue;
       if (id === ZERO_BLOCK) {
         zeroBlocks++;
         continue;
@@ -446,6 +461,32 @@ export class DedupStore {
     const k = encodeMetaKeyInto(metaKeyVolume(key), metaKeyLba(key), this.metaKeyBuf);
     const b = this.metaDb.getBinaryFast(k);
     return b === undefined ? undefined : decodeId(b);
+  }
+
+  /** What a block reads as (through the parents of a linked volume): an id, ZERO_BLOCK, or undefined for a hole. */
+  private resolveMeta(volume: number, lba: number): number | undefined {
+    if (this.tree.linked(volume)) return this.tree.resolve(volume, lba);
+    const id = this.lookupMeta(metaKey(volume, lba));
+    return id === MASK_BLOCK ? undefined : id;
+  }
+
+  /** The blocks `volume` has entries of its own for (its metamap, not what it reads through), ascending. */
+  private ownBlocks(volume: number): number[] {
+    const blocks = new Set<number>();
+    for (const key of this.metaDb.getKeys({
+      start: encodeMetaKey(volume, 0),
+      end: encodeMetaKey(volume + 1, 0),
+    }))
+      blocks.add(decodeMetaKey(key as Buffer).lba);
+    for (const overlay of [this.frozen, this.live]) {
+      if (!overlay) continue;
+      for (const [k, v] of overlay.meta) {
+        if (metaKeyVolume(k) !== volume) continue;
+        if (v === HOLE) blocks.delete(metaKeyLba(k));
+        else blocks.add(metaKeyLba(k));
+      }
+    }
+    return [...blocks].sort((a, b) => a - b);
   }
 
   /**
@@ -505,11 +546,12 @@ export class DedupStore {
   private setMeta(key: number, value: number): number | undefined {
     const old = this.lookupMeta(key);
     if (old === value) return old;
-    if (old !== undefined && old !== ZERO_BLOCK) {
+    if (this.tree.anySnapshots) this.tree.preserve(metaKeyVolume(key), metaKeyLba(key));
+    if (isData(old)) {
       this.live.addRef(old, -1);
       this.state.mappedBlocks--;
     } else if (old === ZERO_BLOCK) this.state.zeroBlocks--;
-    if (value !== HOLE && value !== ZERO_BLOCK) {
+    if (value !== HOLE && value !== ZERO_BLOCK && value !== MASK_BLOCK) {
       this.live.addRef(value, 1);
       this.state.mappedBlocks++;
     } else if (value === ZERO_BLOCK) this.state.zeroBlocks++;
@@ -543,7 +585,7 @@ export class DedupStore {
       const key = metaKey(volume, lba + b);
       const i = key % META_PAGE;
       const n = Math.min(count - b, META_PAGE - i);
-      const page = this.cache.get(pageKey(key));
+      const page = this.tree.linked(volume) ? undefined : this.cache.get(pageKey(key));
       if (page) {
         for (let j = 0; j < n; j++) states[b + j] = stateOf(page.ids[i + j]!);
       } else {
@@ -557,7 +599,7 @@ export class DedupStore {
 
   /** The block's 4 KiB, or null where it reads as zeroes. EIO if its stored copy is damaged. */
   async readBlock(volume: number, lba: number): Promise<Buffer | null> {
-    const id = this.lookupMeta(metaKey(volume, lba));
+    const id = this.resolveMeta(volume, lba);
     if (id === undefined || id === ZERO_BLOCK) return null;
     try {
       return await this.readStored(id);
@@ -572,9 +614,10 @@ export class DedupStore {
    */
   readBlockInto(volume: number, lba: number, into: Buffer): Promise<void> {
     const key = metaKey(volume, lba);
-    const page = this.metaPage(key);
+    // A linked volume's pages hold its own entries only: it reads through its parent.
+    const page = this.tree.linked(volume) ? undefined : this.metaPage(key);
     const i = key % META_PAGE;
-    const id = page ? page.ids[i]! : (this.lookupMeta(key) ?? HOLE);
+    const id = page ? page.ids[i]! : (this.resolveMeta(volume, lba) ?? HOLE);
     if (id === HOLE || id === ZERO_BLOCK) {
       into.fill(0);
       return RESOLVED;
@@ -641,7 +684,7 @@ export class DedupStore {
     let run: RunItem[] = [];
     let runEnd = -1;
     let runSegment = -1;
-    const ids = this.cache.enabled ? null : this.blockIds(volume, lba, count);
+    const ids = this.cache.enabled && !this.tree.linked(volume) ? null : this.blockIds(volume, lba, count);
     for (let b = 0; b < count; b++) {
       const key = metaKey(volume, lba + b);
       const page = ids ? undefined : this.metaPage(key);
@@ -741,6 +784,10 @@ export class DedupStore {
   /** Block ids of `count` blocks from `lba` (undefined: hole) without the cache: one range scan, then the overlays. */
   private blockIds(volume: number, lba: number, count: number): Array<number | undefined> {
     const ids = new Array<number | undefined>(count);
+    if (this.tree.linked(volume)) {
+      for (let i = 0; i < count; i++) ids[i] = this.tree.resolve(volume, lba + i);
+      return ids;
+    }
     const range = this.metaDb.getRange({
       start: encodeMetaKey(volume, lba),
       end: encodeMetaKey(volume, lba + count),
@@ -1059,7 +1106,7 @@ export class DedupStore {
 
   /** Makes the block a hole (never written) or a zero block. */
   discardBlock(volume: number, lba: number, asZero: boolean): void {
-    this.setMeta(metaKey(volume, lba), asZero ? ZERO_BLOCK : HOLE);
+    this.setMeta(metaKey(volume, lba), asZero ? ZERO_BLOCK : (this.tree.entryFor(volume, undefined) ?? HOLE));
   }
 
   // ---- checkpoints -------------------------------------------------------------------
@@ -1105,6 +1152,7 @@ export class DedupStore {
       mappedBlocks: s.mappedBlocks,
       zeroBlocks: s.zeroBlocks,
       collisions: s.collisions,
+      tree: this.tree.toJSON(),
     };
     try {
       await this.segments.sync();
@@ -1216,12 +1264,105 @@ export class DedupStore {
     for (let first = 0; first < blocks; first += CHUNK) {
       const end = Math.min(blocks, first + CHUNK);
       for (let lba = first; lba < end; lba++) {
-        const id = this.lookupMeta(metaKey(src, lba));
+        const id = this.resolveMeta(src, lba);
         if (id !== undefined) this.setMeta(metaKey(dst, lba), id);
       }
       await new Promise<void>((resolve) => setImmediate(resolve));
     }
     await this.flush();
+  }
+
+  // ---- snapshots and clones -------------------------------------------------------------
+
+  /**
+   * Makes `name` a point-in-time view of `origin`'s first `blocks` blocks, in this
+   * tick and without copying its metamap (see volume-tree.ts). The caller holds the
+   * origin's writes while this runs and flushes after.
+   */
+  snapshotVolume(origin: number, name: string, blocks: number): number {
+    if (this.state.volumes[name] !== undefined) throw new TreeError(`the store already has a volume ${name}`);
+    const id = this.volumeId(name);
+    this.tree.snapshot(origin, id, blocks);
+    return id;
+  }
+
+  /** Makes `name` a writable volume reading through to snapshot `base` below `blocks`, in this tick. */
+  cloneVolume(base: number, name: string, blocks: number): number {
+    if (this.state.volumes[name] !== undefined) throw new TreeError(`the store already has a volume ${name}`);
+    const id = this.volumeId(name);
+    try {
+      this.tree.clone(base, id, blocks);
+    } catch (err) {
+      delete this.state.volumes[name];
+      throw err;
+    }
+    return id;
+  }
+
+  /** Volumes that read through `volume` (its clones; for an origin, its snapshots), by name. */
+  dependents(volume: number): string[] {
+    return this.tree.dependents(volume).map((id) => this.volumeName(id));
+  }
+
+  /**
+   * Makes `origin` read as its snapshot `snap` again, its first `blocks` blocks (the
+   * caller has truncated it to that). Newer snapshots keep their views. Visits only
+   * the blocks changed since the snapshot, all in one overlay so no checkpoint holds
+   * half of it.
+   */
+  rollbackVolume(origin: number, snap: number): number {
+    if (this.tree.link(snap)?.kind !== 'snapshot' || this.tree.originOf(snap) !== origin)
+      throw new TreeError(`volume #${snap} is not a snapshot of #${origin}`);
+    let changed = 0;
+    this.holdCheckpoints++;
+    try {
+      for (const lba of this.tree.changedSince(snap, origin)) {
+        const want = this.tree.resolve(snap, lba);
+        if (this.resolveMeta(origin, lba) === want) continue;
+        this.setMeta(metaKey(origin, lba), this.tree.entryFor(origin, want) ?? HOLE);
+        changed++;
+      }
+    } finally {
+      this.holdCheckpoints--;
+    }
+    if (this.live.size >= this.checkpointEntries && !this.checkpointing)
+      this.flush().catch((e) => this.log.error(`checkpoint: ${e}`));
+    return changed;
+  }
+
+  /**
+   * Blocks whose contents differ between snapshot `older` (of `olderBlocks` blocks)
+   * and `newer`, a later snapshot of the same origin or the origin itself, ascending,
+   * each with whether it reads as zeroes in `newer`. Costs in proportion to the
+   * blocks changed in between (and to any growth), not to the volume.
+   */
+  changedBlocks(
+    older: number,
+    olderBlocks: number,
+    newer: number,
+    newerBlocks: number,
+  ): Array<{ lba: number; zero: boolean }> {
+    const out: Array<{ lba: number; zero: boolean }> = [];
+    const reads = (id: number | undefined): number => (id === undefined ? ZERO_BLOCK : id);
+    const limit = Math.min(olderBlocks, newerBlocks);
+    for (const lba of this.tree.changedSince(older, newer)) {
+      if (lba >= limit) break;
+      const now = reads(this.resolveMeta(newer, lba));
+      if (reads(this.resolveMeta(older, lba)) !== now) out.push({ lba, zero: now === ZERO_BLOCK });
+    }
+    // Past the smaller size: what the larger one holds there differs from nothing.
+    const [bigger, from, to] =
+      newerBlocks > olderBlocks ? [newer, olderBlocks, newerBlocks] : [older, newerBlocks, olderBlocks];
+    for (let lba = from; lba < to; lba++) {
+      const id = this.resolveMeta(bigger, lba);
+      if (id !== undefined && id !== ZERO_BLOCK) out.push({ lba, zero: bigger === older });
+    }
+    return out;
+  }
+
+  /** True when snapshot `a` was taken before `b` (a later snapshot of one origin, or that origin). */
+  isOlder(a: number, b: number): boolean {
+    return this.tree.isOlder(a, b);
   }
 
   /**
@@ -1263,7 +1404,7 @@ export class DedupStore {
     const cids: Buffer[] = [];
     const sources: BlockSource[] = [];
     for (let b = 0; b < count; b++) {
-      const id = this.lookupMeta(metaKey(volume, lba + b));
+      const id = this.resolveMeta(volume, lba + b);
       if (id === undefined) continue; // a hole: KIND_HOLE, already 0
       if (id === ZERO_BLOCK) {
         kinds[b] = KIND_ZERO;

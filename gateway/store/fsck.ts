@@ -6,11 +6,13 @@
 
 import fs from 'node:fs';
 import path from 'node:path';
+import type { TreeState } from './volume-tree';
 import { openIndex } from './index-db';
 import { BlockHasher, CorruptBlockError, decodeRecord } from './block-codec';
 import {
   BLOCK,
   RECORD_HEADER,
+  MASK_BLOCK,
   ZERO_BLOCK,
   decodeDataEntry,
   decodeId,
@@ -59,23 +61,33 @@ export function fsckStore(storeDir: string): FsckReport {
           nextBlockId: number;
           segmentLive?: Record<string, number>;
           zeroRef?: number[];
+          tree?: TreeState;
         }
       | undefined;
     if (!state) throw new Error(`${storeDir} holds no dedup store`);
     const hasher = new BlockHasher(Buffer.from(state.secret, 'base64'));
     const volumeIds = new Set(Object.values(state.volumes));
+    for (const [id, link] of Object.entries(state.tree?.links ?? {})) {
+      if (!volumeIds.has(Number(id))) problem(`snapshot/clone link of unknown volume #${id}`);
+      if (!volumeIds.has(link.parent)) problem(`volume #${id} reads through missing volume #${link.parent}`);
+    }
     const zeroRef = new Set(state.zeroRef ?? []);
 
     const refs = new Map<number, number>();
     let metaEntries = 0;
     let zeroBlocks = 0;
+    let masks = 0;
     for (const { key, value } of metaDb.getRange({})) {
       metaEntries++;
       const { volume, lba } = decodeMetaKey(key as Buffer);
       if (!volumeIds.has(volume)) problem(`metamap entry for unknown volume #${volume} block ${lba}`);
       const id = decodeId(value as Buffer);
       if (id === ZERO_BLOCK) zeroBlocks++;
-      else refs.set(id, (refs.get(id) ?? 0) + 1);
+      else if (id === MASK_BLOCK) {
+        masks++;
+        if (!state.tree?.links[volume])
+          problem(`volume #${volume} block ${lba}: a hole over a parent, but the volume has no parent`);
+      } else refs.set(id, (refs.get(id) ?? 0) + 1);
     }
 
     const live = new Map<number, number>(); // segment -> live record bytes
@@ -151,7 +163,7 @@ export function fsckStore(storeDir: string): FsckReport {
       problem(`store counts ${state.uniqueBlocks} unique blocks, found ${dataBlocks}`);
     if (state.zeroBlocks !== zeroBlocks)
       problem(`store counts ${state.zeroBlocks} zero blocks, found ${zeroBlocks}`);
-    const mapped = metaEntries - zeroBlocks;
+    const mapped = metaEntries - zeroBlocks - masks;
     if (state.mappedBlocks !== mapped)
       problem(`store counts ${state.mappedBlocks} mapped blocks, found ${mapped}`);
 

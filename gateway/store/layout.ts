@@ -8,6 +8,13 @@ export const BLOCK_SHIFT = 12;
 /** Metamap value for a block written as zeroes: never stored, reads as zeroes. */
 export const ZERO_BLOCK = 0;
 
+/**
+ * Metamap value of a linked volume's block that reads as a hole although its
+ * parent (a snapshot it falls through to) maps the block. Never a block id:
+ * ids count up from 1 and never get near 2^53.
+ */
+export const MASK_BLOCK = Number.MAX_SAFE_INTEGER;
+
 const TWO_32 = 2 ** 32;
 
 // ---- metamap: (volume id, logical block) -> block id -------------------------------
