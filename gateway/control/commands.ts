@@ -72,6 +72,12 @@ export function commandTable(volumes: VolumeManager, status: GatewayStatus): Map
     ['promote', (a) => volumes.promote(str(a, 'name')!)],
     ['verify', (a) => volumes.verify(str(a, 'name')!)],
     ['demote', (a) => volumes.demote(str(a, 'name')!)],
+    ['snapshot.create', (a) => volumes.snapshotCreate(str(a, 'name')!, str(a, 'snapshot')!)],
+    ['snapshot.list', (a) => volumes.snapshotList(str(a, 'name')!)],
+    ['snapshot.delete', (a) => volumes.snapshotDelete(str(a, 'name')!, str(a, 'snapshot')!)],
+    ['rollback', (a) => volumes.rollback(str(a, 'name')!, str(a, 'snapshot')!)],
+    ['clone', (a) => volumes.clone(str(a, 'source')!, str(a, 'snapshot', false), str(a, 'name')!)],
+    ['diff', (a) => volumes.diff(str(a, 'name')!, str(a, 'from')!, str(a, 'to', false))],
     [
       'stats',
       async () => {

@@ -5,6 +5,9 @@
 import fs from 'node:fs';
 import path from 'node:path';
 
+/** Volume and snapshot names: safe in file names and export names ('@' joins a volume and its snapshot). */
+export const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$/;
+
 export type Backend = 'dedup' | 'raw' | 'memory';
 export const BACKENDS: readonly Backend[] = ['dedup', 'raw', 'memory'];
 
@@ -24,6 +27,19 @@ export interface VolumeRecord {
   generation?: number;
   /** This primary met its volume at a newer generation elsewhere: writes are refused until demote. */
   splitBrain?: { peer: string; generation: number; at: string };
+  /** Point-in-time copies of this (dedup) volume, oldest first; each is the read-only export NAME@SNAP. */
+  snapshots?: SnapshotRecord[];
+  /** Set on a clone: the snapshot it was made from, VOL@SNAP. */
+  cloneOf?: string;
+}
+
+export interface SnapshotRecord {
+  name: string;
+  created: string;
+  /** The volume's size when the snapshot was taken. */
+  size: number;
+  /** Taken by `clone VOL NEW` for that clone, and deleted with it. */
+  forClone?: string;
 }
 
 export interface ReplicaConfig {

@@ -1,7 +1,7 @@
 // The registry of volumes: creates, opens, resizes and deletes them, keeps
 // the catalog on disk, and knows which NBD clients use which volume.
 
-import type { BlockDevice } from '../device/block-device';
+import { BarrierLayer } from '../device/barrier';
 import { toBlockError } from '../device/errors';
 import {
   BackendError,
@@ -11,6 +11,8 @@ import {
   VolumeNotFoundError,
 } from '../errors';
 import type { ClientInfo, ExportRegistry, NbdExport } from '../nbd/registry';
+import { Volume } from './volume';
+import { DiffRange, SnapshotInfo, Snapshots } from './snapshots';
 import type { Logger } from '../util/log';
 import { formatSize } from '../util/size';
 import { CompactionResult, Compactor } from '../store/compactor';
@@ -18,7 +20,7 @@ import { DedupStore, StoreOptions, StoreStats } from '../store/dedup-store';
 import fs from 'node:fs';
 import path from 'node:path';
 import { allocatedBytes, openStack, removeBackingStore } from './backends';
-import { Backend, BACKENDS, Catalog, ReplicaConfig, VolumeRecord } from './catalog';
+import { Backend, BACKENDS, Catalog, NAME_PATTERN, ReplicaConfig, VolumeRecord } from './catalog';
 import { LinkProtocolError } from '../../protocol/replication/errors';
 import type { LinkIdentity } from '../replication/link';
 import { Mirror, MirrorMode, MirrorStatus, VerifyReport } from '../replication/mirror';
@@ -29,7 +31,7 @@ import { parseListenAddress } from '../nbd/listen-address';
 export const DEFAULT_VOLUME = 'disk0';
 export const DEFAULT_VOLUME_SIZE = 8 * 2 ** 30;
 export const DEFAULT_BACKEND: Backend = 'dedup';
-const NAME = /^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$/;
+const NAME = NAME_PATTERN;
 /** Largest volume: offsets must stay exact in a JS number. */
 const MAX_SIZE = 2 ** 52;
 
@@ -42,6 +44,10 @@ export interface VolumeInfo {
   allocatedBytes: number;
   clients: number;
   created: string;
+  /** Set on a clone: the snapshot it was made from, VOL@SNAP. */
+  cloneOf: string | null;
+  /** Snapshots of this volume (see `snapshot list`). */
+  snapshots: number;
   /** Dedup volumes only (volume info): what its metamap holds. */
   dedup?: { logicalBytes: number; zeroBlocks: number; exclusiveBytes: number };
 }
@@ -73,23 +79,6 @@ export interface ReplicaListing {
   replicas: MirrorStatus[];
 }
 
-class Volume implements NbdExport {
-  readonly clients = new Map<number, ClientInfo>();
-  mirrors: Mirror[] = [];
-  /** Set while promote or demote swaps the volume's role: no client may attach or write. */
-  changingRole: 'promote' | 'demote' | null = null;
-  constructor(
-    public record: VolumeRecord,
-    readonly device: BlockDevice,
-  ) {}
-  get name(): string {
-    return this.record.name;
-  }
-  get description(): string {
-    return `${this.record.backend} volume, ${formatSize(this.device.size)}${this.record.readOnly ? ', read-only' : ''}`;
-  }
-}
-
 export class VolumeManager implements ExportRegistry, ReplicaVolumes {
   private readonly volumes = new Map<string, Volume>();
   private readonly catalog: Catalog;
@@ -109,6 +98,7 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
   };
   /** Serialises changes so two admin commands never interleave their catalog writes. */
   private queue: Promise<unknown> = Promise.resolve();
+  private readonly snapshots: Snapshots;
 
   private constructor(
     readonly dataDir: string,
@@ -117,6 +107,18 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
     private readonly replication: ReplicationOptions,
   ) {
     this.catalog = new Catalog(dataDir);
+    this.snapshots = new Snapshots({
+      log: this.log,
+      store: this.store,
+      volume: (name) => this.volume(name),
+      has: (name) => this.volumes.has(name),
+      register: (rec) => {
+        const v = this.openVolume(rec);
+        this.volumes.set(rec.name, v);
+        return v;
+      },
+      saveCatalog: () => this.catalog.save(this.records()),
+    });
   }
 
   /** Opens every volume of the data directory; an empty directory gets the default volume. */
@@ -137,13 +139,22 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
     if (records.some((r) => r.backend === 'dedup') || fs.existsSync(path.join(dataDir, 'store', 'index'))) {
       // A crash between a delete's catalog write and its store purge leaves blocks nobody can reach.
       const store = m.store();
-      const known = new Set(records.filter((r) => r.backend === 'dedup').map((r) => r.name));
-      for (const name of store.volumeNames()) {
-        if (!known.has(name)) {
+      const known = new Set([
+        ...records.filter((r) => r.backend === 'dedup').map((r) => r.name),
+        ...Snapshots.storeNames(records),
+      ]);
+      // Clones before the snapshots they read through: a pass releases what nothing depends on.
+      let unknown = store.volumeNames().filter((name) => !known.has(name));
+      for (let pass = 0; unknown.length > 0 && pass < 8; pass++) {
+        for (const name of unknown) {
+          if (store.dependents(store.volumeId(name)).length) continue;
           log.warn(`store holds blocks of volume ${name}, which the catalog no longer has: releasing them`);
           await store.deleteVolume(name);
         }
+        unknown = store.volumeNames().filter((name) => !known.has(name));
       }
+      for (const name of unknown)
+        log.error(`store volume ${name} is unknown to the catalog but still in use`);
     }
     for (const rec of records) {
       try {
@@ -153,6 +164,7 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
         log.error(`volume ${rec.name} could not be opened: ${(err as Error).message}`);
       }
     }
+    m.snapshots.openExports(records.filter((r) => r.backend === 'dedup'));
     return m;
   }
 
@@ -228,12 +240,23 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
           `volume '${name}' has ${vol.clients.size} connected client(s); disconnect them first`,
         );
       }
+      const snaps = (vol.record.snapshots ?? []).filter((s) => s.forClone === undefined);
+      if (snaps.length)
+        throw new VolumeBusyError(
+          `volume '${name}' has snapshots (${snaps.map((s) => s.name).join(', ')}): delete them first`,
+        );
+      const clones = (vol.record.snapshots ?? []).map((s) => s.forClone).filter((c) => c !== undefined);
+      if (clones.length)
+        throw new VolumeBusyError(`volume '${name}' has clones (${clones.join(', ')}): delete them first`);
       this.volumes.delete(name);
       this.catalog.save(this.records());
       for (const m of vol.mirrors) m.close(true);
       await vol.device.close();
       removeBackingStore(this.dataDir, vol.record);
-      if (vol.record.backend === 'dedup') await this.store().deleteVolume(name);
+      if (vol.record.backend === 'dedup') {
+        await this.store().deleteVolume(name);
+        await this.snapshots.releaseCloneBase(vol.record);
+      }
       this.log.info(`volume ${name} deleted`);
     });
   }
@@ -295,6 +318,8 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
       allocatedBytes: allocatedBytes(this.dataDir, v.record),
       clients: v.clients.size,
       created: v.record.created,
+      cloneOf: v.record.cloneOf ?? null,
+      snapshots: v.record.snapshots?.length ?? 0,
     };
   }
 
@@ -306,15 +331,18 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
   }
 
   list(): Array<{ name: string; description: string }> {
-    return [...this.volumes.values()].map((v) => ({ name: v.name, description: v.description }));
+    return [...this.volumes.values(), ...this.snapshots.all()].map((v) => ({
+      name: v.name,
+      description: v.description,
+    }));
   }
 
   get(name: string): NbdExport | null {
-    return this.volumes.get(name) ?? null;
+    return this.volumes.get(name) ?? this.snapshots.get(name) ?? null;
   }
 
   attach(name: string, client: ClientInfo): () => void {
-    const vol = this.volume(name);
+    const vol = this.snapshots.get(name) ?? this.volume(name);
     if (vol.changingRole)
       throw new VolumeBusyError(`volume '${name}' is being ${vol.changingRole}d; connect again in a moment`);
     vol.clients.set(client.id, client);
@@ -324,7 +352,11 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
   /** A volume's device stack; a primary dedup volume gets the write splitter on top, with its mirrors. */
   private openVolume(rec: VolumeRecord): Volume {
     const device = openStack(this.dataDir, rec, this.store);
-    if (rec.backend !== 'dedup' || rec.replicaOf !== undefined) return new Volume(rec, device);
+    if (rec.backend !== 'dedup') return new Volume(rec, device);
+    if (rec.replicaOf !== undefined) {
+      const barrier = new BarrierLayer(device);
+      return new Volume(rec, barrier, barrier);
+    }
     const store = this.store();
     let vol: Volume | null = null;
     const layer = new MirrorLayer(
@@ -340,7 +372,8 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
           : null;
       },
     );
-    vol = new Volume(rec, layer);
+    const barrier = new BarrierLayer(layer);
+    vol = new Volume(rec, barrier, barrier);
     for (const r of rec.replicas ?? []) {
       try {
         vol.mirrors.push(this.startMirror(rec, r));
@@ -685,6 +718,49 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
       }
     }
     return out;
+  }
+
+  // ---- snapshots and clones (snapshots.ts) ------------------------------------------
+
+  snapshotCreate(volume: string, snap: string): Promise<SnapshotInfo & { barrierMs: number }> {
+    return this.exclusive(() => this.snapshots.create(volume, snap));
+  }
+
+  snapshotList(volume: string): SnapshotInfo[] {
+    return this.snapshots.list(volume);
+  }
+
+  snapshotDelete(volume: string, snap: string): Promise<{ deleted: string }> {
+    return this.exclusive(async () => {
+      await this.snapshots.delete(volume, snap);
+      return { deleted: `${volume}@${snap}` };
+    });
+  }
+
+  rollback(
+    volume: string,
+    snap: string,
+  ): Promise<{ volume: string; snapshot: string; changedBlocks: number }> {
+    return this.exclusive(() => this.snapshots.rollback(volume, snap));
+  }
+
+  clone(
+    source: string,
+    snap: string | undefined,
+    name: string,
+  ): Promise<VolumeInfo & { cloneOf: string; ms: number }> {
+    return this.exclusive(async () => {
+      const r = await this.snapshots.clone(source, snap, name);
+      return { ...this.describe(this.volume(name)), cloneOf: r.cloneOf!, ms: r.ms };
+    });
+  }
+
+  diff(
+    volume: string,
+    a: string,
+    b?: string,
+  ): { volume: string; from: string; to: string; ranges: DiffRange[]; changedBytes: number } {
+    return this.snapshots.diff(volume, a, b);
   }
 
   /** Rewrites every segment holding garbage now, rather than waiting for the background pass. */
