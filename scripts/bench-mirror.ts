@@ -16,75 +16,22 @@
 // A measurement, not a test: exits 0 whatever the figures, 1 if a run failed.
 // Writes bench/results/mirror-latest.md.
 
-import { ChildProcess, spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { buildCorpusImage, changedVolume, IdealBytes, IMAGE, sh, VOLUMES } from './corpus';
+import { fio, Gw, sleep } from './bench-gateway';
 
 const MiB = 1 << 20;
 const GiB = 1 << 30;
 const ROOT = path.resolve(__dirname, '..', '..');
-const BIN = path.join(ROOT, 'bin', 'blockgate');
 const RESULTS = path.join(ROOT, 'bench', 'results');
 
 const quick = process.argv.includes('--quick');
 const RUNTIME = quick ? 3 : 10;
 const RAMP = quick ? 0 : 2;
-
-class Gw {
-  private log = '';
-  readonly proc: ChildProcess;
-  readonly socket: string;
-
-  constructor(
-    readonly dir: string,
-    args: string[],
-  ) {
-    this.socket = path.join(dir, 'nbd.sock');
-    this.proc = spawn(
-      process.execPath,
-      [BIN, 'serve', '--data', path.join(dir, 'data'), '--listen', `unix:${this.socket}`, ...args],
-      { stdio: ['ignore', 'ignore', 'pipe'] },
-    );
-    this.proc.stderr!.on('data', (c: Buffer) => (this.log += c.toString()));
-  }
-
-  async ready(): Promise<void> {
-    for (let i = 0; !this.log.includes(' ready: '); i++) {
-      if (i > 300 || this.proc.exitCode !== null) throw new Error(`gateway did not start:\n${this.log}`);
-      await sleep(50);
-    }
-  }
-
-  get replicationPort(): number {
-    const m = /replication: gateway [0-9a-f]{32} listening on 127\.0\.0\.1:(\d+)/.exec(this.log);
-    if (!m) throw new Error('no replication listener');
-    return Number(m[1]);
-  }
-
-  cli(...args: string[]): string {
-    return sh(process.execPath, [BIN, '--data', path.join(this.dir, 'data'), ...args], 120_000);
-  }
-
-  uri(volume: string): string {
-    return `nbd+unix:///${volume}?socket=${this.socket}`;
-  }
-
-  async stop(signal: NodeJS.Signals = 'SIGTERM'): Promise<void> {
-    if (this.proc.exitCode !== null || this.proc.signalCode !== null) return;
-    const exited = new Promise((r) => this.proc.once('exit', r));
-    this.proc.kill(signal);
-    const t = setTimeout(() => this.proc.kill('SIGKILL'), 60_000);
-    await exited;
-    clearTimeout(t);
-  }
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
 
 interface MirrorState {
   state: string;
@@ -134,35 +81,6 @@ async function startPair(root: string): Promise<Pair> {
 async function stopPair(p: Pair): Promise<void> {
   await Promise.all([p.primary.stop(), p.replica.stop()]);
   fs.rmSync(p.root, { recursive: true, force: true });
-}
-
-function fio(
-  uri: string,
-  rw: string,
-  bs: string,
-  depth: number,
-  extra: string[] = [],
-): { iops: number; mbps: number } {
-  const args = [
-    '--name=m',
-    '--ioengine=nbd',
-    `--uri=${uri}`,
-    `--rw=${rw}`,
-    `--bs=${bs}`,
-    `--iodepth=${depth}`,
-    '--size=1G',
-    '--refill_buffers',
-    '--buffer_compress_percentage=50',
-    '--randrepeat=0',
-    '--output-format=json',
-    ...(rw.startsWith('rand') ? ['--norandommap'] : []),
-    ...extra,
-  ];
-  const out = sh('fio', args, 30 * 60_000);
-  const job = (
-    JSON.parse(out.slice(out.indexOf('{'))) as { jobs: Array<{ write: { iops: number; bw_bytes: number } }> }
-  ).jobs[0]!;
-  return { iops: job.write.iops, mbps: job.write.bw_bytes / 1e6 };
 }
 
 const timed = ['--time_based', `--runtime=${RUNTIME}`, `--ramp_time=${RAMP}`];
