@@ -11,6 +11,7 @@ import { formatListenAddress, ListenAddress } from './nbd/listen-address';
 import { DataDirLock } from './util/data-lock';
 import { createLogger } from './util/log';
 import { VolumeManager } from './volume/manager';
+import { MaterializePolicy } from './volume/materialize-policy';
 import { gatewayId, loadClusterKey } from './replication/identity';
 import { LinkListener } from './replication/link-listener';
 import type { LinkIdentity } from './replication/link';
@@ -28,7 +29,13 @@ export interface ServeOptions {
   clusterKeyFile?: string;
   /** A sync replica silent for this long drops to behind (default 10 s). */
   mirrorTimeoutMs?: number;
+  /** Materialize dedup volumes whose cold sequential reads take more reads per MiB than this. */
+  materializeAbove?: number;
+  /** How often the materialize policy looks (default 10 min). */
+  materializeEveryMs?: number;
 }
+
+const DEFAULT_MATERIALIZE_EVERY_MS = 10 * 60_000;
 
 /** The longest frame accepted from an authenticated peer: a 32 MiB write batch with its metadata. */
 const MAX_LINK_FRAME = 64 * 1024 * 1024;
@@ -65,6 +72,15 @@ export async function serve(opts: ServeOptions): Promise<void> {
     },
   );
   const nbd = new NbdServer(volumes, log.child('nbd'));
+  const policy =
+    opts.materializeAbove !== undefined
+      ? new MaterializePolicy(
+          volumes,
+          opts.materializeAbove,
+          opts.materializeEveryMs ?? DEFAULT_MATERIALIZE_EVERY_MS,
+          log.child('materialize'),
+        )
+      : null;
   const listeners: string[] = [];
   const status = { startedAt: Date.now(), listeners };
   const admin = new AdminServer(opts.adminPath, commandTable(volumes, status), log.child('admin'));
@@ -81,6 +97,7 @@ export async function serve(opts: ServeOptions): Promise<void> {
     await admin.close();
     await replication?.close();
     await nbd.close();
+    await policy?.close();
     await volumes.close();
     lock.release();
     log.info('stopped cleanly');

@@ -85,8 +85,9 @@ export function fio(
     ...extra,
   ];
   const out = sh('fio', args, 30 * 60_000);
-  const job = (
-    JSON.parse(out.slice(out.indexOf('{'))) as { jobs: Array<{ write: { iops: number; bw_bytes: number } }> }
-  ).jobs[0]!;
-  return { iops: job.write.iops, mbps: job.write.bw_bytes / 1e6 };
+  type Side = { iops: number; bw_bytes: number };
+  const job = (JSON.parse(out.slice(out.indexOf('{'))) as { jobs: Array<{ read: Side; write: Side }> })
+    .jobs[0]!;
+  const side = rw.includes('read') ? job.read : job.write;
+  return { iops: side.iops, mbps: side.bw_bytes / 1e6 };
 }

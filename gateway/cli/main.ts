@@ -11,7 +11,7 @@ import { serve } from '../serve';
 import type { StoreStats } from '../store/dedup-store';
 import { FsckReport, fsckStore } from '../store/fsck';
 import { DataDirLock } from '../util/data-lock';
-import type { ReplicaListing, VolumeInfo } from '../volume/manager';
+import type { MaterializeReport, ReplicaListing, VolumeInfo } from '../volume/manager';
 import type { SnapshotInfo } from '../volume/snapshots';
 import { parseSize } from '../util/size';
 import { parseArgs, Parsed, UsageError } from './args';
@@ -24,6 +24,7 @@ const USAGE = `usage:
   blockgate serve [--data DIR] [--listen ADDR]... [--admin PATH] [--hash-pool SIZE|off]
                   [--meta-cache SIZE|off]
                   [--cluster-key FILE [--replication-listen HOST:PORT]] [--mirror-timeout SEC]
+                  [--materialize-above READS [--materialize-every SEC]]
   blockgate [--admin PATH | --data DIR] COMMAND ...
 commands:
   volume create NAME --size SIZE [--backend dedup|raw|memory] [--read-only] [--path FILE|DEVICE]
@@ -52,16 +53,19 @@ commands:
   diff VOL SNAP_A [SNAP_B] [--json]
                                   (byte ranges that differ between two snapshots, or between
                                    a snapshot and the volume now)
+  materialize VOL [--json]        (rewrite a dedup volume's blocks in order: fast cold sequential reads)
   fsck --data DIR [--json]        (offline: the gateway must be stopped)
 --hash-pool: dedup writes of at least SIZE (default 256K) are hashed and compressed on
   worker threads; off keeps all of it on the event loop.
 --meta-cache: memory for the dedup metamap held in RAM (default 128M, about 28 GiB of
   volume blocks); past it, pages are evicted and reloaded from the index.
+--materialize-above: rewrite (materialize) the dedup volume most fragmented past READS
+  reads per MiB of cold sequential read, one per check (every 600 s by default).
 ADDR is HOST:PORT or unix:PATH (default ${DEFAULT_LISTEN}); SIZE takes K, M, G, T (binary).
 `;
 
 /** Contract commands whose subsystems have not landed yet. */
-const NOT_YET = new Set(['seed', 'materialize']);
+const NOT_YET = new Set(['seed']);
 
 const SPEC = {
   flags: ['json', 'read-only', 'help', 'dr'],
@@ -79,6 +83,8 @@ const SPEC = {
     'to',
     'mode',
     'max-rate',
+    'materialize-above',
+    'materialize-every',
   ],
   repeatable: ['listen'],
 };
@@ -183,6 +189,25 @@ async function replicaCommand(p: Parsed): Promise<void> {
   }
 }
 
+/** serve's --materialize-above READS and --materialize-every SEC. */
+function materializeOptions(p: Parsed): { materializeAbove?: number; materializeEveryMs?: number } {
+  const above = p.values.get('materialize-above');
+  const every = p.values.get('materialize-every');
+  if (above === undefined) {
+    if (every !== undefined) throw new UsageError('--materialize-every needs --materialize-above');
+    return {};
+  }
+  const reads = Number(above);
+  if (!(reads >= 1 && reads <= 256))
+    throw new UsageError(
+      '--materialize-above takes reads per MiB, from 1 to 256 (1 is a perfectly laid out volume)',
+    );
+  if (every === undefined) return { materializeAbove: reads };
+  const sec = Number(every);
+  if (!(sec >= 1 && sec <= 86400)) throw new UsageError('--materialize-every takes seconds, from 1 to 86400');
+  return { materializeAbove: reads, materializeEveryMs: Math.round(sec * 1000) };
+}
+
 async function snapshotCommand(p: Parsed): Promise<void> {
   const sub = p.positionals[1];
   const sock = adminPath(p);
@@ -281,6 +306,10 @@ async function volumeCommand(p: Parsed): Promise<void> {
                 ['logical', bytes(v.dedup.logicalBytes)],
                 ['zero blocks', String(v.dedup.zeroBlocks)],
                 ['exclusive', `${bytes(v.dedup.exclusiveBytes)} (stored for this volume alone)`],
+                [
+                  'fragmentation',
+                  `${v.dedup.fragmentation.toFixed(1)} reads per MiB of cold sequential read (1 is ideal)`,
+                ],
               ] as Array<[string, string]>)
             : []),
         ]),
@@ -375,6 +404,8 @@ async function main(argv: string[]): Promise<void> {
         'replication-listen',
         'cluster-key',
         'mirror-timeout',
+        'materialize-above',
+        'materialize-every',
       ]);
       const dataDir = p.values.get('data') ?? DEFAULT_DATA;
       const listen = (p.repeated.get('listen') ?? [DEFAULT_LISTEN]).map((a) => {
@@ -421,12 +452,27 @@ async function main(argv: string[]): Promise<void> {
         ...(replication ? { replicationListen: replication } : {}),
         ...(clusterKeyFile !== undefined ? { clusterKeyFile } : {}),
         ...(mirrorTimeoutMs !== undefined ? { mirrorTimeoutMs } : {}),
+        ...materializeOptions(p),
       });
     }
     case 'volume':
       return volumeCommand(p);
     case 'snapshot':
       return snapshotCommand(p);
+    case 'materialize': {
+      expectPositionals(p, 2, 'materialize VOL');
+      onlyOptions(p, ['json']);
+      const r = (await callGateway(adminPath(p), 'materialize', {
+        name: p.positionals[1],
+      })) as MaterializeReport;
+      return print(
+        p,
+        r,
+        (x: typeof r) =>
+          `${x.volume}: ${x.before.toFixed(1)} -> ${x.after.toFixed(1)} reads per MiB of sequential read; ` +
+          `${x.movedBlocks} blocks (${bytes(x.movedBytes)}) rewritten in ${(x.ms / 1000).toFixed(1)} s\n`,
+      );
+    }
     case 'rollback': {
       expectPositionals(p, 3, 'rollback VOL SNAP');
       onlyOptions(p, ['json']);

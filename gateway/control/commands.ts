@@ -77,6 +77,7 @@ export function commandTable(volumes: VolumeManager, status: GatewayStatus): Map
     ['snapshot.delete', (a) => volumes.snapshotDelete(str(a, 'name')!, str(a, 'snapshot')!)],
     ['rollback', (a) => volumes.rollback(str(a, 'name')!, str(a, 'snapshot')!)],
     ['clone', (a) => volumes.clone(str(a, 'source')!, str(a, 'snapshot', false), str(a, 'name')!)],
+    ['materialize', (a) => volumes.materialize(str(a, 'name')!)],
     ['diff', (a) => volumes.diff(str(a, 'name')!, str(a, 'from')!, str(a, 'to', false))],
     [
       'stats',

@@ -966,6 +966,115 @@ export class DedupStore {
     }
   }
 
+  // ---- layout of a volume's records: fragmentation and materialize ------------------------
+
+  /**
+   * Where a block's record is, and how long: in memory (in flight) counts as a place of
+   * its own. Undefined when the block has no datamap entry.
+   */
+  private recordPlace(id: number): { segment: number; offset: number; end: number } | undefined {
+    const e = this.lookupData(id);
+    if (!e) return undefined;
+    return { segment: e.segment, offset: e.offset, end: e.offset + RECORD_HEADER + e.storedLength };
+  }
+
+  /**
+   * Separate reads per MiB window of `blocks` blocks from `first`: a read covers a
+   * run of records lying next to each other in one segment (as readBlocks issues
+   * them, at most 256 records); holes and zero blocks need none. Null for a window
+   * without data.
+   */
+  private windowReads(volume: number, first: number, blocks: number): number | null {
+    const ids = this.blockIds(volume, first, blocks);
+    let reads = 0;
+    let inRun = 0;
+    let prev: { segment: number; end: number } | undefined;
+    for (const id of ids) {
+      if (!isData(id)) continue;
+      const p = this.recordPlace(id);
+      if (!p) continue;
+      if (prev && p.segment === prev.segment && p.offset === prev.end && inRun < 256) inRun++;
+      else {
+        reads++;
+        inRun = 1;
+      }
+      prev = p;
+    }
+    return reads === 0 ? null : reads;
+  }
+
+  /**
+   * The volume's fragmentation: the expected number of separate segment reads per
+   * MiB of a cold sequential read of its data (1 is ideal: each MiB one read),
+   * sampled over at most `sample` MiB windows spread evenly across the volume.
+   */
+  fragmentation(volume: number, blocks: number, sample = 256): { readsPerMiB: number; sampledMiB: number } {
+    const windows = Math.ceil(blocks / 256);
+    const step = Math.max(1, windows / sample);
+    let reads = 0;
+    let withData = 0;
+    for (let w = 0; w < windows; w += step) {
+      const first = Math.floor(w) * 256;
+      const r = this.windowReads(volume, first, Math.min(256, blocks - first));
+      if (r === null) continue;
+      reads += r;
+      withData++;
+    }
+    return { readsPerMiB: withData ? reads / withData : 0, sampledMiB: withData };
+  }
+
+  /**
+   * Rewrites `volume`'s records in block order, a MiB window at a time, so a cold
+   * sequential read issues one read per MiB. Records move (same block, new place;
+   * shared blocks keep being shared), and the old copies become garbage for the
+   * compactor. Windows already read in at most `keepReads` reads stay as they are.
+   * Returns what moved.
+   */
+  async materialize(
+    volume: number,
+    blocks: number,
+    keepReads = 2,
+  ): Promise<{ movedBlocks: number; movedBytes: number }> {
+    let movedBlocks = 0;
+    let movedBytes = 0;
+    const moved = new Set<number>();
+    for (let first = 0; first < blocks; first += 256) {
+      const n = Math.min(256, blocks - first);
+      const reads = this.windowReads(volume, first, n);
+      if (reads === null || reads <= keepReads) continue;
+      const records: Array<{ id: number; record: Buffer }> = [];
+      for (const id of this.blockIds(volume, first, n)) {
+        if (!isData(id) || moved.has(id) || this.pending.has(id)) continue;
+        const e = this.lookupData(id);
+        if (!e) continue;
+        let record: Buffer;
+        try {
+          record = await this.segments.read(e.segment, e.offset, RECORD_HEADER + e.storedLength);
+          // Checked before it moves: a damaged record is left where it is, for reads to report.
+          decodeRecordInto(record, id, e.hash, this.hasher, this.mirrorScratch);
+        } catch {
+          continue;
+        }
+        records.push({ id, record });
+        moved.add(id);
+      }
+      // Appended within one tick, so the window's records lie next to each other.
+      const writes: Promise<void>[] = [];
+      for (const { id, record } of records) {
+        // Skip a block the compactor or a release took away while this window was read.
+        const now = this.lookupData(id);
+        if (!now || this.pending.has(id)) continue;
+        writes.push(this.relocate(id, record));
+        movedBlocks++;
+        movedBytes += record.length;
+      }
+      await Promise.all(writes);
+      await this.throttle();
+    }
+    await this.flush();
+    return { movedBlocks, movedBytes };
+  }
+
   /** Bytes of live records per segment, as of the last checkpoint. */
   segmentLiveBytes(segment: number): number {
     return this.state.segmentLive[segment] ?? 0;
