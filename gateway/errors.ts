@@ -51,3 +51,9 @@ export class GatewayUnavailableError extends BlockgateError {
   override name = 'GatewayUnavailableError';
   override readonly code = 'ERR_GATEWAY_UNAVAILABLE';
 }
+
+/** A seed bundle that cannot be imported: truncated, damaged past repair, foreign, or not a bundle. */
+export class SeedError extends BlockgateError {
+  override name = 'SeedError';
+  override readonly code = 'ERR_SEED_BUNDLE';
+}

@@ -13,6 +13,7 @@ import { FsckReport, fsckStore } from '../store/fsck';
 import { DataDirLock } from '../util/data-lock';
 import type { MaterializeReport, ReplicaListing, VolumeInfo } from '../volume/manager';
 import type { SnapshotInfo } from '../volume/snapshots';
+import type { SeedExportReport, SeedImportReport } from '../volume/seeds';
 import { parseSize } from '../util/size';
 import { parseArgs, Parsed, UsageError } from './args';
 import { bytes, keyValues, table } from './format';
@@ -35,7 +36,7 @@ commands:
   stats [--json]
   compact [--json]                (reclaim dedup space now instead of in the background)
   similarity [--json]             (share of common content for each pair of dedup volumes)
-  replica add VOL --to HOST:PORT [--mode sync|async] [--dr] [--max-rate RATE]
+  replica add VOL --to HOST:PORT [--mode sync|async] [--dr] [--max-rate RATE] [--seeded]
                                   (mirror a dedup volume to another gateway; hash-first sync;
                                    --dr: the disaster-recovery site, fed first; RATE: bytes/s
                                    of sync traffic, e.g. 50M)
@@ -53,6 +54,12 @@ commands:
   diff VOL SNAP_A [SNAP_B] [--json]
                                   (byte ranges that differ between two snapshots, or between
                                    a snapshot and the volume now)
+  seed export VOL --to PATH [--to PATH2 ...]
+                                  (the volume's contents to portable media, striped with parity
+                                   over several files; later writes are tracked)
+  seed import PATH... --as VOL [--force]
+                                  (a replica-to-be from a seed bundle; then on the source:
+                                   replica add VOL --to HOST:PORT --seeded)
   materialize VOL [--json]        (rewrite a dedup volume's blocks in order: fast cold sequential reads)
   fsck --data DIR [--json]        (offline: the gateway must be stopped)
 --hash-pool: dedup writes of at least SIZE (default 256K) are hashed and compressed on
@@ -64,11 +71,8 @@ commands:
 ADDR is HOST:PORT or unix:PATH (default ${DEFAULT_LISTEN}); SIZE takes K, M, G, T (binary).
 `;
 
-/** Contract commands whose subsystems have not landed yet. */
-const NOT_YET = new Set(['seed']);
-
 const SPEC = {
-  flags: ['json', 'read-only', 'help', 'dr'],
+  flags: ['json', 'read-only', 'help', 'dr', 'seeded', 'force'],
   values: [
     'admin',
     'data',
@@ -80,13 +84,13 @@ const SPEC = {
     'replication-listen',
     'cluster-key',
     'mirror-timeout',
-    'to',
     'mode',
     'max-rate',
     'materialize-above',
     'materialize-every',
+    'as',
   ],
-  repeatable: ['listen'],
+  repeatable: ['listen', 'to'],
 };
 
 function adminPath(p: Parsed): string {
@@ -130,9 +134,15 @@ async function replicaCommand(p: Parsed): Promise<void> {
   const sock = adminPath(p);
   switch (sub) {
     case 'add': {
-      expectPositionals(p, 3, 'replica add VOL --to HOST:PORT [--mode sync|async] [--dr] [--max-rate RATE]');
-      onlyOptions(p, ['to', 'mode', 'dr', 'max-rate', 'json']);
-      const to = p.values.get('to');
+      expectPositionals(
+        p,
+        3,
+        'replica add VOL --to HOST:PORT [--mode sync|async] [--dr] [--max-rate RATE] [--seeded]',
+      );
+      onlyOptions(p, ['to', 'mode', 'dr', 'max-rate', 'seeded', 'json']);
+      const tos = p.repeated.get('to') ?? [];
+      if (tos.length > 1) throw new UsageError('--to given twice');
+      const to = tos[0];
       if (to === undefined) throw new UsageError('replica add needs --to HOST:PORT');
       const mode = p.values.get('mode') ?? 'async';
       if (mode !== 'sync' && mode !== 'async') throw new UsageError(`--mode ${mode}: use sync or async`);
@@ -142,6 +152,7 @@ async function replicaCommand(p: Parsed): Promise<void> {
         to,
         mode,
         dr: p.flags.has('dr'),
+        seeded: p.flags.has('seeded'),
         ...(rate !== undefined ? { maxRate: parseSize(rate) } : {}),
       })) as MirrorStatus;
       return print(
@@ -206,6 +217,49 @@ function materializeOptions(p: Parsed): { materializeAbove?: number; materialize
   const sec = Number(every);
   if (!(sec >= 1 && sec <= 86400)) throw new UsageError('--materialize-every takes seconds, from 1 to 86400');
   return { materializeAbove: reads, materializeEveryMs: Math.round(sec * 1000) };
+}
+
+async function seedCommand(p: Parsed): Promise<void> {
+  const sub = p.positionals[1];
+  const sock = adminPath(p);
+  switch (sub) {
+    case 'export': {
+      expectPositionals(p, 3, 'seed export VOL --to PATH [--to PATH2 ...]');
+      onlyOptions(p, ['to', 'json']);
+      const to = (p.repeated.get('to') ?? []).map((f) => path.resolve(f));
+      if (to.length === 0) throw new UsageError('seed export needs --to PATH (one per device)');
+      const r = (await callGateway(sock, 'seed.export', { name: p.positionals[2], to })) as SeedExportReport;
+      return print(
+        p,
+        r,
+        (x: SeedExportReport) =>
+          `seed bundle ${x.bundleId} of ${x.volume} written (${bytes(x.streamBytes)}, ${x.uniqueBlocks} blocks` +
+          `${x.paths.length > 1 ? `, striped over ${x.paths.length} files with parity` : ''}); ` +
+          `writes since are tracked by snapshot ${x.snapshot}\n`,
+      );
+    }
+    case 'import': {
+      if (p.positionals.length < 3)
+        throw new UsageError('missing argument: seed import PATH... --as VOL [--force]');
+      onlyOptions(p, ['as', 'force', 'json']);
+      const as = p.values.get('as');
+      if (as === undefined) throw new UsageError('seed import needs --as VOL');
+      const r = (await callGateway(sock, 'seed.import', {
+        from: p.positionals.slice(2).map((f) => path.resolve(f)),
+        as,
+        force: p.flags.has('force'),
+      })) as SeedImportReport;
+      return print(
+        p,
+        r,
+        (x: SeedImportReport) =>
+          `volume ${x.volume} imported from seed ${x.bundleId} (${x.source.volume} of gateway ${x.source.gateway}, ` +
+          `${bytes(x.size)}, ${x.uniqueBlocks} blocks)${x.repaired.length ? `; rebuilt from parity: ${x.repaired.join(', ')}` : ''}\n`,
+      );
+    }
+    default:
+      throw new UsageError(`unknown seed command '${sub ?? ''}': use export or import`);
+  }
 }
 
 async function snapshotCommand(p: Parsed): Promise<void> {
@@ -459,6 +513,8 @@ async function main(argv: string[]): Promise<void> {
       return volumeCommand(p);
     case 'snapshot':
       return snapshotCommand(p);
+    case 'seed':
+      return seedCommand(p);
     case 'materialize': {
       expectPositionals(p, 2, 'materialize VOL');
       onlyOptions(p, ['json']);
@@ -645,8 +701,6 @@ async function main(argv: string[]): Promise<void> {
     case undefined:
       throw new UsageError('no command given (try blockgate --help)');
     default:
-      if (NOT_YET.has(command))
-        throw new UsageError(`'${command}' is not available in this version of blockgate yet`);
       throw new UsageError(`unknown command '${command}' (try blockgate --help)`);
   }
 }

@@ -64,6 +64,7 @@ export function commandTable(volumes: VolumeManager, status: GatewayStatus): Map
       (a) =>
         volumes.replicaAdd(str(a, 'name')!, str(a, 'to')!, (str(a, 'mode', false) ?? 'async') as MirrorMode, {
           dr: bool(a, 'dr'),
+          seeded: bool(a, 'seeded'),
           ...(a['maxRate'] !== undefined ? { maxRate: size(a, 'maxRate') } : {}),
         }),
     ],
@@ -77,6 +78,24 @@ export function commandTable(volumes: VolumeManager, status: GatewayStatus): Map
     ['snapshot.delete', (a) => volumes.snapshotDelete(str(a, 'name')!, str(a, 'snapshot')!)],
     ['rollback', (a) => volumes.rollback(str(a, 'name')!, str(a, 'snapshot')!)],
     ['clone', (a) => volumes.clone(str(a, 'source')!, str(a, 'snapshot', false), str(a, 'name')!)],
+    [
+      'seed.export',
+      (a) => {
+        const to = a['to'];
+        if (!Array.isArray(to) || !to.every((p) => typeof p === 'string' && p !== ''))
+          throw new InvalidArgumentError("'to' must be a list of paths");
+        return volumes.seedExport(str(a, 'name')!, to as string[]);
+      },
+    ],
+    [
+      'seed.import',
+      (a) => {
+        const from = a['from'];
+        if (!Array.isArray(from) || !from.every((p) => typeof p === 'string' && p !== ''))
+          throw new InvalidArgumentError("'from' must be a list of paths");
+        return volumes.seedImport(from as string[], str(a, 'as')!, bool(a, 'force'));
+      },
+    ],
     ['materialize', (a) => volumes.materialize(str(a, 'name')!)],
     ['diff', (a) => volumes.diff(str(a, 'name')!, str(a, 'from')!, str(a, 'to', false))],
     [

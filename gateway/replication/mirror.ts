@@ -60,6 +60,12 @@ export interface MirrorOptions {
   dr: boolean;
   /** The activity log's file (activity-log.ts): where a restarted primary resumes the sync. */
   activityLog: string;
+  /**
+   * replica add --seeded: the bundle the replica's copy was imported from, and the
+   * snapshot (store volume) marking its export point. A replica that confirms its copy
+   * is still that bundle is sent only the chunks changed since the snapshot.
+   */
+  seed?: { bundleId: Buffer; snapshot: number };
 }
 
 interface Batch {
@@ -467,6 +473,21 @@ export class Mirror {
     }
   }
 
+  /**
+   * The replica holds exactly the seed bundle: what it lacks is what changed since the
+   * export point (the snapshot), so only those chunks stay dirty. The blocks changed
+   * are found from the snapshot's preserved entries, in proportion to the changes.
+   */
+  private seededDirty(snapshot: number): void {
+    this.dirty.clear();
+    const blocks = this.volumeBlocks;
+    for (const { lba } of this.store.changedBlocks(snapshot, blocks, this.volumeId, blocks))
+      this.dirty.add(Math.floor(lba / CHUNK_BLOCKS));
+    this.log.info(
+      `replica ${this.address} of ${this.volumeName} holds the seed: ${this.dirty.size} chunk(s) changed since`,
+    );
+  }
+
   private markAllDirty(): void {
     for (let c = 0; c < this.dirty.chunks; c++) this.dirty.add(c);
     this.syncTotal = this.dirty.chunks;
@@ -530,6 +551,7 @@ export class Mirror {
         size: this.volumeBlocks * 4096,
         domain: this.store.contentDomain(),
         generation: this.opts.generation,
+        ...(this.opts.seed ? { seed: this.opts.seed.bundleId } : {}),
       },
     });
   }
@@ -584,6 +606,7 @@ export class Mirror {
       if (this.state !== 'connecting')
         throw new LinkProtocolError('ERR_LINK_UNEXPECTED', 'second mirrorReady');
       this.state = 'syncing';
+      if (f.mirrorReady.seeded && this.opts.seed) this.seededDirty(this.opts.seed.snapshot);
       this.syncTotal = this.dirty.size;
       this.log.info(
         `replica ${this.address} (gateway ${link.peerId}) of ${this.volumeName}: ${this.dirty.size} chunks to sync`,
@@ -718,5 +741,11 @@ class DirtyChunks {
       }
     }
     throw new Error('no dirty chunk');
+  }
+
+  clear(): void {
+    this.bits.fill(0);
+    this.count = 0;
+    this.cursor = 0;
   }
 }

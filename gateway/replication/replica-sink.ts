@@ -7,8 +7,8 @@
 
 import { LinkProtocolError } from '../../protocol/replication/errors';
 import { Extent, Frame, KIND_DATA, WireBlock } from '../../protocol/replication/frames';
-import { native } from '../../native-bindings';
 import type { DedupStore, MirroredBlock } from '../store/dedup-store';
+import { unpackPayload } from '../store/block-codec';
 import type { Logger } from '../util/log';
 import type { Link } from './link';
 
@@ -27,7 +27,9 @@ export interface ReplicaVolumes {
     size: number,
     primary: string,
     generation: number,
-  ): Promise<{ store: DedupStore; volumeId: number }>;
+    /** The seed bundle id the primary believes the copy here was imported from (replica add --seeded). */
+    seed?: Buffer,
+  ): Promise<{ store: DedupStore; volumeId: number; seeded: boolean }>;
   /**
    * Null while the volume is still a replica that takes this generation's batches; else
    * the refusal (SupersededError once promoted here, another error once deleted).
@@ -97,7 +99,7 @@ export class ReplicaSink {
   /** Frames of a mirror link; false for those it does not handle. */
   handle(f: Frame): boolean {
     if ('mirror' in f) {
-      this.open(f.mirror.volume, f.mirror.size, f.mirror.domain, f.mirror.generation);
+      this.open(f.mirror.volume, f.mirror.size, f.mirror.domain, f.mirror.generation, f.mirror.seed);
       return true;
     }
     if ('batch' in f) {
@@ -156,38 +158,40 @@ export class ReplicaSink {
     this.link.fail(err);
   }
 
-  private open(name: string, size: number, domain: Buffer, generation: number): void {
+  private open(name: string, size: number, domain: Buffer, generation: number, seed?: Buffer): void {
     if (this.target) throw new LinkProtocolError('ERR_LINK_UNEXPECTED', 'second mirror frame on one link');
-    this.volumes.replicaVolume(name, size, this.link.peerId, generation).then(
-      ({ store, volumeId }) => {
-        if (!store.contentDomain().equals(domain)) {
-          this.link.fail(
-            new LinkProtocolError(
-              'ERR_LINK_DOMAIN',
-              'content ids of the two stores differ: both data directories must be created with the same --cluster-key',
-            ),
+    this.volumes
+      .replicaVolume(name, size, this.link.peerId, generation, seed?.length ? seed : undefined)
+      .then(
+        ({ store, volumeId, seeded }) => {
+          if (!store.contentDomain().equals(domain)) {
+            this.link.fail(
+              new LinkProtocolError(
+                'ERR_LINK_DOMAIN',
+                'content ids of the two stores differ: both data directories must be created with the same --cluster-key',
+              ),
+            );
+            return;
+          }
+          if (this.closed) return;
+          this.target = { name, store, volumeId, generation, blocks: Math.ceil(size / 4096) };
+          // One sink per volume: a link the primary gave up on must not apply its queue
+          // after the new one has started (older states over newer ones).
+          const prev = this.owners.get(name);
+          if (prev && prev !== this) prev.close();
+          this.owners.set(name, this);
+          this.log.info(`gateway ${this.link.peerId} mirrors ${name} here`);
+          this.link.send({ mirrorReady: { volume: name, seeded } });
+        },
+        (err: Error) => {
+          this.log.warn(`mirror of ${name} from gateway ${this.link.peerId} refused: ${err.message}`);
+          this.refuse(
+            err instanceof LinkProtocolError
+              ? err
+              : new LinkProtocolError('ERR_LINK_UNKNOWN_VOLUME', err.message),
           );
-          return;
-        }
-        if (this.closed) return;
-        this.target = { name, store, volumeId, generation, blocks: Math.ceil(size / 4096) };
-        // One sink per volume: a link the primary gave up on must not apply its queue
-        // after the new one has started (older states over newer ones).
-        const prev = this.owners.get(name);
-        if (prev && prev !== this) prev.close();
-        this.owners.set(name, this);
-        this.log.info(`gateway ${this.link.peerId} mirrors ${name} here`);
-        this.link.send({ mirrorReady: { volume: name } });
-      },
-      (err: Error) => {
-        this.log.warn(`mirror of ${name} from gateway ${this.link.peerId} refused: ${err.message}`);
-        this.refuse(
-          err instanceof LinkProtocolError
-            ? err
-            : new LinkProtocolError('ERR_LINK_UNKNOWN_VOLUME', err.message),
-        );
-      },
-    );
+        },
+      );
   }
 
   private drain(): void {
@@ -322,22 +326,9 @@ function cidsOf(extents: Extent[]): string[] {
 
 /** A block's 4 KiB from the wire; the content-id check comes after (applyMirrored). */
 function decodeWireBlock(b: WireBlock): Buffer {
-  if (!b.lz4) {
-    if (b.payload.length !== 4096)
-      throw new LinkProtocolError(
-        'ERR_LINK_BAD_BLOCK',
-        `raw block ${b.ordinal} of ${b.payload.length} bytes`,
-      );
-    return b.payload;
+  try {
+    return unpackPayload(b.lz4, b.payload);
+  } catch (err) {
+    throw new LinkProtocolError('ERR_LINK_BAD_BLOCK', `block ${b.ordinal}: ${(err as Error).message}`);
   }
-  // The primary stores a block raw where lz4 gains nothing: a longer lz4 payload is not one of ours.
-  if (b.payload.length >= 4096)
-    throw new LinkProtocolError('ERR_LINK_BAD_BLOCK', `lz4 block ${b.ordinal} of ${b.payload.length} bytes`);
-  const out = Buffer.allocUnsafe(4096);
-  if (native.lz4Decompress(b.payload, out) !== 4096)
-    throw new LinkProtocolError(
-      'ERR_LINK_BAD_BLOCK',
-      `block ${b.ordinal}: lz4 payload does not decode to 4 KiB`,
-    );
-  return out;
 }

@@ -372,6 +372,15 @@ export class DedupStore {
     return id;
   }
 
+  /** Gives a store volume another name (an import done under a temporary one); durable with the next flush. */
+  renameVolume(from: string, to: string): void {
+    const id = this.state.volumes[from];
+    if (id === undefined) throw new Error(`the store has no volume ${from}`);
+    if (this.state.volumes[to] !== undefined) throw new Error(`the store already has a volume ${to}`);
+    this.state.volumes[to] = id;
+    delete this.state.volumes[from];
+  }
+
   volumeNames(): string[] {
     return Object.keys(this.state.volumes);
   }

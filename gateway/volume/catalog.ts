@@ -31,6 +31,18 @@ export interface VolumeRecord {
   snapshots?: SnapshotRecord[];
   /** Set on a clone: the snapshot it was made from, VOL@SNAP. */
   cloneOf?: string;
+  /** Seed bundles exported of this volume, each with the snapshot marking its export point. */
+  seeds?: SeedRecord[];
+  /** Set on a volume imported from a seed bundle until its primary's first seeded mirror. */
+  seededFrom?: { bundleId: string; volume: string; gateway: string; snapshot: string };
+}
+
+export interface SeedRecord {
+  bundleId: string;
+  /** The snapshot taken for the export: what changed since it is what a seeded replica lacks. */
+  snapshot: string;
+  exportedAt: string;
+  paths: string[];
 }
 
 export interface SnapshotRecord {
@@ -50,6 +62,8 @@ export interface ReplicaConfig {
   dr?: boolean;
   /** Bytes per second the initial sync and resyncs may send (absent: no limit). */
   maxRate?: number;
+  /** replica add --seeded: the seed bundle (of this volume's seeds) the replica was imported from. */
+  seed?: string;
 }
 
 interface CatalogFile {

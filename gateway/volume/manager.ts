@@ -12,7 +12,8 @@ import {
 } from '../errors';
 import type { ClientInfo, ExportRegistry, NbdExport } from '../nbd/registry';
 import { Volume } from './volume';
-import { DiffRange, SnapshotInfo, Snapshots } from './snapshots';
+import { DiffRange, SnapshotHost, SnapshotInfo, Snapshots, snapshotExportName } from './snapshots';
+import { SeedExportReport, SeedImportReport, Seeds } from './seeds';
 import type { Logger } from '../util/log';
 import { formatSize } from '../util/size';
 import { CompactionResult, Compactor } from '../store/compactor';
@@ -115,6 +116,7 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
   /** Serialises changes so two admin commands never interleave their catalog writes. */
   private queue: Promise<unknown> = Promise.resolve();
   private readonly snapshots: Snapshots;
+  private readonly seeds: Seeds;
   /** The volume a materialize is rewriting, if any. */
   private materializing: string | null = null;
 
@@ -125,7 +127,7 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
     private readonly replication: ReplicationOptions,
   ) {
     this.catalog = new Catalog(dataDir);
-    this.snapshots = new Snapshots({
+    const host: SnapshotHost = {
       log: this.log,
       store: this.store,
       volume: (name) => this.volume(name),
@@ -136,7 +138,17 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
         return v;
       },
       saveCatalog: () => this.catalog.save(this.records()),
-    });
+    };
+    this.snapshots = new Snapshots(host);
+    this.seeds = new Seeds(
+      {
+        ...host,
+        gatewayId: () => this.replication.link?.gatewayId ?? 'standalone',
+        exclusive: (fn) => this.exclusive(fn),
+        remove: (name) => this.removeVolume(name),
+      },
+      this.snapshots,
+    );
   }
 
   /** Opens every volume of the data directory; an empty directory gets the default volume. */
@@ -251,32 +263,35 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
   }
 
   delete(name: string): Promise<void> {
-    return this.exclusive(async () => {
-      const vol = this.volume(name);
-      if (vol.clients.size > 0) {
-        throw new VolumeBusyError(
-          `volume '${name}' has ${vol.clients.size} connected client(s); disconnect them first`,
-        );
-      }
-      const snaps = (vol.record.snapshots ?? []).filter((s) => s.forClone === undefined);
-      if (snaps.length)
-        throw new VolumeBusyError(
-          `volume '${name}' has snapshots (${snaps.map((s) => s.name).join(', ')}): delete them first`,
-        );
-      const clones = (vol.record.snapshots ?? []).map((s) => s.forClone).filter((c) => c !== undefined);
-      if (clones.length)
-        throw new VolumeBusyError(`volume '${name}' has clones (${clones.join(', ')}): delete them first`);
-      this.volumes.delete(name);
-      this.catalog.save(this.records());
-      for (const m of vol.mirrors) m.close(true);
-      await vol.device.close();
-      removeBackingStore(this.dataDir, vol.record);
-      if (vol.record.backend === 'dedup') {
-        await this.store().deleteVolume(name);
-        await this.snapshots.releaseCloneBase(vol.record);
-      }
-      this.log.info(`volume ${name} deleted`);
-    });
+    return this.exclusive(() => this.removeVolume(name));
+  }
+
+  /** delete's work, for callers already inside exclusive(). */
+  private async removeVolume(name: string): Promise<void> {
+    const vol = this.volume(name);
+    if (vol.clients.size > 0) {
+      throw new VolumeBusyError(
+        `volume '${name}' has ${vol.clients.size} connected client(s); disconnect them first`,
+      );
+    }
+    const snaps = (vol.record.snapshots ?? []).filter((s) => s.forClone === undefined);
+    if (snaps.length)
+      throw new VolumeBusyError(
+        `volume '${name}' has snapshots (${snaps.map((s) => s.name).join(', ')}): delete them first`,
+      );
+    const clones = (vol.record.snapshots ?? []).map((s) => s.forClone).filter((c) => c !== undefined);
+    if (clones.length)
+      throw new VolumeBusyError(`volume '${name}' has clones (${clones.join(', ')}): delete them first`);
+    this.volumes.delete(name);
+    this.catalog.save(this.records());
+    for (const m of vol.mirrors) m.close(true);
+    await vol.device.close();
+    removeBackingStore(this.dataDir, vol.record);
+    if (vol.record.backend === 'dedup') {
+      await this.store().deleteVolume(name);
+      await this.snapshots.releaseCloneBase(vol.record);
+    }
+    this.log.info(`volume ${name} deleted`);
   }
 
   resize(name: string, size: number): Promise<VolumeInfo> {
@@ -425,6 +440,7 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
         generation: generationOf(rec),
         maxRate: r.maxRate ?? 0,
         dr: r.dr === true,
+        ...this.seedOf(rec, r),
         activityLog: path.join(
           this.dataDir,
           'mirrors',
@@ -438,12 +454,37 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
     );
   }
 
+  /** The newest seed bundle exported of a volume (replica add --seeded); refused when there is none. */
+  private latestSeed(rec: VolumeRecord): string {
+    const seed = rec.seeds?.[rec.seeds.length - 1];
+    if (!seed)
+      throw new InvalidArgumentError(
+        `volume '${rec.name}' has no seed export: run 'blockgate seed export' first`,
+      );
+    if (!rec.snapshots?.some((s) => s.name === seed.snapshot))
+      throw new InvalidArgumentError(`the snapshot of seed ${seed.bundleId} (${seed.snapshot}) was deleted`);
+    return seed.bundleId;
+  }
+
+  /** A mirror's seed option: the bundle and its export-point snapshot, while that snapshot exists. */
+  private seedOf(rec: VolumeRecord, r: ReplicaConfig): { seed?: { bundleId: Buffer; snapshot: number } } {
+    const seed = r.seed ? rec.seeds?.find((s) => s.bundleId === r.seed) : undefined;
+    if (!seed || !rec.snapshots?.some((s) => s.name === seed.snapshot)) return {};
+    const store = this.store();
+    return {
+      seed: {
+        bundleId: Buffer.from(seed.bundleId, 'hex'),
+        snapshot: store.volumeId(snapshotExportName(rec.name, seed.snapshot)),
+      },
+    };
+  }
+
   /** `replica add`: mirrors a dedup volume to another gateway, starting with a hash-first sync. */
   replicaAdd(
     name: string,
     to: string,
     mode: MirrorMode = 'async',
-    opts: { dr?: boolean; maxRate?: number } = {},
+    opts: { dr?: boolean; maxRate?: number; seeded?: boolean } = {},
   ): Promise<MirrorStatus> {
     return this.exclusive(async () => {
       const vol = this.volume(name);
@@ -474,6 +515,7 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
         mode,
         ...(opts.dr ? { dr: true } : {}),
         ...(opts.maxRate !== undefined ? { maxRate: opts.maxRate } : {}),
+        ...(opts.seeded ? { seed: this.latestSeed(vol.record) } : {}),
       };
       const mirror = this.startMirror(vol.record, config);
       // The DR replica first: the write splitter hands every change to it before the others.
@@ -537,8 +579,23 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
     size: number,
     primary: string,
     generation: number,
-  ): Promise<{ store: DedupStore; volumeId: number }> {
+    seed?: Buffer,
+  ): Promise<{ store: DedupStore; volumeId: number; seeded: boolean }> {
+    // A mirror that arrives while its seed is being imported waits for the import.
+    return this.seeds
+      .importDone(name)
+      .then(() => this.replicaVolumeNow(name, size, primary, generation, seed));
+  }
+
+  private replicaVolumeNow(
+    name: string,
+    size: number,
+    primary: string,
+    generation: number,
+    seed?: Buffer,
+  ): Promise<{ store: DedupStore; volumeId: number; seeded: boolean }> {
     return this.exclusive(async () => {
+      let seeded = false;
       const existing = this.volumes.get(name);
       if (existing) {
         const here = generationOf(existing.record);
@@ -564,8 +621,13 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
             'ERR_LINK_UNKNOWN_VOLUME',
             `replica of ${name} here is ${existing.device.size} bytes, the primary's ${size}`,
           );
-        if (existing.record.replicaOf !== primary || here !== generation) {
+        // A copy imported from a seed is that seed until its first mirror: only then may
+        // the primary send just what changed since the export (replica add --seeded).
+        const from = existing.record.seededFrom;
+        seeded = from !== undefined && seed !== undefined && from.bundleId === seed.toString('hex');
+        if (existing.record.replicaOf !== primary || here !== generation || from) {
           existing.record = { ...existing.record, replicaOf: primary, generation };
+          delete existing.record.seededFrom;
           this.catalog.save(this.records());
         }
       } else {
@@ -586,7 +648,7 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
         this.log.info(`volume ${name} created as a replica of gateway ${primary}`);
       }
       const store = this.store();
-      return { store, volumeId: store.volumeId(name) };
+      return { store, volumeId: store.volumeId(name), seeded };
     });
   }
 
@@ -773,6 +835,14 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
       const r = await this.snapshots.clone(source, snap, name);
       return { ...this.describe(this.volume(name)), cloneOf: r.cloneOf!, ms: r.ms };
     });
+  }
+
+  seedExport(volume: string, paths: string[]): Promise<SeedExportReport> {
+    return this.seeds.export(volume, paths);
+  }
+
+  seedImport(paths: string[], name: string, force: boolean): Promise<SeedImportReport> {
+    return this.seeds.import(paths, name, force);
   }
 
   diff(

@@ -61,6 +61,8 @@ export function snapshotExportName(volume: string, snap: string): string {
 
 export class Snapshots {
   private readonly exports = new Map<string, Volume>();
+  /** Snapshots being read by a long job (a seed export): not deleted meanwhile. */
+  private readonly held = new Set<string>();
 
   constructor(private readonly host: SnapshotHost) {}
 
@@ -167,11 +169,20 @@ export class Snapshots {
     };
   }
 
+  hold(volume: string, snap: string): void {
+    this.held.add(snapshotExportName(volume, snap));
+  }
+
+  release(volume: string, snap: string): void {
+    this.held.delete(snapshotExportName(volume, snap));
+  }
+
   /** `snapshot delete`: its references go; an older snapshot keeps what it read through it. */
   async delete(volume: string, snap: string): Promise<void> {
     const vol = this.dedupVolume(volume);
     const record = this.snapshot(vol, snap);
     const name = snapshotExportName(volume, snap);
+    if (this.held.has(name)) throw new VolumeBusyError(`snapshot ${name} is being exported as a seed bundle`);
     const exp = this.exports.get(name);
     if (exp && exp.clients.size > 0)
       throw new VolumeBusyError(

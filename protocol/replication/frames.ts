@@ -43,8 +43,8 @@ export type Frame =
   | { error: { code: string; message: string } }
   | { ping: { seq: number } }
   | { pong: { seq: number } }
-  | { mirror: { volume: string; size: number; domain: Buffer; generation: number } }
-  | { mirrorReady: { volume: string } }
+  | { mirror: { volume: string; size: number; domain: Buffer; generation: number; seed?: Buffer } }
+  | { mirrorReady: { volume: string; seeded?: boolean } }
   | { batch: { seq: number; extents: Extent[]; durable: boolean } }
   | { need: { seq: number; ordinals: number[] } }
   | { blocks: { seq: number; blocks: WireBlock[] } }
@@ -131,6 +131,7 @@ export function decodeFrameBody(bytes: Uint8Array): Frame {
           size: toNumber(m['size'] ?? 0),
           domain: bytesOf(m['domain']),
           generation: toNumber(m['generation'] ?? 0),
+          seed: bytesOf(m['seed']),
         },
       };
     }
@@ -162,10 +163,10 @@ export function decodeFrameBody(bytes: Uint8Array): Frame {
         superseded: { volume: (m['volume'] as string) ?? '', generation: toNumber(m['generation'] ?? 0) },
       };
     }
-    case 'mirrorReady':
-      return {
-        mirrorReady: { volume: ((msg['mirrorReady'] as Record<string, unknown>)['volume'] as string) ?? '' },
-      };
+    case 'mirrorReady': {
+      const m = msg['mirrorReady'] as Record<string, unknown>;
+      return { mirrorReady: { volume: (m['volume'] as string) ?? '', seeded: m['seeded'] === true } };
+    }
     case 'batch': {
       const b = msg['batch'] as Record<string, unknown>;
       const extents = ((b['extents'] as Array<Record<string, unknown>> | undefined) ?? []).map((e) => ({
