@@ -37,9 +37,14 @@ commands:
   compact [--json]                (reclaim dedup space now instead of in the background)
   similarity [--json]             (share of common content for each pair of dedup volumes)
   replica add VOL --to HOST:PORT [--mode sync|async] [--dr] [--max-rate RATE] [--seeded]
+                  [--cutover [--threshold SIZE]]
                                   (mirror a dedup volume to another gateway; hash-first sync;
                                    --dr: the disaster-recovery site, fed first; RATE: bytes/s
-                                   of sync traffic, e.g. 50M)
+                                   of sync traffic, e.g. 50M; --seeded: the replica was imported
+                                   from this volume's last seed export, send what changed since;
+                                   --cutover: once in sync with at most SIZE (default 64M) owed,
+                                   hold writes, let the replica catch up and promote itself,
+                                   and become its replica)
   replica list VOL [--json]       (state, lag and sync progress of each replica)
   replica remove VOL HOST:PORT
   promote VOL                     (a replica becomes the primary, one generation up)
@@ -72,7 +77,7 @@ ADDR is HOST:PORT or unix:PATH (default ${DEFAULT_LISTEN}); SIZE takes K, M, G, 
 `;
 
 const SPEC = {
-  flags: ['json', 'read-only', 'help', 'dr', 'seeded', 'force'],
+  flags: ['json', 'read-only', 'help', 'dr', 'seeded', 'force', 'cutover'],
   values: [
     'admin',
     'data',
@@ -89,6 +94,7 @@ const SPEC = {
     'materialize-above',
     'materialize-every',
     'as',
+    'threshold',
   ],
   repeatable: ['listen', 'to'],
 };
@@ -137,9 +143,9 @@ async function replicaCommand(p: Parsed): Promise<void> {
       expectPositionals(
         p,
         3,
-        'replica add VOL --to HOST:PORT [--mode sync|async] [--dr] [--max-rate RATE] [--seeded]',
+        'replica add VOL --to HOST:PORT [--mode sync|async] [--dr] [--max-rate RATE] [--seeded] [--cutover [--threshold SIZE]]',
       );
-      onlyOptions(p, ['to', 'mode', 'dr', 'max-rate', 'seeded', 'json']);
+      onlyOptions(p, ['to', 'mode', 'dr', 'max-rate', 'seeded', 'cutover', 'threshold', 'json']);
       const tos = p.repeated.get('to') ?? [];
       if (tos.length > 1) throw new UsageError('--to given twice');
       const to = tos[0];
@@ -153,6 +159,8 @@ async function replicaCommand(p: Parsed): Promise<void> {
         mode,
         dr: p.flags.has('dr'),
         seeded: p.flags.has('seeded'),
+        cutover: p.flags.has('cutover'),
+        ...(p.values.has('threshold') ? { threshold: parseSize(p.values.get('threshold')!) } : {}),
         ...(rate !== undefined ? { maxRate: parseSize(rate) } : {}),
       })) as MirrorStatus;
       return print(

@@ -65,6 +65,8 @@ export function commandTable(volumes: VolumeManager, status: GatewayStatus): Map
         volumes.replicaAdd(str(a, 'name')!, str(a, 'to')!, (str(a, 'mode', false) ?? 'async') as MirrorMode, {
           dr: bool(a, 'dr'),
           seeded: bool(a, 'seeded'),
+          cutover: bool(a, 'cutover'),
+          ...(a['threshold'] !== undefined ? { threshold: size(a, 'threshold') } : {}),
           ...(a['maxRate'] !== undefined ? { maxRate: size(a, 'maxRate') } : {}),
         }),
     ],

@@ -138,6 +138,8 @@ export class Mirror {
   private sentBatches = 0;
   private peer: string | null = null;
   private verifySeq = 0;
+  /** Set while a cutover waits for the replica's promote. */
+  private cutoverDone: ((generation: number) => void) | null = null;
   private readonly al: ActivityLog;
   /** Changes under way per chunk (activated, not yet captured): never unmarked meanwhile. */
   private readonly active: Uint32Array;
@@ -270,6 +272,45 @@ export class Mirror {
     const batch = this.batchFor(0);
     batch.durable = true;
     return waitFor(batch);
+  }
+
+  /**
+   * The primary took snapshot `name` at this point of the write order (writes held):
+   * the replica takes one at the same point, when it is in sync (its copy then goes
+   * through exactly the primary's states). False when it is not, and no snapshot goes.
+   */
+  snapshot(name: string): boolean {
+    const link = this.link;
+    if (!link || this.state !== 'in-sync' || this.dirty.size > 0) return false;
+    this.sendFilling();
+    link.send({ snapshot: { name } });
+    return true;
+  }
+
+  /**
+   * replica add --cutover, with the volume's writes held: once everything is applied and
+   * durable on the replica, it promotes its copy; resolves with its new generation.
+   */
+  async cutover(timeoutMs: number): Promise<number> {
+    const link = this.link;
+    if (!link || this.state !== 'in-sync' || this.dirty.size > 0)
+      throw new Error(`replica ${this.address} is ${this.state}, not in sync`);
+    const durable = this.batchFor(0);
+    durable.durable = true;
+    await waitFor(durable);
+    if (this.link !== link) throw new Error(`replica ${this.address}: the link broke during the cutover`);
+    return new Promise<number>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.cutoverDone = null;
+        reject(new Error(`replica ${this.address} did not promote within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.cutoverDone = (generation) => {
+        clearTimeout(timer);
+        this.cutoverDone = null;
+        resolve(generation);
+      };
+      link.send({ cutover: { volume: this.volumeName } });
+    });
   }
 
   /**
@@ -668,6 +709,12 @@ export class Mirror {
       return;
     }
     if ('pong' in f) return;
+    if ('cutoverDone' in f) {
+      if (!this.cutoverDone)
+        throw new LinkProtocolError('ERR_LINK_UNEXPECTED', 'cutoverDone, no cutover asked');
+      this.cutoverDone(f.cutoverDone.generation);
+      return;
+    }
     throw new LinkProtocolError('ERR_LINK_UNEXPECTED', `${Object.keys(f)[0]} from a replica`);
   }
 

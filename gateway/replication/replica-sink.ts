@@ -35,6 +35,10 @@ export interface ReplicaVolumes {
    * the refusal (SupersededError once promoted here, another error once deleted).
    */
   mirrorRefusal(name: string, generation: number): LinkProtocolError | null;
+  /** The primary took snapshot `snap` at this point of the batch order: the copy here takes it too. */
+  replicaSnapshot(name: string, snap: string): Promise<void>;
+  /** replica add --cutover: the copy here becomes the primary; resolves with its new generation. */
+  cutoverPromote(name: string): Promise<number>;
 }
 
 /** The volume here has a newer generation than the mirror's: its sender has been superseded. */
@@ -66,8 +70,8 @@ export class ReplicaSink {
     blocks: number;
   } | null = null;
   private closed = false;
-  /** Batches, and verify requests between them, in the order they came. */
-  private readonly queue: Array<Incoming | (() => void)> = [];
+  /** Batches, and the requests between them (verify, snapshot, cutover), in the order they came. */
+  private readonly queue: Array<Incoming | (() => Promise<void> | void)> = [];
   private busy = false;
   /** Batches waiting for the blocks they asked for, by sequence number. */
   private readonly awaiting = new Map<number, (blocks: WireBlock[]) => void>();
@@ -137,6 +141,37 @@ export class ReplicaSink {
       this.drain();
       return true;
     }
+    if ('snapshot' in f || 'cutover' in f) {
+      const t = this.target;
+      if (!t)
+        throw new LinkProtocolError('ERR_LINK_UNKNOWN_VOLUME', `${Object.keys(f)[0]} before a mirror frame`);
+      if ('snapshot' in f) {
+        const snap = f.snapshot.name;
+        this.queue.push(() =>
+          this.volumes.replicaSnapshot(t.name, snap).then(
+            () => this.log.info(`volume ${t.name}: snapshot ${snap} taken as on gateway ${this.link.peerId}`),
+            (err: Error) =>
+              this.log.warn(
+                `volume ${t.name}: snapshot ${snap} of the primary not taken here: ${err.message}`,
+              ),
+          ),
+        );
+      } else {
+        if (f.cutover.volume !== t.name)
+          throw new LinkProtocolError(
+            'ERR_LINK_UNKNOWN_VOLUME',
+            `cutover of ${f.cutover.volume} on the link of ${t.name}`,
+          );
+        this.queue.push(async () => {
+          // Everything before is applied; durable too, before this copy answers for the volume.
+          await t.store.flush();
+          const generation = await this.volumes.cutoverPromote(t.name);
+          this.link.send({ cutoverDone: { generation } });
+        });
+      }
+      this.drain();
+      return true;
+    }
     if ('blocks' in f) {
       const resolve = this.awaiting.get(f.blocks.seq);
       if (!resolve)
@@ -199,9 +234,22 @@ export class ReplicaSink {
     const next = this.queue.shift();
     if (!next) return;
     if (typeof next === 'function') {
-      // A verify request: answered at its place in the batch order.
-      next();
-      this.drain();
+      // A request answered at its place in the batch order: every batch before it is applied.
+      this.busy = true;
+      Promise.resolve()
+        .then(next)
+        .then(
+          () => {
+            this.busy = false;
+            this.drain();
+          },
+          (err: Error) => {
+            this.queue.length = 0;
+            this.refuse(
+              err instanceof LinkProtocolError ? err : new LinkProtocolError('ERR_LINK_REFUSED', err.message),
+            );
+          },
+        );
       return;
     }
     this.busy = true;

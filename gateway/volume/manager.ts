@@ -75,6 +75,12 @@ export interface ReplicationOptions {
 }
 
 const DEFAULT_MIRROR_TIMEOUT_MS = 10_000;
+/** replica add --cutover: bytes the replica may still lack when writes are held for the switch. */
+const DEFAULT_CUTOVER_THRESHOLD = 64 * 2 ** 20;
+/** How long writes may be held while the replica catches up the rest and promotes itself. */
+const CUTOVER_BARRIER_MS = 30_000;
+/** How long a cutover waits for the replica to get in sync at all. */
+const CUTOVER_WAIT_MS = 24 * 3600_000;
 
 /** `materialize`: reads per MiB of cold sequential read before and after, and what moved. */
 export interface MaterializeReport {
@@ -484,7 +490,7 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
     name: string,
     to: string,
     mode: MirrorMode = 'async',
-    opts: { dr?: boolean; maxRate?: number; seeded?: boolean } = {},
+    opts: { dr?: boolean; maxRate?: number; seeded?: boolean; cutover?: boolean; threshold?: number } = {},
   ): Promise<MirrorStatus> {
     return this.exclusive(async () => {
       const vol = this.volume(name);
@@ -508,6 +514,12 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
         throw new VolumeExistsError(`volume '${name}' is already mirrored to ${canonical}`);
       if (opts.maxRate !== undefined && !(Number.isSafeInteger(opts.maxRate) && opts.maxRate > 0))
         throw new InvalidArgumentError(`invalid --max-rate ${opts.maxRate}`);
+      if (opts.threshold !== undefined && !(Number.isSafeInteger(opts.threshold) && opts.threshold >= 0))
+        throw new InvalidArgumentError(`invalid --threshold ${opts.threshold}`);
+      if (opts.threshold !== undefined && !opts.cutover)
+        throw new InvalidArgumentError(
+          '--threshold applies to --cutover (how much may be left when writes pause)',
+        );
       if (opts.dr && vol.mirrors.some((m) => m.status().dr))
         throw new InvalidArgumentError(`volume '${name}' already has a --dr replica`);
       const config: ReplicaConfig = {
@@ -524,8 +536,69 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
       vol.record = { ...vol.record, replicas: [...(vol.record.replicas ?? []), config] };
       this.catalog.save(this.records());
       this.log.info(`volume ${name}: ${mode}${opts.dr ? ' DR' : ''} replica ${canonical} added`);
+      if (opts.cutover)
+        void this.cutoverWhenReady(name, mirror, opts.threshold ?? DEFAULT_CUTOVER_THRESHOLD).catch(
+          (err: Error) => this.log.error(`volume ${name}: cutover to ${canonical}: ${err.message}`),
+        );
       return mirror.status();
     });
+  }
+
+  /**
+   * replica add --cutover: once the replica is in sync with at most `threshold` bytes
+   * still owed, holds the volume's writes, lets the replica catch up and promote itself,
+   * and turns this copy into its replica. Writes held meanwhile, and any after, are
+   * refused (EPERM): the volume's primary is on the other gateway now.
+   */
+  private async cutoverWhenReady(name: string, mirror: Mirror, threshold: number): Promise<void> {
+    const deadline = Date.now() + CUTOVER_WAIT_MS;
+    for (;;) {
+      const vol = this.volumes.get(name);
+      if (!vol || !vol.mirrors.includes(mirror)) return;
+      const st = mirror.status();
+      if (st.state === 'in-sync' && st.lagBytes <= threshold) break;
+      if (Date.now() > deadline)
+        throw new Error(`the replica was not in sync within ${CUTOVER_WAIT_MS / 3600_000} h`);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    await this.exclusive(async () => {
+      const vol = this.volumes.get(name);
+      if (!vol || !vol.mirrors.includes(mirror)) return;
+      const release = vol.barrier ? await vol.barrier.pause(CUTOVER_BARRIER_MS) : () => undefined;
+      vol.changingRole = 'demote';
+      try {
+        const peer = mirror.status().peer ?? 'unknown';
+        const generation = await mirror.cutover(CUTOVER_BARRIER_MS);
+        for (const m of vol.mirrors) m.close(true);
+        vol.mirrors = [];
+        const record: VolumeRecord = {
+          ...vol.record,
+          readOnly: true,
+          replicaOf: peer,
+        };
+        delete record.replicas;
+        delete record.splitBrain;
+        await this.reopen(vol, record);
+        this.log.info(
+          `volume ${name}: cut over to ${mirror.address} (generation ${generation} there); a replica here now`,
+        );
+      } catch (err) {
+        vol.changingRole = null;
+        throw err;
+      } finally {
+        release();
+      }
+    });
+  }
+
+  /** ReplicaVolumes: the primary took a snapshot at this point of the batch order. */
+  async replicaSnapshot(name: string, snap: string): Promise<void> {
+    await this.exclusive(() => this.snapshots.create(name, snap));
+  }
+
+  /** ReplicaVolumes: replica add --cutover reached this copy; it becomes the primary. */
+  async cutoverPromote(name: string): Promise<number> {
+    return (await this.promote(name)).generation;
   }
 
   /** `replica remove`: stops mirroring to that gateway (its copy stays there). */

@@ -104,7 +104,7 @@ export class Snapshots {
     volume: string,
     snap: string,
     forClone?: string,
-  ): Promise<SnapshotInfo & { barrierMs: number }> {
+  ): Promise<SnapshotInfo & { barrierMs: number; mirroredTo: string[] }> {
     const vol = this.dedupVolume(volume);
     checkName(snap, 'snapshot');
     if ((vol.record.snapshots ?? []).some((s) => s.name === snap))
@@ -123,8 +123,11 @@ export class Snapshots {
         throw err;
       }
     }
+    let mirroredTo: string[] = [];
     try {
       store.snapshotVolume(store.volumeId(volume), name, Math.ceil(size / BLOCK));
+      // At the same point of the write order on every replica that is in sync.
+      mirroredTo = vol.mirrors.filter((m) => m.snapshot(snap)).map((m) => m.address);
     } catch (err) {
       throw new BackendError(`snapshot ${name}: ${(err as Error).message}`);
     } finally {
@@ -146,7 +149,12 @@ export class Snapshots {
     this.host.log.info(
       `volume ${volume}: snapshot ${snap} taken (writes held for ${barrierMs.toFixed(2)} ms)`,
     );
-    return { ...this.describe(vol.record, record), barrierMs };
+    const missed = vol.mirrors.map((m) => m.address).filter((a) => !mirroredTo.includes(a));
+    if (missed.length)
+      this.host.log.warn(
+        `volume ${volume}: snapshot ${snap} not taken on replica(s) ${missed.join(', ')}: not in sync`,
+      );
+    return { ...this.describe(vol.record, record), barrierMs, mirroredTo };
   }
 
   list(volume: string): SnapshotInfo[] {

@@ -14,7 +14,8 @@ export class LinkProtocolError extends Error {
       | 'ERR_LINK_NOT_REPLICA'
       | 'ERR_LINK_BAD_BLOCK'
       | 'ERR_LINK_DOMAIN'
-      | 'ERR_LINK_STALE_GENERATION',
+      | 'ERR_LINK_STALE_GENERATION'
+      | 'ERR_LINK_REFUSED',
     message: string,
   ) {
     super(message);

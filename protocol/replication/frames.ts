@@ -53,7 +53,10 @@ export type Frame =
   | { verifyChunks: { seq: number; digests: Buffer } }
   | { verifyChunksResult: { seq: number; mismatched: number[] } }
   | { verifyBlocks: { seq: number; lba: number; kinds: Buffer; cids: Buffer } }
-  | { verifyBlocksResult: { seq: number; mismatched: number[] } };
+  | { verifyBlocksResult: { seq: number; mismatched: number[] } }
+  | { snapshot: { name: string } }
+  | { cutover: { volume: string } }
+  | { cutoverDone: { generation: number } };
 
 export type FrameKind =
   | 'hello'
@@ -71,7 +74,10 @@ export type FrameKind =
   | 'verifyChunks'
   | 'verifyChunksResult'
   | 'verifyBlocks'
-  | 'verifyBlocksResult';
+  | 'verifyBlocksResult'
+  | 'snapshot'
+  | 'cutover'
+  | 'cutoverDone';
 
 export function frameKind(f: Frame): FrameKind {
   return Object.keys(f)[0] as FrameKind;
@@ -157,6 +163,16 @@ export function decodeFrameBody(bytes: Uint8Array): Frame {
       checkExtent(e);
       return { verifyBlocks: { seq: toNumber(m['seq'] ?? 0), ...e } };
     }
+    case 'snapshot':
+      return { snapshot: { name: ((msg['snapshot'] as Record<string, unknown>)['name'] as string) ?? '' } };
+    case 'cutover':
+      return { cutover: { volume: ((msg['cutover'] as Record<string, unknown>)['volume'] as string) ?? '' } };
+    case 'cutoverDone':
+      return {
+        cutoverDone: {
+          generation: toNumber((msg['cutoverDone'] as Record<string, unknown>)['generation'] ?? 0),
+        },
+      };
     case 'superseded': {
       const m = msg['superseded'] as Record<string, unknown>;
       return {

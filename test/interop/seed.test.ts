@@ -121,6 +121,58 @@ describe('seed bundles', () => {
     await compare(a.uri('sv'), b.uri('sv'));
   });
 
+  it('a snapshot taken on the primary appears on its in-sync replica, no data sent again', async () => {
+    await check('qemu-io', ['-f', 'raw', a.uri('sv'), '-c', 'write -P 0x5c 1M 1M']);
+    const sent = async (): Promise<number> =>
+      (
+        JSON.parse(await ok(a, 'replica', 'list', 'sv', '--json')) as {
+          replicas: Array<{ sentBlocks: number }>;
+        }
+      ).replicas[0]!.sentBlocks;
+    const blocksBefore = await sent();
+    const snap = JSON.parse(await ok(a, 'snapshot', 'create', 'sv', 'mirrored', '--json')) as {
+      mirroredTo: string[];
+    };
+    assert.deepEqual(snap.mirroredTo, [`127.0.0.1:${replicationPort(b)}`]);
+    await b.waitForLog(/volume sv: snapshot mirrored taken as on gateway/, 10_000);
+    await check('qemu-io', ['-f', 'raw', a.uri('sv'), '-c', 'write -P 0x5d 1M 1M']);
+    await compare(a.uri('sv@mirrored'), b.uri('sv@mirrored'));
+    // The second write's 256 blocks went; the snapshot itself sent none.
+    assert.equal((await sent()) - blocksBefore, 256);
+  });
+
+  it('--cutover makes the seeded replica the primary and this copy its replica', async () => {
+    await createVolume(a, 'mv', '16M');
+    await check('qemu-io', ['-f', 'raw', a.uri('mv'), '-c', 'write -P 0x61 0 8M']);
+    const seed = path.join(dir, 'mv.seed');
+    await ok(a, 'seed', 'export', 'mv', '--to', seed);
+    await check('qemu-io', ['-f', 'raw', a.uri('mv'), '-c', 'write -P 0x62 8M 1M']);
+    await ok(b, 'seed', 'import', seed, '--as', 'mv');
+    await ok(
+      a,
+      'replica',
+      'add',
+      'mv',
+      '--to',
+      `127.0.0.1:${replicationPort(b)}`,
+      '--seeded',
+      '--cutover',
+      '--threshold',
+      '1M',
+    );
+    await a.waitForLog(/volume mv: cut over to/, 30_000);
+    const role = async (gw: Gateway): Promise<{ role: string; generation: number }> =>
+      JSON.parse(await ok(gw, 'replica', 'list', 'mv', '--json')) as { role: string; generation: number };
+    const promoted = await role(b);
+    assert.equal(promoted.role, 'primary');
+    assert.equal(promoted.generation, 2);
+    assert.equal((await role(a)).role, 'replica');
+    await compare(a.uri('mv'), b.uri('mv'));
+    const w = await run('qemu-io', ['-f', 'raw', a.uri('mv'), '-c', 'write 0 4k']);
+    assert.match(w.stdout + w.stderr, /Operation not permitted|Permission denied|read-only/i);
+    await check('qemu-io', ['-f', 'raw', b.uri('mv'), '-c', 'write -P 0x63 0 4k']);
+  });
+
   it('rebuilds a lost device from the parity of the others', async () => {
     const r = JSON.parse(await ok(b, 'seed', 'import', bundle[0]!, bundle[2]!, '--as', 'lost', '--json')) as {
       repaired: string[];
