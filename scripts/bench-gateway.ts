@@ -1,7 +1,10 @@
 // A gateway process and fio runs against it, for the benchmarks that drive
-// whole gateways (bench-mirror.ts, bench-snapshots.ts).
+// whole gateways (bench-mirror.ts, bench-snapshots.ts), alone or as a primary
+// and its replica.
 
 import { ChildProcess, spawn } from 'node:child_process';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
 import path from 'node:path';
 import { sh } from './corpus';
 
@@ -90,4 +93,54 @@ export function fio(
     .jobs[0]!;
   const side = rw.includes('read') ? job.read : job.write;
   return { iops: side.iops, mbps: side.bw_bytes / 1e6 };
+}
+
+export interface MirrorState {
+  state: string;
+  lagBytes: number;
+  sentBytes: number;
+}
+
+export function mirrors(gw: Gw, volume: string): MirrorState[] {
+  return (JSON.parse(gw.cli('replica', 'list', volume, '--json')) as { replicas: MirrorState[] }).replicas;
+}
+
+/** Waits (bounded: 30 min) until every replica of `volume` is in sync; returns them. */
+export async function inSync(gw: Gw, volume: string): Promise<MirrorState[]> {
+  const deadline = Date.now() + 30 * 60_000;
+  for (;;) {
+    const ms = mirrors(gw, volume);
+    // In sync, and durable there (no lag): a replica killed now loses nothing it acknowledged.
+    if (ms.every((m) => m.state === 'in-sync' && m.lagBytes === 0)) return ms;
+    if (Date.now() > deadline) throw new Error(`${volume} never got in sync: ${JSON.stringify(ms)}`);
+    await sleep(200);
+  }
+}
+
+export interface Pair {
+  primary: Gw;
+  replica: Gw;
+  to: string;
+  keyFile: string;
+  root: string;
+}
+
+export async function startPair(root: string): Promise<Pair> {
+  fs.mkdirSync(root, { recursive: true });
+  const keyFile = path.join(root, 'cluster.key');
+  fs.writeFileSync(keyFile, crypto.randomBytes(32), { mode: 0o600 });
+  const primary = new Gw(path.join(root, 'primary'), ['--cluster-key', keyFile]);
+  const replica = new Gw(path.join(root, 'replica'), [
+    '--cluster-key',
+    keyFile,
+    '--replication-listen',
+    '127.0.0.1:0',
+  ]);
+  await Promise.all([primary.ready(), replica.ready()]);
+  return { primary, replica, to: `127.0.0.1:${replica.replicationPort}`, keyFile, root };
+}
+
+export async function stopPair(p: Pair): Promise<void> {
+  await Promise.all([p.primary.stop(), p.replica.stop()]);
+  fs.rmSync(p.root, { recursive: true, force: true });
 }

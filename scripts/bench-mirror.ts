@@ -17,12 +17,11 @@
 // Writes bench/results/mirror-latest.md.
 
 import { spawnSync } from 'node:child_process';
-import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { buildCorpusImage, changedVolume, IdealBytes, IMAGE, sh, VOLUMES } from './corpus';
-import { fio, Gw, sleep } from './bench-gateway';
+import { fio, Gw, inSync, mirrors, startPair, stopPair } from './bench-gateway';
 
 const MiB = 1 << 20;
 const GiB = 1 << 30;
@@ -32,56 +31,6 @@ const RESULTS = path.join(ROOT, 'bench', 'results');
 const quick = process.argv.includes('--quick');
 const RUNTIME = quick ? 3 : 10;
 const RAMP = quick ? 0 : 2;
-
-interface MirrorState {
-  state: string;
-  lagBytes: number;
-  sentBytes: number;
-}
-
-function mirrors(gw: Gw, volume: string): MirrorState[] {
-  return (JSON.parse(gw.cli('replica', 'list', volume, '--json')) as { replicas: MirrorState[] }).replicas;
-}
-
-/** Waits (bounded: 30 min) until every replica of `volume` is in sync; returns them. */
-async function inSync(gw: Gw, volume: string): Promise<MirrorState[]> {
-  const deadline = Date.now() + 30 * 60_000;
-  for (;;) {
-    const ms = mirrors(gw, volume);
-    // In sync, and durable there (no lag): a replica killed now loses nothing it acknowledged.
-    if (ms.every((m) => m.state === 'in-sync' && m.lagBytes === 0)) return ms;
-    if (Date.now() > deadline) throw new Error(`${volume} never got in sync: ${JSON.stringify(ms)}`);
-    await sleep(200);
-  }
-}
-
-interface Pair {
-  primary: Gw;
-  replica: Gw;
-  to: string;
-  keyFile: string;
-  root: string;
-}
-
-async function startPair(root: string): Promise<Pair> {
-  fs.mkdirSync(root, { recursive: true });
-  const keyFile = path.join(root, 'cluster.key');
-  fs.writeFileSync(keyFile, crypto.randomBytes(32), { mode: 0o600 });
-  const primary = new Gw(path.join(root, 'primary'), ['--cluster-key', keyFile]);
-  const replica = new Gw(path.join(root, 'replica'), [
-    '--cluster-key',
-    keyFile,
-    '--replication-listen',
-    '127.0.0.1:0',
-  ]);
-  await Promise.all([primary.ready(), replica.ready()]);
-  return { primary, replica, to: `127.0.0.1:${replica.replicationPort}`, keyFile, root };
-}
-
-async function stopPair(p: Pair): Promise<void> {
-  await Promise.all([p.primary.stop(), p.replica.stop()]);
-  fs.rmSync(p.root, { recursive: true, force: true });
-}
 
 const timed = ['--time_based', `--runtime=${RUNTIME}`, `--ramp_time=${RAMP}`];
 

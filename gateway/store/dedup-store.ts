@@ -720,13 +720,18 @@ export class DedupStore {
         const { segment, offset, storedLength, hash } = entry;
         item = { at, id, segment, offset, storedLength, hash, page, i };
       }
-      if (item.segment === runSegment && item.offset === runEnd && run.length < 256) run.push(item);
+      // A record next to the last one joins the run, and so does the same record again
+      // (a block repeated through the volume is read once).
+      const last = run[run.length - 1];
+      const follows = item.offset === runEnd || item.offset === last?.offset;
+      if (item.segment === runSegment && follows && run.length < 256) run.push(item);
       else {
         if (run.length) runs.push(run);
         run = [item];
         runSegment = item.segment;
+        runEnd = -1;
       }
-      runEnd = item.offset + RECORD_HEADER + item.storedLength;
+      runEnd = Math.max(runEnd, item.offset + RECORD_HEADER + item.storedLength);
     }
     if (run.length) runs.push(run);
     await Promise.all([...singles, ...runs.map((r) => this.readRun(volume, lba, r, into))]);
@@ -997,12 +1002,14 @@ export class DedupStore {
     const ids = this.blockIds(volume, first, blocks);
     let reads = 0;
     let inRun = 0;
-    let prev: { segment: number; end: number } | undefined;
+    let prev: { segment: number; offset: number; end: number } | undefined;
     for (const id of ids) {
       if (!isData(id)) continue;
       const p = this.recordPlace(id);
       if (!p) continue;
-      if (prev && p.segment === prev.segment && p.offset === prev.end && inRun < 256) inRun++;
+      const follows =
+        prev && p.segment === prev.segment && (p.offset === prev.end || p.offset === prev.offset);
+      if (follows && inRun < 256) inRun++;
       else {
         reads++;
         inRun = 1;

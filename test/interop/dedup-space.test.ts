@@ -137,10 +137,16 @@ describe('dedup reporting', () => {
   it('shows a volume’s logical, zero and exclusive space in volume info', async () => {
     const r = await g.cli('volume', 'info', 'y', '--json');
     const info = JSON.parse(r.stdout) as {
-      dedup: { logicalBytes: number; zeroBlocks: number; exclusiveBytes: number };
+      dedup: { logicalBytes: number; zeroBlocks: number; exclusiveBytes: number; fragmentation: number };
     };
     // y: 1M of a block shared with x, 1M of its own (one stored block, referenced 256 times).
-    assert.deepEqual(info.dedup, { logicalBytes: 2 << 20, zeroBlocks: 0, exclusiveBytes: 0 });
+    // Each MiB repeats one block: its record is read once for all 256 (one read per MiB).
+    assert.deepEqual(info.dedup, {
+      logicalBytes: 2 << 20,
+      zeroBlocks: 0,
+      exclusiveBytes: 0,
+      fragmentation: 1,
+    });
     const x = JSON.parse((await g.cli('volume', 'info', 'x', '--json')).stdout) as {
       dedup: { zeroBlocks: number };
     };

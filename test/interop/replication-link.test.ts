@@ -181,7 +181,7 @@ describe('replication link', () => {
 
   it('refuses a block that does not match its content id, and changes nothing', async () => {
     const { link, answer } = await mirrorPeer('m-bad', domain);
-    assert.deepEqual(answer, { mirrorReady: { volume: 'm-bad' } });
+    assert.deepEqual(answer, { mirrorReady: { volume: 'm-bad', seeded: false } });
     // A good batch first: block 0 becomes 0x61s.
     let next = nextFrame(link);
     link.send({
