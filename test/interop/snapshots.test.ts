@@ -229,6 +229,44 @@ describe('snapshots and clones', () => {
     gw = await Gateway.start({ dataDir: gw.dataDir });
   });
 
+  it('keeps every snapshot whose command returned through SIGKILLs during later writes and snapshots', async () => {
+    await createVolume(gw, 'k', '8M');
+    const expected = Buffer.alloc(8 * MiB);
+    const taken: Array<{ name: string; file: string }> = [];
+    for (let round = 0; round < 5; round++) {
+      const pattern = 0x10 + round;
+      const at = crypto.randomInt(7) * MiB;
+      await check('qemu-io', ['-f', 'raw', gw.uri('k'), '-c', `write -P ${pattern} ${at} 1M`]);
+      expected.fill(pattern, at, at + MiB);
+      await cli('snapshot', 'create', 'k', `r${round}`);
+      const file = path.join(dir, `k-r${round}.img`);
+      fs.writeFileSync(file, expected);
+      taken.push({ name: `r${round}`, file });
+      // Writes (no flush) and another snapshot in flight when the gateway dies.
+      const writes = run('qemu-io', ['-f', 'raw', '-t', 'none', gw.uri('k'), '-c', 'write -P 0xee 0 8M'], {
+        timeoutMs: 30_000,
+      });
+      const late = gw.cli('snapshot', 'create', 'k', `late${round}`);
+      await new Promise((r) => setTimeout(r, 20 + crypto.randomInt(200)));
+      await gw.kill();
+      await Promise.all([writes, late]);
+      gw = await Gateway.start({ dataDir: gw.dataDir });
+      for (const t of taken) await compare(t.file, gw.uri(`k@${t.name}`));
+      // The volume now holds either its state at the snapshot or some of the 0xee writes: reset it.
+      await check('qemu-io', ['-f', 'raw', gw.uri('k'), '-c', 'write -P 0 0 8M']);
+      expected.fill(0);
+      const late2 = (await json<Array<{ name: string }>>('snapshot', 'list', 'k')).filter((x) =>
+        x.name.startsWith('late'),
+      );
+      for (const l of late2) await cli('snapshot', 'delete', 'k', l.name);
+    }
+    for (const t of taken) await cli('snapshot', 'delete', 'k', t.name);
+    await cli('volume', 'delete', 'k');
+    await gw.stop();
+    assert.deepEqual(fsckStore(path.join(gw.dataDir, 'store')).problems, []);
+    gw = await Gateway.start({ dataDir: gw.dataDir });
+  });
+
   it('refuses mistakes with a clear error and changes nothing', async () => {
     await refused(/already has a snapshot 's1'/, 'snapshot', 'create', 'v1', 's1');
     await refused(/no volume named 'nope'/, 'snapshot', 'create', 'nope', 'x');
