@@ -434,7 +434,7 @@ async function fsckCommand(p: Parsed): Promise<void> {
     print(p, { store: true, ...r }, (x: FsckReport) =>
       [
         `checked ${x.volumes} volume(s): ${x.metaEntries} metamap entries (${x.zeroBlocks} zero), ` +
-          `${x.dataBlocks} stored blocks, ${x.hashEntries} hash entries`,
+          `${x.dataBlocks} stored blocks`,
         `segments ${bytes(x.segmentBytes)}: live ${bytes(x.liveBytes)}, orphaned ${bytes(x.orphanedBytes)}`,
         ...x.problems.map((m) => `problem: ${m}`),
         x.problems.length
@@ -701,6 +701,7 @@ async function main(argv: string[]): Promise<void> {
                 ['collisions', String(x.dedup.collisions)],
                 ['reclaimable', bytes(x.dedup.reclaimableBytes)],
                 ['index', `${bytes(x.dedup.indexBytes)} (${x.dedup.indexBytesPerBlock} B per stored block)`],
+                ['hash index (memory)', bytes(x.dedup.hashIndexBytes)],
               ] as Array<[string, string]>)
             : []),
         ]),

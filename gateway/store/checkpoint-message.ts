@@ -55,7 +55,6 @@ export function encodeCheckpoint(o: Overlay, dying: number[], state: string): Ch
     moved[i++] = m.segment;
     moved[i++] = m.offset;
   }
-  const indexed = new Set(o.newHash.values());
   const newData = Buffer.alloc(o.newData.size * NEW_DATA_BYTES);
   let at = 0;
   for (const [id, e] of o.newData) {
@@ -64,7 +63,7 @@ export function encodeCheckpoint(o: Overlay, dying: number[], state: string): Ch
     newData.writeUInt32BE(e.offset, at + 12);
     newData.writeUInt32BE(e.storedLength, at + 16);
     newData.writeUInt16BE(e.flags, at + 20);
-    newData.writeUInt8(indexed.has(id) ? 1 : 0, at + 22);
+    newData.writeUInt8(0, at + 22); // was the hash-index flag; the hash index lives in memory now
     e.hash.copy(newData, at + 24);
     at += NEW_DATA_BYTES;
   }

@@ -56,6 +56,7 @@ import { HOLE, Overlay } from './overlay';
 import { KIND_DATA, KIND_ZERO } from '../../protocol/replication/block-kinds';
 import { META_PAGE, MetaCache, MetaPage, packPlace, pageKey, placeOffset, placeSegment } from './meta-cache';
 import { SegmentFiles } from './segments';
+import { HashIndex } from './hash-index';
 import { TreeError, TreeState, VolumeTree, isData } from './volume-tree';
 import { encodeCheckpoint } from './checkpoint-message';
 import { IndexWriter } from './index-writer';
@@ -198,6 +199,8 @@ export interface StoreStats {
   /** The index file, with LMDB's free pages. */
   indexFileBytes: number;
   indexBytesPerBlock: number;
+  /** Memory of the content-hash index (16 bytes a slot, at most 70% full). */
+  hashIndexBytes: number;
 }
 
 /** Where a record header holds its block's hash. */
@@ -279,6 +282,8 @@ export class DedupStore {
   private zeroRef: Set<number>;
   /** Snapshots and clones, linked to the volumes they read through to. */
   private readonly tree: VolumeTree;
+  /** Content hash -> block id, in memory (hash-index.ts), rebuilt from the datamap at open. */
+  private readonly hashIndex: HashIndex;
 
   private constructor(
     readonly dir: string,
@@ -300,6 +305,7 @@ export class DedupStore {
     this.indexFile = fs.realpathSync(path.join(dir, 'index', 'data.mdb'));
     this.writer = new IndexWriter(dir);
     this.zeroRef = new Set(state.zeroRef ?? []);
+    this.hashIndex = this.buildHashIndex();
     this.tree = new VolumeTree(state.tree, {
       own: (key) => this.lookupMeta(key),
       setOwn: (key, value) => this.setMeta(key, value ?? HOLE),
@@ -336,6 +342,9 @@ export class DedupStore {
       stateDb.putSync('store', state);
     }
     state.segmentLive ??= {};
+    // Stores written before the hash index moved to memory kept it as an LMDB tree:
+    // emptied once, so nothing pays for keeping it.
+    if (!opts.readOnly && hashDb.getKeysCount() > 0) hashDb.clearSync();
     const segments = new SegmentFiles(path.join(dir, 'segments'));
     const poolMin = opts.readOnly
       ? null
@@ -370,6 +379,17 @@ export class DedupStore {
       this.state.volumes[name] = id;
     }
     return id;
+  }
+
+  /**
+   * The hash index from the datamap, oldest block first (a copy stored past a collision
+   * is newer than the block its hash belongs to).
+   */
+  private buildHashIndex(): HashIndex {
+    const index = new HashIndex(Math.ceil((this.state.uniqueBlocks + 1024) / 0.7));
+    for (const { key, value } of this.dataDb.getRange({}))
+      index.add(decodeDataEntry(value as Buffer).hash, decodeId(key as Buffer));
+    return index;
   }
 
   /** Gives a store volume another name (an import done under a temporary one); durable with the next flush. */
@@ -539,13 +559,12 @@ export class DedupStore {
     return m ? { ...d, segment: m.segment, offset: m.offset } : d;
   }
 
-  private lookupHash(hash: Buffer, hk: string): number | undefined {
-    let id = this.live.newHash.get(hk) ?? this.frozen?.newHash.get(hk);
-    if (id === undefined) {
-      const b = this.hashDb.getBinaryFast(hash);
-      id = b === undefined ? undefined : decodeId(b);
-    }
-    return id === undefined || this.dying.has(id) ? undefined : id;
+  /** The stored block with this content hash, if any (checked against the datamap's full hash). */
+  private lookupHash(hash: Buffer): number | undefined {
+    const id = this.hashIndex.get(hash);
+    if (id === undefined || this.dying.has(id)) return undefined;
+    const entry = this.lookupData(id);
+    return entry && entry.hash.equals(hash) ? id : undefined;
   }
 
   /**
@@ -836,8 +855,8 @@ export class DedupStore {
    * candidate's in-flight write or a read from disk first: see settle()).
    * `fetched` is a candidate's record that settle() read.
    */
-  private matchNow(block: Buffer, hash: Buffer, hk: string, fetched?: Fetched): number {
-    const candidate = this.lookupHash(hash, hk);
+  private matchNow(block: Buffer, hash: Buffer, fetched?: Fetched): number {
+    const candidate = this.lookupHash(hash);
     if (candidate === undefined) return NO_MATCH;
     if (this.pending.has(candidate)) return WAIT;
     const entry = this.lookupData(candidate);
@@ -871,8 +890,8 @@ export class DedupStore {
    * Does what made matchNow answer WAIT: waits for the candidate's in-flight write,
    * or reads its record from disk. Errors are left for the next matchNow to meet.
    */
-  private async settle(hash: Buffer, hk: string): Promise<Fetched | undefined> {
-    const candidate = this.lookupHash(hash, hk);
+  private async settle(hash: Buffer): Promise<Fetched | undefined> {
+    const candidate = this.lookupHash(hash);
     if (candidate === undefined) return undefined;
     const inflight = this.pending.get(candidate);
     if (inflight) {
@@ -917,13 +936,13 @@ export class DedupStore {
       return;
     }
     const hash = this.hasher.hash(block);
-    return this.storeBlock(key, block, hash, hash.toString('latin1'));
+    return this.storeBlock(key, block, hash);
   }
 
-  private async storeBlock(key: number, block: Buffer, hash: Buffer, hk: string): Promise<void> {
-    let match = this.matchNow(block, hash, hk);
+  private async storeBlock(key: number, block: Buffer, hash: Buffer): Promise<void> {
+    let match = this.matchNow(block, hash);
     for (let tries = 0; match === WAIT && tries < SETTLE_TRIES; tries++) {
-      match = this.matchNow(block, hash, hk, await this.settle(hash, hk));
+      match = this.matchNow(block, hash, await this.settle(hash));
     }
     if (match > 0) {
       this.setMeta(key, match);
@@ -943,12 +962,12 @@ export class DedupStore {
       refcount: 0,
       hash,
     });
-    if (indexed) this.live.newHash.set(hk, id);
+    if (indexed) this.hashIndex.set(hash, id);
     const old = this.setMeta(key, id);
     try {
       await written;
     } catch (err) {
-      this.unstore(key, id, hk, old);
+      this.unstore(key, id, hash, old);
       throw err;
     } finally {
       this.pending.delete(id);
@@ -956,9 +975,9 @@ export class DedupStore {
   }
 
   /** A new block's segment write failed: nothing may point at it, and the block's old mapping returns. */
-  private unstore(key: number, id: number, hk: string, old: number | undefined): void {
+  private unstore(key: number, id: number, hash: Buffer, old: number | undefined): void {
     if (this.lookupMeta(key) === id) this.setMeta(key, this.restorable(old));
-    for (const o of [this.live, this.frozen]) if (o?.newHash.get(hk) === id) o.newHash.delete(hk);
+    this.hashIndex.delete(hash, id);
   }
 
   /**
@@ -1161,10 +1180,10 @@ export class DedupStore {
         this.state.collisions++;
         match = COLLISION;
       } else {
-        match = this.matchNow(block, hash, hk);
+        match = this.matchNow(block, hash);
       }
       if (match === WAIT) {
-        later.push(this.storeBlock(key, block, hash, hk));
+        later.push(this.storeBlock(key, block, hash));
         continue;
       }
       if (match > 0) {
@@ -1211,14 +1230,14 @@ export class DedupStore {
         refcount: 0,
         hash: f.hash,
       });
-      if (f.indexed) this.live.newHash.set(f.hk, f.id);
+      if (f.indexed) this.hashIndex.set(f.hash, f.id);
       f.old = this.setMeta(f.key, f.id);
     }
     for (const r of repeats) r.old = this.setMeta(r.key, r.of.id);
     try {
       await written;
     } catch (err) {
-      for (const f of fresh) this.unstore(f.key, f.id, f.hk, f.old);
+      for (const f of fresh) this.unstore(f.key, f.id, f.hash, f.old);
       for (const r of repeats)
         if (this.lookupMeta(r.key) === r.of.id) this.setMeta(r.key, this.restorable(r.old));
       await Promise.allSettled(later);
@@ -1266,6 +1285,14 @@ export class DedupStore {
     for (const id of this.zeroRef) if (!frozen.refDelta.has(id) && !frozen.moved.has(id)) dying.push(id);
     for (const id of dying) this.dying.add(id);
     for (const id of frozen.newData.keys()) if ((frozen.refDelta.get(id) ?? 0) <= 0) this.dying.add(id);
+    // Their hashes, to unfile them once the commit has deleted them.
+    const gone: Array<{ id: number; hash: Buffer }> = [];
+    for (const id of this.dying) {
+      const born = frozen.newData.get(id);
+      const b = born ? undefined : this.dataDb.getBinaryFast(encodeIdInto(id, this.idKeyBuf));
+      const hash = born?.hash ?? (b ? decodeDataEntry(b).hash : undefined);
+      if (hash) gone.push({ id, hash });
+    }
     // The writer owns the counters it changes (blocks, bytes, segments); the rest is ours.
     const s = this.state;
     const owned = {
@@ -1293,6 +1320,7 @@ export class DedupStore {
       this.state.storedBytes = reply.counters.storedBytes;
       this.state.segmentLive = reply.counters.segmentLive;
       this.zeroRef = new Set(reply.zeroRef);
+      for (const g of gone) this.hashIndex.delete(g.hash, g.id);
       // Reads on this thread now see the writer's commit.
       this.env.resetReadTxn();
       this.trimIndexMapping();
@@ -1326,7 +1354,6 @@ export class DedupStore {
     this.live = frozen;
     for (const [k, v] of live.meta) frozen.meta.set(k, v);
     for (const [id, e] of live.newData) frozen.newData.set(id, e);
-    for (const [hk, id] of live.newHash) frozen.newHash.set(hk, id);
     for (const [id, d] of live.refDelta) frozen.addRef(id, d);
     for (const [id, m] of live.moved) frozen.moved.set(id, m);
   }
@@ -1376,6 +1403,7 @@ export class DedupStore {
       indexBytes,
       indexFileBytes,
       indexBytesPerBlock: s.uniqueBlocks ? Math.round(indexBytes / s.uniqueBlocks) : 0,
+      hashIndexBytes: this.hashIndex.bytes,
     };
   }
 
@@ -1587,7 +1615,7 @@ export class DedupStore {
     for (const r of ranges) {
       for (let at = 0; at < r.cids.length; at += 16, ordinal++) {
         const cid = r.cids.subarray(at, at + 16);
-        if (this.lookupHash(cid, cid.toString('latin1')) === undefined) missing.push(ordinal);
+        if (this.lookupHash(cid) === undefined) missing.push(ordinal);
       }
     }
     return missing;
@@ -1614,7 +1642,7 @@ export class DedupStore {
       for (let at = 0; at < r.cids.length; at += 16, ordinal++) {
         const cid = r.cids.subarray(at, at + 16);
         const hk = cid.toString('latin1');
-        const have = this.lookupHash(cid, hk);
+        const have = this.lookupHash(cid);
         ids.push(have ?? -1);
         if (have !== undefined) continue;
         const known = fresh.get(hk);
@@ -1673,7 +1701,7 @@ export class DedupStore {
           refcount: 0,
           hash: p.hash,
         });
-        this.live.newHash.set(p.hash.toString('latin1'), p.id);
+        this.hashIndex.set(p.hash, p.id);
       }
       const forget = (): void => {
         for (const p of placed) this.pending.delete(p.id);
@@ -1688,11 +1716,7 @@ export class DedupStore {
             const id = this.lookupMeta(key);
             if (id !== undefined && placedIds.has(id)) this.setMeta(key, HOLE);
           }
-        for (const p of placed) {
-          const hk = p.hash.toString('latin1');
-          if (this.live.newHash.get(hk) === p.id) this.live.newHash.delete(hk);
-          if (this.frozen?.newHash.get(hk) === p.id) this.frozen.newHash.delete(hk);
-        }
+        for (const p of placed) this.hashIndex.delete(p.hash, p.id);
         throw err;
       });
     }

@@ -20,7 +20,7 @@ import { openIndex } from './index-db';
 import { HOLE } from './overlay';
 
 const { dir } = workerData as { dir: string };
-const { env, meta: metaDb, data: dataDb, hash: hashDb, state: stateDb } = openIndex(dir);
+const { env, meta: metaDb, data: dataDb, state: stateDb } = openIndex(dir);
 
 /** What this worker owns in the store state; the rest comes from the main thread. */
 interface WriterState {
@@ -54,7 +54,7 @@ function apply(req: CheckpointRequest): CheckpointReply {
     else metaDb.put(key, encodeId(req.meta[i + 1]!));
   }
 
-  const fresh = new Map<number, { entry: DataEntry; indexed: boolean }>();
+  const fresh = new Map<number, { entry: DataEntry }>();
   // Structured clone delivers a plain Uint8Array.
   const b = Buffer.from(req.newData.buffer, req.newData.byteOffset, req.newData.byteLength);
   for (let at = 0; at < b.length; at += NEW_DATA_BYTES) {
@@ -67,7 +67,6 @@ function apply(req: CheckpointRequest): CheckpointReply {
         refcount: 0,
         hash: Buffer.from(b.subarray(at + 24, at + 40)),
       },
-      indexed: b.readUInt8(at + 22) === 1,
     });
   }
   const delta = new Map<number, number>();
@@ -96,8 +95,6 @@ function apply(req: CheckpointRequest): CheckpointReply {
     if (refcount <= 0 && dying.has(id)) {
       // Marked dying at the freeze, so nothing can have linked to it since.
       dataDb.remove(encodeId(id));
-      const owner = hashDb.getBinary(e.hash);
-      if (owner && owner.equals(encodeId(id))) hashDb.remove(e.hash);
       state.uniqueBlocks--;
       state.storedBytes -= bytes;
       live(e.segment, -bytes);
@@ -110,7 +107,6 @@ function apply(req: CheckpointRequest): CheckpointReply {
       state.uniqueBlocks++;
       state.storedBytes += bytes;
       live(e.segment, bytes);
-      if (f.indexed) hashDb.put(e.hash, encodeId(id));
     }
     const move = moved.get(id);
     if (move && !f) {

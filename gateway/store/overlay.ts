@@ -13,8 +13,6 @@ export class Overlay {
   /** metaKey -> block id, ZERO_BLOCK, or HOLE. */
   readonly meta = new Map<number, number>();
   readonly newData = new Map<number, DataEntry>();
-  /** hash (latin1 string of 16 bytes) -> block id. */
-  readonly newHash = new Map<string, number>();
   readonly refDelta = new Map<number, number>();
   /** Blocks the compactor copied elsewhere: id -> new record location. */
   readonly moved = new Map<number, { segment: number; offset: number }>();
