@@ -73,6 +73,9 @@ export class Link {
     private readonly reader: FrameReader,
   ) {
     socket.on('error', (err) => this.onError(err));
+    // Batches, Needs and Acks are small frames answered by the peer: with Nagle's
+    // algorithm each waited for the peer's delayed ACK (tens of ms a round trip).
+    socket.setNoDelay(true);
   }
 
   /** Starts delivering frames, those already received first. */

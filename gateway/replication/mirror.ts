@@ -24,6 +24,7 @@ import { Frame, WireBlock } from '../../protocol/replication/frames';
 import { LinkProtocolError } from '../../protocol/replication/errors';
 import type { BlockSource, CapturedRange, DedupStore } from '../store/dedup-store';
 import { META_PAGE } from '../store/meta-cache';
+import { recordPayload } from '../store/block-codec';
 import { ActivityLog } from './activity-log';
 import { connectLink, Link, LinkIdentity } from './link';
 
@@ -46,6 +47,8 @@ const RETRY_MS = 1000;
 const DURABLE_EVERY_MS = 1000;
 /** How often the activity log drops the chunks the replica holds durably. */
 const SETTLE_LOG_MS = 2000;
+/** A chunk stays marked until no change has touched it for this long. */
+const AL_COOL_MS = 10_000;
 
 export interface MirrorOptions {
   /** A sync replica that has not acknowledged for this long drops to behind (writes go on). */
@@ -143,6 +146,8 @@ export class Mirror {
   private readonly al: ActivityLog;
   /** Changes under way per chunk (activated, not yet captured): never unmarked meanwhile. */
   private readonly active: Uint32Array;
+  /** When a change last touched each chunk (ms): the activity log keeps hot chunks marked. */
+  private readonly touched: Float64Array;
   /** Sync batches sent and not yet acknowledged (the window counts these only). */
   private resyncInflight = 0;
   private pumpTimer: NodeJS.Timeout | null = null;
@@ -169,6 +174,7 @@ export class Mirror {
     const { log: al, resumed } = ActivityLog.open(opts.activityLog, this.dirty.chunks);
     this.al = al;
     this.active = new Uint32Array(this.dirty.chunks);
+    this.touched = new Float64Array(this.dirty.chunks);
     if (resumed) {
       // What the replica may lack when this primary last stopped (or crashed): only that.
       for (let c = 0; c < this.dirty.chunks; c++) if (al.marked(c)) this.dirty.add(c);
@@ -236,7 +242,11 @@ export class Mirror {
   activate(lba: number, count: number): { ready: Promise<void> | null; release: () => void } {
     const first = Math.floor(lba / CHUNK_BLOCKS);
     const last = Math.min(Math.floor((lba + Math.max(count, 1) - 1) / CHUNK_BLOCKS), this.dirty.chunks - 1);
-    for (let c = first; c <= last; c++) this.active[c]!++;
+    const now = Date.now();
+    for (let c = first; c <= last; c++) {
+      this.active[c]!++;
+      this.touched[c] = now;
+    }
     let released = false;
     return {
       ready: this.closed ? null : this.al.mark(first, last),
@@ -259,8 +269,12 @@ export class Mirror {
     for (const b of this.inflight) for (const r of b.ranges) cover(r.lba, r.kinds.length);
     for (const r of this.filling?.ranges ?? []) cover(r.lba, r.kinds.length);
     for (const r of this.volatile) cover(r.lba, r.count);
+    // Only chunks left alone for a while: a hot chunk unmarked between two writes would
+    // make its next write wait for a durable mark (DRBD keeps its hot extents for this).
+    const cool = Date.now() - AL_COOL_MS;
     for (let c = 0; c < busy.length; c++) {
-      if (!busy[c] && !this.active[c] && !this.dirty.has(c) && this.al.marked(c)) this.al.unmark(c);
+      if (busy[c] || this.active[c] || this.dirty.has(c) || this.touched[c]! > cool) continue;
+      if (this.al.marked(c)) this.al.unmark(c);
     }
     this.al.saveLazily();
   }
@@ -446,15 +460,29 @@ export class Mirror {
     batch.sentAt = Date.now();
     this.inflight.push(batch);
     if (batch.resync) this.resyncInflight++;
+    // A client's write of blocks this store has just written as new sends them with the
+    // batch: the replica most likely lacks them too, and asking would cost a round trip
+    // on every write. Syncs stay hash-first (the replica may hold much of the volume).
+    const inline: WireBlock[] = [];
+    if (!batch.resync) {
+      let ordinal = 0;
+      for (const r of batch.ranges)
+        for (const src of r.sources) {
+          if (src.record) inline.push({ ordinal, ...recordPayload(src.record) });
+          ordinal++;
+        }
+    }
     const frame: Frame = {
       batch: {
         seq: batch.seq,
         durable: batch.durable,
         extents: batch.ranges.map((r) => ({ lba: r.lba, kinds: r.kinds, cids: r.cids })),
+        ...(inline.length ? { blocks: inline } : {}),
       },
     };
     link.send(frame);
     this.sentBatches++;
+    this.sentBlocks += inline.length;
   }
 
   /**

@@ -59,6 +59,8 @@ interface Incoming {
   fetched: Promise<WireBlock[]>;
   /** Their content ids (latin1 keys), for `coming`. */
   asked: string[];
+  /** Blocks the primary sent with the batch. */
+  inline: WireBlock[];
 }
 
 export class ReplicaSink {
@@ -115,8 +117,21 @@ export class ReplicaSink {
       }
       // Asked for at once, applied in order: the round trips of a window of batches overlap.
       const cids = cidsOf(f.batch.extents);
+      const inline = f.batch.blocks ?? [];
+      const sent = new Set<number>();
+      for (const b of inline) {
+        if (b.ordinal >= cids.length)
+          throw new LinkProtocolError(
+            'ERR_LINK_MALFORMED',
+            `block ${b.ordinal} sent with a batch of ${cids.length}`,
+          );
+        sent.add(b.ordinal);
+      }
       const asked: string[] = [];
+      // What came with the batch is on its way like what this batch asks for.
+      for (const o of sent) if (!this.coming.has(cids[o]!)) asked.push(cids[o]!);
       const missing = this.target.store.missingContent(f.batch.extents).filter((o) => {
+        if (sent.has(o)) return false;
         const hk = cids[o]!;
         if (this.coming.has(hk)) return false;
         asked.push(hk);
@@ -124,7 +139,7 @@ export class ReplicaSink {
       });
       for (const hk of asked) this.coming.set(hk, (this.coming.get(hk) ?? 0) + 1);
       const fetched = missing.length ? this.ask(f.batch.seq, missing) : Promise.resolve([]);
-      this.queue.push({ ...f.batch, fetched, asked });
+      this.queue.push({ ...f.batch, fetched, asked, inline });
       this.drain();
       return true;
     }
@@ -284,7 +299,7 @@ export class ReplicaSink {
   private async apply(batch: Incoming): Promise<void> {
     const { store, volumeId } = this.target!;
     const provided = new Map<number, MirroredBlock>();
-    let blocks = await batch.fetched;
+    let blocks = [...batch.inline, ...(await batch.fetched)];
     for (let round = 0; ; round++) {
       for (const b of blocks)
         provided.set(b.ordinal, { block: decodeWireBlock(b), payload: b.payload, lz4: b.lz4 });

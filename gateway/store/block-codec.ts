@@ -204,3 +204,12 @@ export function unpackPayload(lz4: boolean, payload: Buffer): Buffer {
     throw new CorruptBlockError('lz4 payload does not decode to 4 KiB');
   return out;
 }
+
+/** A record's stored payload and whether it is lz4, as it travels (a view, not a copy). */
+export function recordPayload(rec: Buffer): { lz4: boolean; payload: Buffer } {
+  const storedLength = rec.readUInt32BE(16);
+  return {
+    lz4: (rec.readUInt16BE(4) & RecordFlag.LZ4) !== 0,
+    payload: rec.subarray(RECORD_HEADER, RECORD_HEADER + storedLength),
+  };
+}

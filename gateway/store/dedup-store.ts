@@ -31,6 +31,7 @@ import {
   encodeRecord,
   encodeRecordInto,
   isZeroBlock,
+  recordPayload,
   unpackRecordInto,
   writeRecordInto,
 } from './block-codec';
@@ -152,6 +153,8 @@ const WAIT = -2;
 const SETTLE_TRIES = 3;
 
 const RESOLVED = Promise.resolve();
+/** Records remember() keeps: a few MiB, what mirrors ask for within a round trip or two. */
+const RECENT_RECORDS = 2048;
 
 interface PendingRecord {
   record: Buffer;
@@ -255,6 +258,8 @@ export class DedupStore {
   private dying = new Set<number>();
   /** Records whose segment write is still in flight, by block id. */
   private readonly pending = new Map<number, PendingRecord>();
+  /** The latest records written, by block id (oldest first), for mirrors (remember()). */
+  private readonly recent = new Map<number, Buffer>();
   // Scratch for the synchronous paths, which never await while holding them.
   private readonly metaKeyBuf = Buffer.allocUnsafe(12);
   private readonly idKeyBuf = Buffer.allocUnsafe(8);
@@ -966,12 +971,23 @@ export class DedupStore {
     const old = this.setMeta(key, id);
     try {
       await written;
+      this.remember(id, record);
     } catch (err) {
       this.unstore(key, id, hash, old);
       throw err;
     } finally {
       this.pending.delete(id);
     }
+  }
+
+  /**
+   * Keeps a freshly written record in memory a little longer: a mirror asks for it a
+   * round trip after the write, and reading it back from the segment (a thread-pool
+   * pread and a full decode check) added that much again to every sync write.
+   */
+  private remember(id: number, record: Buffer): void {
+    this.recent.set(id, record);
+    if (this.recent.size > RECENT_RECORDS) this.recent.delete(this.recent.keys().next().value!);
   }
 
   /** A new block's segment write failed: nothing may point at it, and the block's old mapping returns. */
@@ -1236,6 +1252,7 @@ export class DedupStore {
     for (const r of repeats) r.old = this.setMeta(r.key, r.of.id);
     try {
       await written;
+      for (const f of fresh) this.remember(f.id, records.subarray(f.at, f.at + f.length));
     } catch (err) {
       for (const f of fresh) this.unstore(f.key, f.id, f.hash, f.old);
       for (const r of repeats)
@@ -1573,7 +1590,7 @@ export class DedupStore {
         segment: entry.segment,
         offset: entry.offset,
         storedLength: entry.storedLength,
-        record: this.pending.get(id)?.record,
+        record: this.pending.get(id)?.record ?? this.recent.get(id),
       });
     }
     return { lba, kinds, cids: Buffer.concat(cids), sources };
@@ -1601,11 +1618,7 @@ export class DedupStore {
       }
       decodeRecordInto(rec, src.id, src.hash, this.hasher, this.mirrorScratch);
     }
-    const storedLength = rec.readUInt32BE(16);
-    return {
-      lz4: (rec.readUInt16BE(4) & 1) === 1,
-      payload: Buffer.from(rec.subarray(RECORD_HEADER, RECORD_HEADER + storedLength)),
-    };
+    return recordPayload(rec);
   }
 
   /** Ordinals of the data blocks among `ranges` (content ids of this store's domain) it holds no copy of. */

@@ -45,7 +45,7 @@ export type Frame =
   | { pong: { seq: number } }
   | { mirror: { volume: string; size: number; domain: Buffer; generation: number; seed?: Buffer } }
   | { mirrorReady: { volume: string; seeded?: boolean } }
-  | { batch: { seq: number; extents: Extent[]; durable: boolean } }
+  | { batch: { seq: number; extents: Extent[]; durable: boolean; blocks?: WireBlock[] } }
   | { need: { seq: number; ordinals: number[] } }
   | { blocks: { seq: number; blocks: WireBlock[] } }
   | { ack: { seq: number } }
@@ -192,7 +192,12 @@ export function decodeFrameBody(bytes: Uint8Array): Frame {
       }));
       for (const e of extents) checkExtent(e);
       return {
-        batch: { seq: toNumber(b['seq'] ?? 0), extents, durable: (b['durable'] as boolean) ?? false },
+        batch: {
+          seq: toNumber(b['seq'] ?? 0),
+          extents,
+          durable: (b['durable'] as boolean) ?? false,
+          blocks: wireBlocks(b['blocks']),
+        },
       };
     }
     case 'need': {
@@ -209,11 +214,7 @@ export function decodeFrameBody(bytes: Uint8Array): Frame {
       return {
         blocks: {
           seq: toNumber(b['seq'] ?? 0),
-          blocks: ((b['blocks'] as Array<Record<string, unknown>> | undefined) ?? []).map((k) => ({
-            ordinal: (k['ordinal'] as number) ?? 0,
-            lz4: (k['lz4'] as boolean) ?? false,
-            payload: bytesOf(k['payload']),
-          })),
+          blocks: wireBlocks(b['blocks']),
         },
       };
     }
@@ -271,4 +272,12 @@ export class FrameReader {
     this.queue.skip(LENGTH_BYTES);
     return decodeFrameBody(this.queue.take(length));
   }
+}
+
+function wireBlocks(v: unknown): WireBlock[] {
+  return ((v as Array<Record<string, unknown>> | undefined) ?? []).map((k) => ({
+    ordinal: (k['ordinal'] as number) ?? 0,
+    lz4: (k['lz4'] as boolean) ?? false,
+    payload: Buffer.from((k['payload'] as Uint8Array | undefined) ?? []),
+  }));
 }

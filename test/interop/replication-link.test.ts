@@ -230,6 +230,45 @@ describe('replication link', () => {
     assert.doesNotMatch(read.stdout, /Pattern verification failed/);
   });
 
+  it('applies blocks sent with a batch without asking for them', async () => {
+    const { link, answer } = await mirrorPeer('m-inline', domain);
+    assert.deepEqual(answer, { mirrorReady: { volume: 'm-inline', seeded: false } });
+    const next = nextFrame(link);
+    link.send({
+      batch: {
+        seq: 1,
+        durable: true,
+        extents: [{ lba: 0, kinds: Buffer.from([2]), cids: cidOf(0x71) }],
+        blocks: [{ ordinal: 0, lz4: false, payload: Buffer.alloc(4096, 0x71) }],
+      },
+    });
+    assert.deepEqual(await next, { ack: { seq: 1 } });
+    const read = await check('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x71 0 4k', gw.uri('m-inline')]);
+    assert.doesNotMatch(read.stdout, /Pattern verification failed/);
+  });
+
+  it('refuses a block sent with a batch that does not match its content id, or is not in it', async () => {
+    for (const [name, block, code] of [
+      ['m-inline-bad', { ordinal: 0, lz4: false, payload: Buffer.alloc(4096, 0x73) }, 'ERR_LINK_BAD_BLOCK'],
+      ['m-inline-far', { ordinal: 5, lz4: false, payload: Buffer.alloc(4096, 0x72) }, 'ERR_LINK_MALFORMED'],
+    ] as const) {
+      const { link } = await mirrorPeer(name, domain);
+      const next = nextFrame(link);
+      link.send({
+        batch: {
+          seq: 1,
+          durable: true,
+          extents: [{ lba: 0, kinds: Buffer.from([2]), cids: cidOf(0x72) }],
+          blocks: [block],
+        },
+      });
+      const f = await next;
+      assert.ok('error' in f && f.error.code === code, `${name}: ${JSON.stringify(f)}`);
+      const read = await check('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0 0 4k', gw.uri(name)]);
+      assert.doesNotMatch(read.stdout, /Pattern verification failed/);
+    }
+  });
+
   it('goes on serving NBD clients after refusing links', async () => {
     const size = await check('nbdinfo', ['--size', gw.uri()]);
     assert.equal(size.stdout.trim(), String(8 * 1024 ** 3));
