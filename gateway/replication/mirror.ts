@@ -47,6 +47,8 @@ const RETRY_MS = 1000;
 const DURABLE_EVERY_MS = 1000;
 /** How often the activity log drops the chunks the replica holds durably. */
 const SETTLE_LOG_MS = 2000;
+/** Ids of blocks sent with their batch that are remembered, so none goes that way twice. */
+const INLINED_IDS = 8192;
 /** A chunk stays marked until no change has touched it for this long. */
 const AL_COOL_MS = 10_000;
 
@@ -141,6 +143,8 @@ export class Mirror {
   private sentBatches = 0;
   private peer: string | null = null;
   private verifySeq = 0;
+  /** Blocks lately sent with their batches (oldest first), not to be sent that way again. */
+  private readonly inlined = new Set<number>();
   /** Set while a cutover waits for the replica's promote. */
   private cutoverDone: ((generation: number) => void) | null = null;
   private readonly al: ActivityLog;
@@ -468,7 +472,12 @@ export class Mirror {
       let ordinal = 0;
       for (const r of batch.ranges)
         for (const src of r.sources) {
-          if (src.record) inline.push({ ordinal, ...recordPayload(src.record) });
+          // Once per block: a block repeated in later writes is on its way or there already.
+          if (src.record && !this.inlined.has(src.id)) {
+            inline.push({ ordinal, ...recordPayload(src.record) });
+            this.inlined.add(src.id);
+            if (this.inlined.size > INLINED_IDS) this.inlined.delete(this.inlined.values().next().value!);
+          }
           ordinal++;
         }
     }
