@@ -269,6 +269,27 @@ describe('replication link', () => {
     }
   });
 
+  it('does not apply a batch still waiting for its blocks when the copy is promoted meanwhile', async () => {
+    const { link, answer } = await mirrorPeer('m-promoted', domain);
+    assert.deepEqual(answer, { mirrorReady: { volume: 'm-promoted', seeded: false } });
+    let next = nextFrame(link);
+    link.send({
+      batch: { seq: 1, durable: true, extents: [{ lba: 0, kinds: Buffer.from([2]), cids: cidOf(0x81) }] },
+    });
+    assert.deepEqual(await next, { need: { seq: 1, ordinals: [0] } });
+    // The batch waits for its block; the copy here becomes the primary first.
+    const promoted = await gw.cli('promote', 'm-promoted');
+    assert.equal(promoted.code, 0, promoted.stderr);
+    next = nextFrame(link);
+    link.send({
+      blocks: { seq: 1, blocks: [{ ordinal: 0, lz4: false, payload: Buffer.alloc(4096, 0x81) }] },
+    });
+    const f = await next;
+    assert.deepEqual(f, { superseded: { volume: 'm-promoted', generation: 2 } });
+    const read = await check('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0 0 4k', gw.uri('m-promoted')]);
+    assert.doesNotMatch(read.stdout, /Pattern verification failed/);
+  });
+
   it('goes on serving NBD clients after refusing links', async () => {
     const size = await check('nbdinfo', ['--size', gw.uri()]);
     assert.equal(size.stdout.trim(), String(8 * 1024 ** 3));
