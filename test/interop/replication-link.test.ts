@@ -290,6 +290,45 @@ describe('replication link', () => {
     assert.doesNotMatch(read.stdout, /Pattern verification failed/);
   });
 
+  it('drops the queue of a link replaced by a newer one for the same volume', async () => {
+    const first = await mirrorPeer('m-stale', domain);
+    assert.deepEqual(first.answer, { mirrorReady: { volume: 'm-stale', seeded: false } });
+    const need = nextFrame(first.link);
+    first.link.send({
+      batch: { seq: 1, durable: true, extents: [{ lba: 0, kinds: Buffer.from([2]), cids: cidOf(0x91) }] },
+    });
+    assert.deepEqual(await need, { need: { seq: 1, ordinals: [0] } });
+    // The primary gave up on that link and opened another: the old one's batch must not land.
+    const second = await mirrorPeer('m-stale', domain);
+    assert.deepEqual(second.answer, { mirrorReady: { volume: 'm-stale', seeded: false } });
+    first.link.send({
+      blocks: { seq: 1, blocks: [{ ordinal: 0, lz4: false, payload: Buffer.alloc(4096, 0x91) }] },
+    });
+    const ack = nextFrame(second.link);
+    second.link.send({
+      batch: { seq: 1, durable: true, extents: [{ lba: 1, kinds: Buffer.from([2]), cids: cidOf(0x92) }] },
+    });
+    const f = await ack;
+    if ('need' in f) {
+      const done = nextFrame(second.link);
+      second.link.send({
+        blocks: { seq: 1, blocks: [{ ordinal: 0, lz4: false, payload: Buffer.alloc(4096, 0x92) }] },
+      });
+      assert.deepEqual(await done, { ack: { seq: 1 } });
+    } else assert.deepEqual(f, { ack: { seq: 1 } });
+    const read = await check('qemu-io', [
+      '-r',
+      '-f',
+      'raw',
+      '-c',
+      'read -P 0 0 4k',
+      '-c',
+      'read -P 0x92 4k 4k',
+      gw.uri('m-stale'),
+    ]);
+    assert.doesNotMatch(read.stdout, /Pattern verification failed/);
+  });
+
   it('goes on serving NBD clients after refusing links', async () => {
     const size = await check('nbdinfo', ['--size', gw.uri()]);
     assert.equal(size.stdout.trim(), String(8 * 1024 ** 3));
