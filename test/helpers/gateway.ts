@@ -21,8 +21,13 @@ export interface GatewayOptions {
   args?: string[];
 }
 
+/** Log lines shown when a gateway exits on its own (a crash a test did not cause). */
+const TAIL_LINES = 40;
+
 export class Gateway {
   private stderr = '';
+  /** Set once the test stops or kills it: any other exit is reported with the log's tail. */
+  private stopping = false;
   private exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
 
   private constructor(
@@ -33,6 +38,13 @@ export class Gateway {
     proc.stderr!.on('data', (c: Buffer) => (this.stderr += c.toString()));
     // 'close', not 'exit': only then has all of stderr been read.
     this.exited = new Promise((resolve) => proc.on('close', (code, signal) => resolve({ code, signal })));
+    void this.exited.then(({ code, signal }) => {
+      if (this.stopping) return;
+      const tail = this.stderr.trimEnd().split('\n').slice(-TAIL_LINES).join('\n');
+      process.stderr.write(
+        `gateway ${proc.pid} (${dataDir}) exited by itself: code ${code}, signal ${signal}; its last log lines:\n${tail}\n`,
+      );
+    });
   }
 
   static async start(opts: GatewayOptions = {}): Promise<Gateway> {
@@ -83,6 +95,7 @@ export class Gateway {
   async stop(
     signal: NodeJS.Signals = 'SIGTERM',
   ): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+    this.stopping = true;
     if (this.proc.exitCode === null && this.proc.signalCode === null) this.proc.kill(signal);
     const timer = setTimeout(() => this.proc.kill('SIGKILL'), 15_000);
     const status = await this.exited;
