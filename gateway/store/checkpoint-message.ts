@@ -18,7 +18,7 @@ export interface CheckpointRequest {
   moved: Float64Array;
   /** Block ids to delete if their count is still zero after this checkpoint's deltas. */
   dying: Float64Array;
-  /** NEW_DATA_BYTES per new block, see encodeNewData. */
+  /** NEW_DATA_BYTES per new block, see encodeCheckpoint. */
   newData: Buffer;
   /** The store state to persist (JSON), counters as of the previous checkpoint. */
   state: string;
@@ -32,7 +32,7 @@ export interface CheckpointReply {
   missing: number[];
 }
 
-/** id f64, segment u32, offset u32, storedLength u32, flags u16, indexed u8, pad u8, hash 16. */
+/** id f64, segment u32, offset u32, storedLength u32, flags u16, pad 2, hash 16. */
 export const NEW_DATA_BYTES = 40;
 
 export function encodeCheckpoint(o: Overlay, dying: number[], state: string): CheckpointRequest {
@@ -63,7 +63,6 @@ export function encodeCheckpoint(o: Overlay, dying: number[], state: string): Ch
     newData.writeUInt32BE(e.offset, at + 12);
     newData.writeUInt32BE(e.storedLength, at + 16);
     newData.writeUInt16BE(e.flags, at + 20);
-    newData.writeUInt8(0, at + 22); // was the hash-index flag; the hash index lives in memory now
     e.hash.copy(newData, at + 24);
     at += NEW_DATA_BYTES;
   }

@@ -566,10 +566,15 @@ export class DedupStore {
 
   /** The stored block with this content hash, if any (checked against the datamap's full hash). */
   private lookupHash(hash: Buffer): number | undefined {
+    return this.hashCandidate(hash)?.id;
+  }
+
+  /** lookupHash with the block's datamap entry, which the write path needs next. */
+  private hashCandidate(hash: Buffer): { id: number; entry: DataEntry } | undefined {
     const id = this.hashIndex.get(hash);
-    if (id === undefined || this.dying.has(id)) return undefined;
-    const entry = this.lookupData(id);
-    return entry && entry.hash.equals(hash) ? id : undefined;
+    if (id === undefined) return undefined;
+    const entry = this.lookupData(id); // undefined for a dying block
+    return entry && entry.hash.equals(hash) ? { id, entry } : undefined;
   }
 
   /**
@@ -584,7 +589,7 @@ export class DedupStore {
       this.live.addRef(old, -1);
       this.state.mappedBlocks--;
     } else if (old === ZERO_BLOCK) this.state.zeroBlocks--;
-    if (value !== HOLE && value !== ZERO_BLOCK && value !== MASK_BLOCK) {
+    if (isData(value)) {
       this.live.addRef(value, 1);
       this.state.mappedBlocks++;
     } else if (value === ZERO_BLOCK) this.state.zeroBlocks++;
@@ -861,11 +866,10 @@ export class DedupStore {
    * `fetched` is a candidate's record that settle() read.
    */
   private matchNow(block: Buffer, hash: Buffer, fetched?: Fetched): number {
-    const candidate = this.lookupHash(hash);
-    if (candidate === undefined) return NO_MATCH;
+    const found = this.hashCandidate(hash);
+    if (!found) return NO_MATCH;
+    const { id: candidate, entry } = found;
     if (this.pending.has(candidate)) return WAIT;
-    const entry = this.lookupData(candidate);
-    if (!entry) return NO_MATCH;
     const stored = this.blockScratch;
     try {
       let rec: Buffer;
@@ -896,15 +900,15 @@ export class DedupStore {
    * or reads its record from disk. Errors are left for the next matchNow to meet.
    */
   private async settle(hash: Buffer): Promise<Fetched | undefined> {
-    const candidate = this.lookupHash(hash);
-    if (candidate === undefined) return undefined;
+    const found = this.hashCandidate(hash);
+    if (!found) return undefined;
+    const { id: candidate, entry } = found;
     const inflight = this.pending.get(candidate);
     if (inflight) {
       await inflight.written.catch(() => undefined);
       return undefined;
     }
-    const entry = this.lookupData(candidate);
-    if (!entry || entry.storedLength > BLOCK) return undefined;
+    if (entry.storedLength > BLOCK) return undefined;
     try {
       const record = await this.segments.read(
         entry.segment,

@@ -218,7 +218,10 @@ export class VolumeTree {
   }
 }
 
-/** A block id that reads as data (not a hole, a zero block, or a mask). */
+/**
+ * A block id that reads as data: not a hole (undefined, or the overlay's HOLE, which
+ * is negative), a zero block, or a mask. Block ids count up from 1.
+ */
 export function isData(id: number | undefined): id is number {
-  return id !== undefined && id !== ZERO_BLOCK && id !== MASK_BLOCK;
+  return id !== undefined && id > ZERO_BLOCK && id !== MASK_BLOCK;
 }

@@ -654,75 +654,66 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
     generation: number,
     seed?: Buffer,
   ): Promise<{ store: DedupStore; volumeId: number; seeded: boolean }> {
-    // A mirror that arrives while its seed is being imported waits for the import.
-    return this.seeds
-      .importDone(name)
-      .then(() => this.replicaVolumeNow(name, size, primary, generation, seed));
-  }
-
-  private replicaVolumeNow(
-    name: string,
-    size: number,
-    primary: string,
-    generation: number,
-    seed?: Buffer,
-  ): Promise<{ store: DedupStore; volumeId: number; seeded: boolean }> {
-    return this.exclusive(async () => {
-      let seeded = false;
-      const existing = this.volumes.get(name);
-      if (existing) {
-        const here = generationOf(existing.record);
-        if (existing.record.replicaOf === undefined) {
-          if (generation > here) {
-            // A newer generation elsewhere: this primary was superseded (its replica promoted).
-            this.markSplitBrain(existing, primary, generation);
+    // A mirror that arrives while its seed is being imported waits for the whole import
+    // (its volume in the catalog); waiting inside exclusive() would hold the import's last step.
+    return this.seeds.importDone(name).then(() =>
+      this.exclusive(async () => {
+        let seeded = false;
+        const existing = this.volumes.get(name);
+        if (existing) {
+          const here = generationOf(existing.record);
+          if (existing.record.replicaOf === undefined) {
+            if (generation > here) {
+              // A newer generation elsewhere: this primary was superseded (its replica promoted).
+              this.markSplitBrain(existing, primary, generation);
+              throw new LinkProtocolError(
+                'ERR_LINK_NOT_REPLICA',
+                `volume ${name} is a primary here (generation ${here}), now stopped as split brain: demote it to take the mirror`,
+              );
+            }
+            // Only a newer generation supersedes: an equal one is another primary of the name.
+            if (here > generation) throw new SupersededError(name, here);
             throw new LinkProtocolError(
               'ERR_LINK_NOT_REPLICA',
-              `volume ${name} is a primary here (generation ${here}), now stopped as split brain: demote it to take the mirror`,
+              `volume ${name} is a primary here too, at the same generation ${here}`,
             );
           }
-          // Only a newer generation supersedes: an equal one is another primary of the name.
-          if (here > generation) throw new SupersededError(name, here);
-          throw new LinkProtocolError(
-            'ERR_LINK_NOT_REPLICA',
-            `volume ${name} is a primary here too, at the same generation ${here}`,
-          );
-        }
-        if (generation < here) throw new SupersededError(name, here);
-        if (existing.device.size !== size)
-          throw new LinkProtocolError(
-            'ERR_LINK_UNKNOWN_VOLUME',
-            `replica of ${name} here is ${existing.device.size} bytes, the primary's ${size}`,
-          );
-        // A copy imported from a seed is that seed until its first mirror: only then may
-        // the primary send just what changed since the export (replica add --seeded).
-        const from = existing.record.seededFrom;
-        seeded = from !== undefined && seed !== undefined && from.bundleId === seed.toString('hex');
-        if (existing.record.replicaOf !== primary || here !== generation || from) {
-          existing.record = { ...existing.record, replicaOf: primary, generation };
-          delete existing.record.seededFrom;
+          if (generation < here) throw new SupersededError(name, here);
+          if (existing.device.size !== size)
+            throw new LinkProtocolError(
+              'ERR_LINK_UNKNOWN_VOLUME',
+              `replica of ${name} here is ${existing.device.size} bytes, the primary's ${size}`,
+            );
+          // A copy imported from a seed is that seed until its first mirror: only then may
+          // the primary send just what changed since the export (replica add --seeded).
+          const from = existing.record.seededFrom;
+          seeded = from !== undefined && seed !== undefined && from.bundleId === seed.toString('hex');
+          if (existing.record.replicaOf !== primary || here !== generation || from) {
+            existing.record = { ...existing.record, replicaOf: primary, generation };
+            delete existing.record.seededFrom;
+            this.catalog.save(this.records());
+          }
+        } else {
+          if (!NAME.test(name))
+            throw new LinkProtocolError('ERR_LINK_MALFORMED', `invalid volume name '${name}'`);
+          checkSize(size);
+          const record: VolumeRecord = {
+            name,
+            size,
+            backend: 'dedup',
+            readOnly: true,
+            replicaOf: primary,
+            generation,
+            created: new Date().toISOString(),
+          };
+          this.volumes.set(name, this.openVolume(record));
           this.catalog.save(this.records());
+          this.log.info(`volume ${name} created as a replica of gateway ${primary}`);
         }
-      } else {
-        if (!NAME.test(name))
-          throw new LinkProtocolError('ERR_LINK_MALFORMED', `invalid volume name '${name}'`);
-        checkSize(size);
-        const record: VolumeRecord = {
-          name,
-          size,
-          backend: 'dedup',
-          readOnly: true,
-          replicaOf: primary,
-          generation,
-          created: new Date().toISOString(),
-        };
-        this.volumes.set(name, this.openVolume(record));
-        this.catalog.save(this.records());
-        this.log.info(`volume ${name} created as a replica of gateway ${primary}`);
-      }
-      const store = this.store();
-      return { store, volumeId: store.volumeId(name), seeded };
-    });
+        const store = this.store();
+        return { store, volumeId: store.volumeId(name), seeded };
+      }),
+    );
   }
 
   mirrorRefusal(name: string, generation: number): LinkProtocolError | null {

@@ -129,44 +129,28 @@ export class Seeds {
     // Under a store name no volume can have, so nothing half-imported is ever visible;
     // a crash leaves a store volume nobody names, released at the next start.
     const temp = `.seed-${header.bundleId}`;
-    const run = (async () => {
+    // The import's whole course, to its volume in the catalog: what a mirror arriving
+    // for `name` meanwhile waits for (importDone).
+    const whole = (async () => {
       const id = store.volumeId(temp);
+      let result;
       try {
-        return await importSeed(store, paths, id, store.contentDomain());
+        result = await importSeed(store, paths, id, store.contentDomain());
       } catch (err) {
         await store.deleteVolume(temp);
         throw seedError(err);
       }
+      try {
+        await this.host.exclusive(() => this.register(name, temp, header, force));
+      } catch (err) {
+        if (store.volumeNames().includes(temp)) await store.deleteVolume(temp).catch(() => undefined);
+        throw err;
+      }
+      return result;
     })();
-    this.imports.set(name, run);
+    this.imports.set(name, whole);
     try {
-      const r = await run;
-      await this.host.exclusive(async () => {
-        if (this.host.has(name)) {
-          if (!force) throw new VolumeExistsError(`volume '${name}' was created during the import`);
-          this.checkReplaceable(name);
-          await this.host.remove(name);
-        }
-        store.renameVolume(temp, name);
-        await store.flush(true);
-        const rec: VolumeRecord = {
-          name,
-          size: header.size,
-          backend: 'dedup',
-          readOnly: true,
-          replicaOf: header.gateway,
-          generation: header.generation,
-          created: new Date().toISOString(),
-          seededFrom: {
-            bundleId: header.bundleId,
-            volume: header.volume,
-            gateway: header.gateway,
-            snapshot: header.snapshot,
-          },
-        };
-        this.host.register(rec);
-        this.host.saveCatalog();
-      });
+      const r = await whole;
       this.host.log.info(
         `volume ${name} imported from seed bundle ${header.bundleId} (${header.volume} of gateway ${header.gateway})` +
           (r.repaired.length ? `; rebuilt from parity: ${r.repaired.join(', ')}` : ''),
@@ -180,12 +164,38 @@ export class Seeds {
         repaired: r.repaired,
         ms: Date.now() - started,
       };
-    } catch (err) {
-      if (store.volumeNames().includes(temp)) await store.deleteVolume(temp).catch(() => undefined);
-      throw err;
     } finally {
       this.imports.delete(name);
     }
+  }
+
+  /** The imported store volume becomes volume `name`: a read-only replica-to-be. */
+  private async register(name: string, temp: string, header: SeedHeader, force: boolean): Promise<void> {
+    const store = this.host.store();
+    if (this.host.has(name)) {
+      if (!force) throw new VolumeExistsError(`volume '${name}' was created during the import`);
+      this.checkReplaceable(name);
+      await this.host.remove(name);
+    }
+    store.renameVolume(temp, name);
+    await store.flush(true);
+    const rec: VolumeRecord = {
+      name,
+      size: header.size,
+      backend: 'dedup',
+      readOnly: true,
+      replicaOf: header.gateway,
+      generation: header.generation,
+      created: new Date().toISOString(),
+      seededFrom: {
+        bundleId: header.bundleId,
+        volume: header.volume,
+        gateway: header.gateway,
+        snapshot: header.snapshot,
+      },
+    };
+    this.host.register(rec);
+    this.host.saveCatalog();
   }
 
   private checkReplaceable(name: string): void {

@@ -261,6 +261,8 @@ export class Snapshots {
     try {
       store.cloneVolume(store.volumeId(base), name, Math.ceil(record.size / BLOCK));
     } catch (err) {
+      // The snapshot taken for this clone goes with it.
+      if (snap === undefined) await this.delete(source, snapName).catch(() => undefined);
       if (err instanceof TreeError) throw new BackendError(`clone ${name}: ${err.message}`);
       throw err;
     }
