@@ -1,6 +1,12 @@
-// A frozen overlay as one transferable buffer, for the index-writer worker.
+// A frozen overlay as tables in shared memory, for the index-writer worker.
 // Serialising is the only checkpoint work left on the event loop.
+//
+// The tables live in SharedArrayBuffers the main thread keeps and reuses: one
+// checkpoint runs at a time, and a fresh buffer per checkpoint would cost page
+// faults for every MiB of it. Every block id the checkpoint touches gets one row
+// saying all the writer needs to know about it, so the writer joins nothing.
 
+import { NumMap } from './num-map';
 import { Overlay } from './overlay';
 
 export interface CheckpointCounters {
@@ -9,17 +15,23 @@ export interface CheckpointCounters {
   segmentLive: Record<string, number>;
 }
 
+/** Row kinds (bits). */
+export const ROW_FRESH = 1;
+/** Delete the block if its count is still zero after this checkpoint's deltas. */
+export const ROW_DYING = 2;
+export const ROW_MOVED = 4;
+
+/** Float64 slots per id row: id, delta, kind, segment, offset, length, flags, moved segment, moved offset, pad, hash (16 bytes). */
+export const ROW_SLOTS = 12;
+export const ROW_HASH_BYTE = 80;
+
 export interface CheckpointRequest {
-  /** Float64 pairs: metaKey, value (block id, ZERO_BLOCK or HOLE). */
+  /** Float64 pairs: metaKey, value (block id, ZERO_BLOCK or HOLE); metaCount of them. */
   meta: Float64Array;
-  /** Float64 pairs: block id, reference delta. */
-  refDelta: Float64Array;
-  /** Float64 triples: block id, new segment, new offset. */
-  moved: Float64Array;
-  /** Block ids to delete if their count is still zero after this checkpoint's deltas. */
-  dying: Float64Array;
-  /** NEW_DATA_BYTES per new block, see encodeCheckpoint. */
-  newData: Buffer;
+  metaCount: number;
+  /** ROW_SLOTS per touched block id; rowCount of them. */
+  rows: Float64Array;
+  rowCount: number;
   /** The store state to persist (JSON), counters as of the previous checkpoint. */
   state: string;
 }
@@ -27,49 +39,68 @@ export interface CheckpointRequest {
 export interface CheckpointReply {
   counters: CheckpointCounters;
   /** Blocks whose count reached zero and were kept: candidates for the next checkpoint. */
-  zeroRef: number[];
+  zeroRef: Float64Array;
   /** Blocks referenced by the index that the datamap lacks: a bug if ever non-empty. */
   missing: number[];
 }
 
-/** id f64, segment u32, offset u32, storedLength u32, flags u16, pad 2, hash 16. */
-export const NEW_DATA_BYTES = 40;
-
-export function encodeCheckpoint(o: Overlay, dying: number[], state: string): CheckpointRequest {
-  const meta = new Float64Array(o.meta.size * 2);
-  let i = 0;
-  for (const [k, v] of o.meta) {
-    meta[i++] = k;
-    meta[i++] = v;
-  }
-  const refDelta = new Float64Array(o.refDelta.size * 2);
-  i = 0;
-  for (const [id, d] of o.refDelta) {
-    refDelta[i++] = id;
-    refDelta[i++] = d;
-  }
-  const moved = new Float64Array(o.moved.size * 3);
-  i = 0;
-  for (const [id, m] of o.moved) {
-    moved[i++] = id;
-    moved[i++] = m.segment;
-    moved[i++] = m.offset;
-  }
-  const newData = Buffer.alloc(o.newData.size * NEW_DATA_BYTES);
-  let at = 0;
-  for (const [id, e] of o.newData) {
-    newData.writeDoubleBE(id, at);
-    newData.writeUInt32BE(e.segment, at + 8);
-    newData.writeUInt32BE(e.offset, at + 12);
-    newData.writeUInt32BE(e.storedLength, at + 16);
-    newData.writeUInt16BE(e.flags, at + 20);
-    e.hash.copy(newData, at + 24);
-    at += NEW_DATA_BYTES;
-  }
-  return { meta, refDelta, moved, dying: Float64Array.from(dying), newData, state };
+function sharedFloats(n: number): Float64Array {
+  return new Float64Array(new SharedArrayBuffer(n * 8));
 }
 
-/** The buffers to transfer rather than copy. */
-export function transferList(r: CheckpointRequest): ArrayBuffer[] {
-  return [r.meta.buffer, r.refDelta.buffer, r.moved.buffer, r.dying.buffer] as ArrayBuffer[];
+/** The main thread's reusable request tables. */
+export class CheckpointTables {
+  private meta = sharedFloats(2 * 4096);
+  private rows = sharedFloats(ROW_SLOTS * 4096);
+
+  /** Fills the tables from a frozen overlay; valid until the next call. */
+  encode(o: Overlay, dying: NumMap, state: string): CheckpointRequest {
+    const metaCount = o.meta.size;
+    if (this.meta.length < metaCount * 2) this.meta = sharedFloats(2 * grown(metaCount));
+    const meta = this.meta;
+    let i = 0;
+    o.meta.forEach((v, k) => {
+      meta[i++] = k;
+      meta[i++] = v;
+    });
+
+    // At most one row per id in any of the four sets.
+    const bound = o.newData.size + o.refDelta.size + o.moved.size + dying.size;
+    if (this.rows.length < bound * ROW_SLOTS) this.rows = sharedFloats(ROW_SLOTS * grown(bound));
+    const rows = this.rows;
+    const bytes = new Uint8Array(rows.buffer);
+    let n = 0;
+    const row = (id: number): number => {
+      const at = n++ * ROW_SLOTS;
+      const m = o.moved.get(id);
+      rows[at] = id;
+      rows[at + 1] = o.refDelta.get(id) ?? 0;
+      rows[at + 2] = (dying.has(id) ? ROW_DYING : 0) | (m ? ROW_MOVED : 0);
+      rows[at + 7] = m?.segment ?? 0;
+      rows[at + 8] = m?.offset ?? 0;
+      return at;
+    };
+    o.newData.forEach((id, e) => {
+      const at = row(id);
+      rows[at + 2] = rows[at + 2]! | ROW_FRESH;
+      rows[at + 3] = e.segment;
+      rows[at + 4] = e.offset;
+      rows[at + 5] = e.storedLength;
+      rows[at + 6] = e.flags;
+      bytes.set(e.hash.subarray(0, 16), at * 8 + ROW_HASH_BYTE);
+    });
+    o.refDelta.forEach((_d, id) => {
+      if (!o.newData.has(id)) row(id);
+    });
+    for (const id of o.moved.keys()) if (!o.newData.has(id) && !o.refDelta.has(id)) row(id);
+    dying.forEach((_v, id) => {
+      if (!o.newData.has(id) && !o.refDelta.has(id) && !o.moved.has(id)) row(id);
+    });
+    return { meta, metaCount, rows, rowCount: n, state };
+  }
+}
+
+/** Room for n entries with some to spare, so the tables settle after a few checkpoints. */
+function grown(n: number): number {
+  return Math.max(4096, Math.ceil(n * 1.5));
 }

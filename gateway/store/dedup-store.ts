@@ -57,9 +57,11 @@ import { HOLE, Overlay } from './overlay';
 import { KIND_DATA, KIND_ZERO } from '../../protocol/replication/block-kinds';
 import { META_PAGE, MetaCache, MetaPage, packPlace, pageKey, placeOffset, placeSegment } from './meta-cache';
 import { SegmentFiles } from './segments';
+import { RecentRecords } from './recent-records';
 import { HashIndex } from './hash-index';
 import { TreeError, TreeState, VolumeTree, isData } from './volume-tree';
-import { encodeCheckpoint } from './checkpoint-message';
+import { CheckpointTables } from './checkpoint-message';
+import { NumMap } from './num-map';
 import { IndexWriter } from './index-writer';
 
 /**
@@ -161,6 +163,11 @@ interface PendingRecord {
   written: Promise<void>;
 }
 
+/** A pooled slab's segment write, once started. */
+interface SlabUse {
+  written: Promise<void> | null;
+}
+
 interface Fetched {
   id: number;
   record: Buffer;
@@ -249,17 +256,19 @@ function stateOf(id: number): BlockState {
 
 export class DedupStore {
   private live = new Overlay();
+  /** The next live overlay, empty: the two swap at every checkpoint, so their tables are reused. */
+  private spare = new Overlay();
   private frozen: Overlay | null = null;
   /**
    * Blocks a running checkpoint is deleting. Its transaction removes them at once, but
    * reads see the index as last committed until the commit lands, and a write must not
    * link to a block on its way out in between.
    */
-  private dying = new Set<number>();
+  private readonly dying = new NumMap();
   /** Records whose segment write is still in flight, by block id. */
   private readonly pending = new Map<number, PendingRecord>();
   /** The latest records written, by block id (oldest first), for mirrors (remember()). */
-  private readonly recent = new Map<number, Buffer>();
+  private readonly recent = new RecentRecords(RECENT_RECORDS, RECORD_HEADER + BLOCK);
   // Scratch for the synchronous paths, which never await while holding them.
   private readonly metaKeyBuf = Buffer.allocUnsafe(12);
   private readonly idKeyBuf = Buffer.allocUnsafe(8);
@@ -280,11 +289,12 @@ export class DedupStore {
   private readonly timer: NodeJS.Timeout;
   private closed = false;
   private readonly writer: IndexWriter;
+  private readonly tables = new CheckpointTables();
   private readonly pool: BlockPool | null;
   /** The index's data file, as /proc/self/maps names it. */
   private readonly indexFile: string;
   /** Blocks at reference count zero in the index (the writer's last word on it). */
-  private zeroRef: Set<number>;
+  private readonly zeroRef = new NumMap();
   /** Snapshots and clones, linked to the volumes they read through to. */
   private readonly tree: VolumeTree;
   /** Content hash -> block id, in memory (hash-index.ts), rebuilt from the datamap at open. */
@@ -309,7 +319,7 @@ export class DedupStore {
     this.hasher = new BlockHasher(Buffer.from(state.secret, 'base64'));
     this.indexFile = fs.realpathSync(path.join(dir, 'index', 'data.mdb'));
     this.writer = new IndexWriter(dir);
-    this.zeroRef = new Set(state.zeroRef ?? []);
+    for (const id of state.zeroRef ?? []) this.zeroRef.set(id, 1);
     this.hashIndex = this.buildHashIndex();
     this.tree = new VolumeTree(state.tree, {
       own: (key) => this.lookupMeta(key),
@@ -421,7 +431,7 @@ export class DedupStore {
       this.setMeta(metaKey(volume, lba), HOLE);
     }
     // Both overlays: a checkpoint the loop above set off froze part of what was live.
-    const overlaid = [...(this.frozen?.meta.keys() ?? []), ...this.live.meta.keys()];
+    const overlaid = [...(this.frozen?.meta.keysOf() ?? []), ...this.live.meta.keysOf()];
     for (const k of overlaid) {
       if (metaKeyVolume(k) === volume && metaKeyLba(k) >= fromLba) this.setMeta(k, HOLE);
     }
@@ -514,11 +524,11 @@ export class DedupStore {
       blocks.add(decodeMetaKey(key as Buffer).lba);
     for (const overlay of [this.frozen, this.live]) {
       if (!overlay) continue;
-      for (const [k, v] of overlay.meta) {
-        if (metaKeyVolume(k) !== volume) continue;
+      overlay.meta.forEach((v, k) => {
+        if (metaKeyVolume(k) !== volume) return;
         if (v === HOLE) blocks.delete(metaKeyLba(k));
         else blocks.add(metaKeyLba(k));
-      }
+      });
     }
     return [...blocks].sort((a, b) => a - b);
   }
@@ -968,7 +978,6 @@ export class DedupStore {
       offset,
       storedLength: record.length - RECORD_HEADER,
       flags: record.readUInt16BE(4),
-      refcount: 0,
       hash,
     });
     if (indexed) this.hashIndex.set(hash, id);
@@ -984,14 +993,18 @@ export class DedupStore {
     }
   }
 
-  /**
-   * Keeps a freshly written record in memory a little longer: a mirror asks for it a
-   * round trip after the write, and reading it back from the segment (a thread-pool
-   * pread and a full decode check) added that much again to every sync write.
-   */
+  /** Keeps a copy of a freshly written record for mirrors (recent-records.ts). */
   private remember(id: number, record: Buffer): void {
-    this.recent.set(id, record);
-    if (this.recent.size > RECENT_RECORDS) this.recent.delete(this.recent.keys().next().value!);
+    this.recent.add(id, record);
+  }
+
+  /**
+   * A copy of a record whose segment write is in flight, for a reader that keeps it
+   * past this tick: the original lives in a pooled buffer that is reused once written.
+   */
+  private pendingCopy(id: number): Buffer | undefined {
+    const rec = this.pending.get(id)?.record;
+    return rec ? Buffer.from(rec) : undefined;
   }
 
   /** A new block's segment write failed: nothing may point at it, and the block's old mapping returns. */
@@ -1161,7 +1174,28 @@ export class DedupStore {
     batch: BatchView | null,
   ): Promise<void> {
     const count = data.length / BLOCK;
-    const slab = Buffer.allocUnsafe(count * (RECORD_HEADER + BLOCK));
+    // Pooled: a fresh MiB costs page faults on every request. Only the segment write
+    // and the pending map use it, and both are done with it when this call returns.
+    const slab = sharedBufferPool.acquire(count * (RECORD_HEADER + BLOCK));
+    const use: SlabUse = { written: null };
+    try {
+      await this.storeInto(slab, use, volume, lba, data, batch);
+    } finally {
+      // Whatever went wrong, the slab goes back only once no write reads from it.
+      if (use.written) await use.written.catch(() => undefined);
+      sharedBufferPool.release(slab);
+    }
+  }
+
+  private async storeInto(
+    slab: Buffer,
+    use: SlabUse,
+    volume: number,
+    lba: number,
+    data: Buffer,
+    batch: BatchView | null,
+  ): Promise<void> {
+    const count = data.length / BLOCK;
     let used = 0;
     interface Fresh {
       key: number;
@@ -1239,6 +1273,7 @@ export class DedupStore {
     }
     const records = slab.subarray(0, used);
     const { segment, offset, written } = this.segments.append(records);
+    use.written = written;
     for (const f of fresh) {
       const rec = records.subarray(f.at, f.at + f.length);
       this.pending.set(f.id, { record: rec, written });
@@ -1247,7 +1282,6 @@ export class DedupStore {
         offset: offset + f.at,
         storedLength: f.length - RECORD_HEADER,
         flags: rec.readUInt16BE(4),
-        refcount: 0,
         hash: f.hash,
       });
       if (f.indexed) this.hashIndex.set(f.hash, f.id);
@@ -1299,21 +1333,24 @@ export class DedupStore {
   private async checkpoint(): Promise<void> {
     const frozen = this.live;
     this.frozen = frozen;
-    this.live = new Overlay();
+    this.live = this.spare;
     // From this instant nothing may link to a block the writer could delete: blocks it
     // left at zero that this epoch did not touch, and blocks born and released in it.
-    const dying: number[] = [];
-    for (const id of this.zeroRef) if (!frozen.refDelta.has(id) && !frozen.moved.has(id)) dying.push(id);
-    for (const id of dying) this.dying.add(id);
-    for (const id of frozen.newData.keys()) if ((frozen.refDelta.get(id) ?? 0) <= 0) this.dying.add(id);
+    const dying = this.dying;
+    this.zeroRef.forEach((_v, id) => {
+      if (!frozen.refDelta.has(id) && !frozen.moved.has(id)) dying.set(id, 1);
+    });
+    for (const id of frozen.newData.idList()) if ((frozen.refDelta.get(id) ?? 0) <= 0) dying.set(id, 1);
     // Their hashes, to unfile them once the commit has deleted them.
     const gone: Array<{ id: number; hash: Buffer }> = [];
-    for (const id of this.dying) {
-      const born = frozen.newData.get(id);
-      const b = born ? undefined : this.dataDb.getBinaryFast(encodeIdInto(id, this.idKeyBuf));
-      const hash = born?.hash ?? (b ? decodeDataEntry(b).hash : undefined);
+    dying.forEach((_v, id) => {
+      let hash = frozen.newData.hash(id);
+      if (!hash) {
+        const b = this.dataDb.getBinaryFast(encodeIdInto(id, this.idKeyBuf));
+        hash = b ? decodeDataEntry(b).hash : undefined;
+      }
       if (hash) gone.push({ id, hash });
-    }
+    });
     // The writer owns the counters it changes (blocks, bytes, segments); the rest is ours.
     const s = this.state;
     const owned = {
@@ -1330,7 +1367,7 @@ export class DedupStore {
     try {
       await this.segments.sync();
       const started = process.hrtime.bigint();
-      const reply = await this.writer.commit(encodeCheckpoint(frozen, dying, JSON.stringify(owned)));
+      const reply = await this.writer.commit(this.tables.encode(frozen, dying, JSON.stringify(owned)));
       this.log.debug(
         `checkpoint: ${frozen.size} changes committed in ${(Number(process.hrtime.bigint() - started) / 1e6).toFixed(1)} ms`,
       );
@@ -1340,7 +1377,8 @@ export class DedupStore {
       this.state.uniqueBlocks = reply.counters.uniqueBlocks;
       this.state.storedBytes = reply.counters.storedBytes;
       this.state.segmentLive = reply.counters.segmentLive;
-      this.zeroRef = new Set(reply.zeroRef);
+      this.zeroRef.clear();
+      for (const id of reply.zeroRef) this.zeroRef.set(id, 1);
       for (const g of gone) this.hashIndex.delete(g.hash, g.id);
       // Reads on this thread now see the writer's commit.
       this.env.resetReadTxn();
@@ -1348,11 +1386,14 @@ export class DedupStore {
     } catch (err) {
       // Nothing was lost from memory: fold the frozen changes back under the live ones.
       this.merge(frozen);
-      throw err;
-    } finally {
       this.frozen = null;
-      this.dying = new Set();
+      this.dying.clear();
+      throw err;
     }
+    this.frozen = null;
+    this.dying.clear();
+    frozen.clear();
+    this.spare = frozen;
   }
 
   /**
@@ -1373,10 +1414,12 @@ export class DedupStore {
   private merge(frozen: Overlay): void {
     const live = this.live;
     this.live = frozen;
-    for (const [k, v] of live.meta) frozen.meta.set(k, v);
-    for (const [id, e] of live.newData) frozen.newData.set(id, e);
-    for (const [id, d] of live.refDelta) frozen.addRef(id, d);
+    live.meta.forEach((v, k) => frozen.meta.set(k, v));
+    live.newData.forEach((id, e) => frozen.newData.set(id, e));
+    live.refDelta.forEach((d, id) => frozen.addRef(id, d));
     for (const [id, m] of live.moved) frozen.moved.set(id, m);
+    live.clear();
+    this.spare = live;
   }
 
   // ---- stats and shutdown ----------------------------------------------------------------
@@ -1594,7 +1637,7 @@ export class DedupStore {
         segment: entry.segment,
         offset: entry.offset,
         storedLength: entry.storedLength,
-        record: this.pending.get(id)?.record ?? this.recent.get(id),
+        record: this.pendingCopy(id) ?? this.recent.copyOf(id),
       });
     }
     return { lba, kinds, cids: Buffer.concat(cids), sources };
@@ -1617,7 +1660,7 @@ export class DedupStore {
         const now = this.lookupData(src.id);
         if (!now || (now.segment === src.segment && now.offset === src.offset)) throw err;
         rec =
-          this.pending.get(src.id)?.record ??
+          this.pendingCopy(src.id) ??
           (await this.segments.read(now.segment, now.offset, RECORD_HEADER + now.storedLength));
       }
       decodeRecordInto(rec, src.id, src.hash, this.hasher, this.mirrorScratch);
@@ -1715,7 +1758,6 @@ export class DedupStore {
           offset: appended.offset + p.at,
           storedLength: p.length - RECORD_HEADER,
           flags: rec.readUInt16BE(4),
-          refcount: 0,
           hash: p.hash,
         });
         this.hashIndex.set(p.hash, p.id);

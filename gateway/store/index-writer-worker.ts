@@ -5,19 +5,19 @@
 // never wait for the writer).
 
 import { parentPort, workerData } from 'node:worker_threads';
-import { CheckpointReply, CheckpointRequest, NEW_DATA_BYTES } from './checkpoint-message';
 import {
-  DataEntry,
-  RECORD_HEADER,
-  decodeDataEntry,
-  encodeDataEntry,
-  encodeId,
-  encodeMetaKey,
-  metaKeyLba,
-  metaKeyVolume,
-} from './layout';
+  CheckpointReply,
+  CheckpointRequest,
+  ROW_DYING,
+  ROW_FRESH,
+  ROW_HASH_BYTE,
+  ROW_MOVED,
+  ROW_SLOTS,
+} from './checkpoint-message';
+import { RECORD_HEADER, encodeIdInto, encodeMetaKeyInto, metaKeyLba, metaKeyVolume } from './layout';
 import { openIndex } from './index-db';
 import { HOLE } from './overlay';
+import { NumMap } from './num-map';
 
 const { dir } = workerData as { dir: string };
 const { env, meta: metaDb, data: dataDb, state: stateDb } = openIndex(dir);
@@ -31,15 +31,39 @@ interface WriterState {
   zeroRef: number[];
 }
 
-function apply(req: CheckpointRequest): CheckpointReply {
-  const committed = stateDb.get('store') as Partial<WriterState> | undefined;
-  const state: WriterState = {
-    uniqueBlocks: committed?.uniqueBlocks ?? 0,
-    storedBytes: committed?.storedBytes ?? 0,
-    segmentLive: { ...(committed?.segmentLive ?? {}) },
-    zeroRef: [],
+/**
+ * The committed counters and zero-count set, kept between checkpoints rather than
+ * parsed back every time; dropped when a commit fails, so the next one starts from
+ * what the index really holds.
+ */
+let committed: { state: WriterState; zero: NumMap } | null = null;
+
+function loadCommitted(): { state: WriterState; zero: NumMap } {
+  const c = stateDb.get('store') as Partial<WriterState> | undefined;
+  const zero = new NumMap();
+  for (const id of c?.zeroRef ?? []) zero.set(id, 1);
+  return {
+    state: {
+      uniqueBlocks: c?.uniqueBlocks ?? 0,
+      storedBytes: c?.storedBytes ?? 0,
+      segmentLive: { ...(c?.segmentLive ?? {}) },
+      zeroRef: [],
+    },
+    zero,
   };
-  const zero = new Set<number>(committed?.zeroRef ?? []);
+}
+
+// Key and value buffers reused for every put: LMDB copies them at the call.
+const keyBuf = Buffer.allocUnsafe(12);
+const idBuf = Buffer.allocUnsafe(8);
+const valueBuf = Buffer.allocUnsafe(8);
+const entryBuf = Buffer.allocUnsafe(36);
+
+function apply(req: CheckpointRequest): CheckpointReply {
+  committed ??= loadCommitted();
+  const { zero } = committed;
+  // Counters are changed on a copy: the transaction may still fail.
+  const state: WriterState = { ...committed.state, segmentLive: { ...committed.state.segmentLive } };
   const missing: number[] = [];
   const live = (segment: number, delta: number): void => {
     const v = (state.segmentLive[segment] ?? 0) + delta;
@@ -47,84 +71,94 @@ function apply(req: CheckpointRequest): CheckpointReply {
     else delete state.segmentLive[segment];
   };
 
-  for (let i = 0; i < req.meta.length; i += 2) {
-    const k = req.meta[i]!;
-    const key = encodeMetaKey(metaKeyVolume(k), metaKeyLba(k));
-    if (req.meta[i + 1] === HOLE) metaDb.remove(key);
-    else metaDb.put(key, encodeId(req.meta[i + 1]!));
+  const meta = req.meta;
+  for (let i = 0; i < req.metaCount * 2; i += 2) {
+    const k = meta[i]!;
+    const key = encodeMetaKeyInto(metaKeyVolume(k), metaKeyLba(k), keyBuf);
+    if (meta[i + 1] === HOLE) metaDb.remove(key);
+    else metaDb.put(key, encodeIdInto(meta[i + 1]!, valueBuf));
   }
 
-  const fresh = new Map<number, { entry: DataEntry }>();
-  // Structured clone delivers a plain Uint8Array.
-  const b = Buffer.from(req.newData.buffer, req.newData.byteOffset, req.newData.byteLength);
-  for (let at = 0; at < b.length; at += NEW_DATA_BYTES) {
-    fresh.set(b.readDoubleBE(at), {
-      entry: {
-        segment: b.readUInt32BE(at + 8),
-        offset: b.readUInt32BE(at + 12),
-        storedLength: b.readUInt32BE(at + 16),
-        flags: b.readUInt16BE(at + 20),
-        refcount: 0,
-        hash: Buffer.from(b.subarray(at + 24, at + 40)),
-      },
-    });
-  }
-  const delta = new Map<number, number>();
-  for (let i = 0; i < req.refDelta.length; i += 2) delta.set(req.refDelta[i]!, req.refDelta[i + 1]!);
-  const moved = new Map<number, { segment: number; offset: number }>();
-  for (let i = 0; i < req.moved.length; i += 3) {
-    moved.set(req.moved[i]!, { segment: req.moved[i + 1]!, offset: req.moved[i + 2]! });
-  }
-  const dying = new Set(req.dying);
-
-  const touched = new Set<number>([...fresh.keys(), ...delta.keys(), ...moved.keys(), ...dying]);
-  for (const id of touched) {
-    const f = fresh.get(id);
-    let e = f?.entry;
-    if (!e) {
-      const b = dataDb.getBinary(encodeId(id));
+  const rows = req.rows;
+  const bytes = Buffer.from(rows.buffer, rows.byteOffset, rows.byteLength);
+  for (let r = 0; r < req.rowCount; r++) {
+    const at = r * ROW_SLOTS;
+    const id = rows[at]!;
+    const kind = rows[at + 2]!;
+    const fresh = (kind & ROW_FRESH) !== 0;
+    const dying = (kind & ROW_DYING) !== 0;
+    const key = encodeIdInto(id, idBuf);
+    let segment: number;
+    let offset: number;
+    let storedLength: number;
+    let flags: number;
+    let refcount: number;
+    if (fresh) {
+      segment = rows[at + 3]!;
+      offset = rows[at + 4]!;
+      storedLength = rows[at + 5]!;
+      flags = rows[at + 6]!;
+      refcount = 0;
+      bytes.copy(entryBuf, 20, at * 8 + ROW_HASH_BYTE, at * 8 + ROW_HASH_BYTE + 16);
+    } else {
+      const b = dataDb.getBinaryFast(key);
       if (!b) {
-        if (!dying.has(id)) missing.push(id);
+        if (!dying) missing.push(id);
         continue;
       }
-      e = decodeDataEntry(b);
+      segment = b.readUInt32BE(0);
+      offset = b.readUInt32BE(4);
+      storedLength = b.readUInt32BE(8);
+      flags = b.readUInt16BE(12);
+      refcount = b.readUInt32BE(16);
+      b.copy(entryBuf, 20, 20, 36);
     }
-    const bytes = RECORD_HEADER + e.storedLength;
-    const refcount = e.refcount + (delta.get(id) ?? 0);
-    if (refcount <= 0 && f) continue; // born and released between two checkpoints: never indexed
-    if (refcount <= 0 && dying.has(id)) {
+    const stored = RECORD_HEADER + storedLength;
+    refcount += rows[at + 1]!;
+    if (refcount <= 0 && fresh) continue; // born and released between two checkpoints: never indexed
+    if (refcount <= 0 && dying) {
       // Marked dying at the freeze, so nothing can have linked to it since.
-      dataDb.remove(encodeId(id));
+      dataDb.remove(key);
       state.uniqueBlocks--;
-      state.storedBytes -= bytes;
-      live(e.segment, -bytes);
+      state.storedBytes -= stored;
+      live(segment, -stored);
       zero.delete(id);
       continue;
     }
-    if (refcount <= 0) zero.add(id);
+    if (refcount <= 0) zero.set(id, 1);
     else zero.delete(id);
-    if (f) {
+    if (fresh) {
       state.uniqueBlocks++;
-      state.storedBytes += bytes;
-      live(e.segment, bytes);
+      state.storedBytes += stored;
+      live(segment, stored);
     }
-    const move = moved.get(id);
-    if (move && !f) {
-      live(e.segment, -bytes);
-      live(move.segment, bytes);
-      e = { ...e, segment: move.segment, offset: move.offset };
+    if ((kind & ROW_MOVED) !== 0 && !fresh) {
+      live(segment, -stored);
+      segment = rows[at + 7]!;
+      offset = rows[at + 8]!;
+      live(segment, stored);
     }
-    dataDb.put(encodeId(id), encodeDataEntry({ ...e, refcount: Math.max(refcount, 0) }));
+    entryBuf.writeUInt32BE(segment, 0);
+    entryBuf.writeUInt32BE(offset, 4);
+    entryBuf.writeUInt32BE(storedLength, 8);
+    entryBuf.writeUInt16BE(flags, 12);
+    entryBuf.writeUInt16BE(0, 14);
+    entryBuf.writeUInt32BE(Math.max(refcount, 0), 16);
+    dataDb.put(key, entryBuf);
   }
-  state.zeroRef = [...zero];
+  const zeroRef = new Float64Array(zero.size);
+  let z = 0;
+  zero.forEach((_v, id) => (zeroRef[z++] = id));
+  state.zeroRef = Array.from(zeroRef);
   stateDb.put('store', { ...(JSON.parse(req.state) as object), ...state });
+  committed.state = state;
   return {
     counters: {
       uniqueBlocks: state.uniqueBlocks,
       storedBytes: state.storedBytes,
       segmentLive: state.segmentLive,
     },
-    zeroRef: state.zeroRef,
+    zeroRef,
     missing,
   };
 }
@@ -133,8 +167,10 @@ parentPort!.on('message', (msg: { seq: number; req: CheckpointRequest }) => {
   try {
     // Committed and flushed to disk before transactionSync returns.
     const reply = env.transactionSync(() => apply(msg.req));
-    parentPort!.postMessage({ seq: msg.seq, reply });
+    parentPort!.postMessage({ seq: msg.seq, reply }, [reply.zeroRef.buffer as ArrayBuffer]);
   } catch (err) {
+    // The zero-count set may hold this failed transaction's changes.
+    committed = null;
     parentPort!.postMessage({ seq: msg.seq, error: (err as Error).message });
   }
 });

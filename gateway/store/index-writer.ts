@@ -1,6 +1,6 @@
 import path from 'node:path';
 import { Worker } from 'node:worker_threads';
-import { CheckpointReply, CheckpointRequest, transferList } from './checkpoint-message';
+import { CheckpointReply, CheckpointRequest } from './checkpoint-message';
 
 interface Waiter {
   resolve(r: CheckpointReply): void;
@@ -52,7 +52,8 @@ export class IndexWriter {
       this.waiting.set(seq, { resolve, reject });
       // While a commit is pending the worker must keep the process alive.
       worker.ref();
-      worker.postMessage({ seq, req }, transferList(req));
+      // The tables are shared memory: posted, not copied, and left alone until the reply.
+      worker.postMessage({ seq, req });
     });
   }
 

@@ -1,0 +1,57 @@
+// The latest records the store wrote, kept in memory for mirrors: a mirror asks
+// for a new block's bytes a round trip after the write, and reading them back from
+// the segment (a thread-pool pread and a full decode check) added that much again
+// to every sync write.
+//
+// A ring of fixed slots in one buffer allocated once: the write path copies each
+// record in, and nothing is allocated per block. What leaves is a copy, since the
+// slot is reused while its reader may still be sending it.
+
+import { NumMap } from './num-map';
+
+export class RecentRecords {
+  private readonly slab: Buffer;
+  private readonly lengths: Uint32Array;
+  /** Slot -> block id, -1 when empty. */
+  private readonly ids: Float64Array;
+  /** Block id -> slot. */
+  private readonly slots: NumMap;
+  private next = 0;
+
+  constructor(
+    private readonly capacity: number,
+    private readonly slotBytes: number,
+  ) {
+    this.slab = Buffer.allocUnsafeSlow(capacity * slotBytes);
+    this.lengths = new Uint32Array(capacity);
+    this.ids = new Float64Array(capacity).fill(-1);
+    this.slots = new NumMap(capacity * 2);
+  }
+
+  /** Keeps a copy of `record`, evicting the oldest one kept. */
+  add(id: number, record: Buffer): void {
+    if (record.length > this.slotBytes) return;
+    const earlier = this.slots.get(id);
+    if (earlier !== undefined) this.ids[earlier] = -1;
+    const slot = this.next;
+    this.next = (slot + 1) % this.capacity;
+    const evicted = this.ids[slot]!;
+    if (evicted >= 0) this.slots.delete(evicted);
+    record.copy(this.slab, slot * this.slotBytes);
+    this.lengths[slot] = record.length;
+    this.ids[slot] = id;
+    this.slots.set(id, slot);
+  }
+
+  /** A copy of the record kept for `id`, if it is still kept. */
+  copyOf(id: number): Buffer | undefined {
+    const slot = this.slots.get(id);
+    if (slot === undefined) return undefined;
+    const at = slot * this.slotBytes;
+    return Buffer.from(this.slab.subarray(at, at + this.lengths[slot]!));
+  }
+
+  get size(): number {
+    return this.slots.size;
+  }
+}
