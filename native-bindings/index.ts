@@ -59,6 +59,12 @@ export interface NativeBindings {
    * bytes of mappings advised.
    */
   dropFileMappings(path: string): number;
+  /**
+   * mallopt(M_MMAP_THRESHOLD, M_TRIM_THRESHOLD): allocations below the first come from
+   * the heap, and the heap's free top is kept until it exceeds the second. False where
+   * the C library is not glibc (nothing changes).
+   */
+  keepHeapMemory(mmapThreshold: number, trimThreshold: number): boolean;
   /** posix_fadvise(WILLNEED): asks the kernel to read a range ahead. */
   willNeed(fd: number, offset: number, length: number): void;
   blockDeviceSize(fd: number): number;

@@ -12,6 +12,11 @@ const STATUS_BLOCKS = 65536;
 
 export class DedupDevice implements BlockDevice {
   private readonly locks = new Map<number, Promise<void>>();
+  /**
+   * Whole-block batches in flight, each one lock over its range: a per-block entry for
+   * each of a 1 MiB write's 256 blocks cost a Map that grew and shrank every request.
+   */
+  private readonly batches = new Set<{ first: number; end: number; done: Promise<void> }>();
 
   constructor(
     private readonly store: DedupStore,
@@ -39,7 +44,8 @@ export class DedupDevice implements BlockDevice {
 
   /** Runs `fn` once every earlier change to block `lba` has finished. */
   private withBlock<T>(lba: number, fn: () => Promise<T>): Promise<T> {
-    const prev = this.locks.get(lba);
+    // A block's own lock, when it has one, was taken after any batch over it.
+    const prev = this.locks.get(lba) ?? this.batchOver(lba);
     const run = prev ? prev.then(fn, fn) : fn();
     const tail = run.then(
       () => undefined,
@@ -127,11 +133,9 @@ export class DedupDevice implements BlockDevice {
         () => undefined,
         () => undefined,
       );
-      for (let lba = firstWhole; lba < endWhole; lba++) this.locks.set(lba, tail);
-      void tail.then(() => {
-        for (let lba = firstWhole; lba < endWhole; lba++)
-          if (this.locks.get(lba) === tail) this.locks.delete(lba);
-      });
+      const batch = { first: firstWhole, end: endWhole, done: tail };
+      this.batches.add(batch);
+      void tail.then(() => this.batches.delete(batch));
       const edges: Promise<void>[] = [];
       if (head > 0) edges.push(this.writePartial(offset, data.subarray(0, head)));
       const tailStart = endWhole * BLOCK - offset;
@@ -144,9 +148,16 @@ export class DedupDevice implements BlockDevice {
   }
 
   private anyLocked(first: number, end: number): boolean {
+    for (const b of this.batches) if (b.first < end && first < b.end) return true;
     if (this.locks.size === 0) return false;
     for (let lba = first; lba < end; lba++) if (this.locks.has(lba)) return true;
     return false;
+  }
+
+  /** The batch in flight over block `lba`, if any (batches never overlap). */
+  private batchOver(lba: number): Promise<void> | undefined {
+    for (const b of this.batches) if (b.first <= lba && lba < b.end) return b.done;
+    return undefined;
   }
 
   /** Writes a range block by block, read-modify-write where a block is partly covered. */

@@ -58,6 +58,7 @@ import { KIND_DATA, KIND_ZERO } from '../../protocol/replication/block-kinds';
 import { META_PAGE, MetaCache, MetaPage, packPlace, pageKey, placeOffset, placeSegment } from './meta-cache';
 import { SegmentFiles } from './segments';
 import { RecentRecords } from './recent-records';
+import { PendingRecords } from './pending-records';
 import { HashIndex } from './hash-index';
 import { TreeError, TreeState, VolumeTree, isData } from './volume-tree';
 import { CheckpointTables } from './checkpoint-message';
@@ -157,11 +158,6 @@ const SETTLE_TRIES = 3;
 const RESOLVED = Promise.resolve();
 /** Records remember() keeps: a few MiB, what mirrors ask for within a round trip or two. */
 const RECENT_RECORDS = 2048;
-
-interface PendingRecord {
-  record: Buffer;
-  written: Promise<void>;
-}
 
 /** A pooled slab's segment write, once started. */
 interface SlabUse {
@@ -266,7 +262,8 @@ export class DedupStore {
    */
   private readonly dying = new NumMap();
   /** Records whose segment write is still in flight, by block id. */
-  private readonly pending = new Map<number, PendingRecord>();
+  private readonly pending = new PendingRecords();
+  private readonly requestHashes = new NumMap(1024);
   /** The latest records written, by block id (oldest first), for mirrors (remember()). */
   private readonly recent = new RecentRecords(RECENT_RECORDS, RECORD_HEADER + BLOCK);
   // Scratch for the synchronous paths, which never await while holding them.
@@ -972,7 +969,7 @@ export class DedupStore {
     const id = this.state.nextBlockId++;
     const record = encodeRecord(id, block, hash);
     const { segment, offset, written } = this.segments.append(record);
-    this.pending.set(id, { record, written });
+    const inFlight = this.pending.addOne(id, record, written);
     this.live.newData.set(id, {
       segment,
       offset,
@@ -989,7 +986,7 @@ export class DedupStore {
       this.unstore(key, id, hash, old);
       throw err;
     } finally {
-      this.pending.delete(id);
+      this.pending.delete(inFlight);
     }
   }
 
@@ -1020,7 +1017,7 @@ export class DedupStore {
    */
   async relocate(id: number, record: Buffer): Promise<void> {
     const { segment, offset, written } = this.segments.append(record);
-    this.pending.set(id, { record, written });
+    const inFlight = this.pending.addOne(id, record, written);
     this.live.moved.set(id, { segment, offset });
     try {
       await written;
@@ -1028,7 +1025,7 @@ export class DedupStore {
       this.live.moved.delete(id);
       throw err;
     } finally {
-      this.pending.delete(id);
+      this.pending.delete(inFlight);
     }
   }
 
@@ -1205,13 +1202,15 @@ export class DedupStore {
       at: number;
       length: number;
       hash: Buffer;
-      hk: string;
       indexed: boolean;
       old: number | undefined;
     }
     const fresh: Fresh[] = [];
     const repeats: Array<{ key: number; of: Fresh; old: number | undefined }> = [];
-    const local = new Map<string, Fresh>();
+    // Fresh blocks of this request by hash prefix, for repeats within it (the loop
+    // never awaits, so one table serves every request).
+    const local = this.requestHashes;
+    local.clear();
     const later: Promise<void>[] = [];
     for (let i = 0; i < count; i++) {
       const block = data.subarray(i * BLOCK, (i + 1) * BLOCK);
@@ -1222,10 +1221,11 @@ export class DedupStore {
       }
       // Copied out of the slab: hashes outlive the batch in the overlay.
       const hash = batch ? Buffer.from(batch.hash(i)) : this.hasher.hash(block);
-      const hk = hash.toString('latin1');
-      const earlier = local.get(hk);
+      const prefix = hash.readUIntLE(0, 6);
+      const seen = local.get(prefix);
+      const earlier = seen === undefined ? undefined : fresh[seen];
       let match: number;
-      if (earlier) {
+      if (earlier && earlier.hash.equals(hash)) {
         if (data.subarray(earlier.index * BLOCK, (earlier.index + 1) * BLOCK).equals(block)) {
           repeats.push({ key, of: earlier, old: undefined });
           continue;
@@ -1259,13 +1259,12 @@ export class DedupStore {
         at: used,
         length,
         hash,
-        hk,
         indexed: match === NO_MATCH,
         old: undefined,
       };
       used += length;
+      if (!earlier) local.set(prefix, fresh.length);
       fresh.push(f);
-      if (!earlier) local.set(hk, f);
     }
     if (fresh.length === 0) {
       await Promise.all(later);
@@ -1274,9 +1273,15 @@ export class DedupStore {
     const records = slab.subarray(0, used);
     const { segment, offset, written } = this.segments.append(records);
     use.written = written;
+    const starts = new Uint32Array(fresh.length + 1);
+    for (let k = 0; k < fresh.length; k++) {
+      // One synchronous pass numbered them: consecutive ids, as PendingRecords needs.
+      if (fresh[k]!.id !== fresh[0]!.id + k) throw new Error('fresh block ids are not consecutive');
+      starts[k + 1] = fresh[k]!.at + fresh[k]!.length;
+    }
+    const inFlight = this.pending.add(fresh[0]!.id, records, starts, written);
     for (const f of fresh) {
       const rec = records.subarray(f.at, f.at + f.length);
-      this.pending.set(f.id, { record: rec, written });
       this.live.newData.set(f.id, {
         segment,
         offset: offset + f.at,
@@ -1298,7 +1303,7 @@ export class DedupStore {
       await Promise.allSettled(later);
       throw err;
     } finally {
-      for (const f of fresh) this.pending.delete(f.id);
+      this.pending.delete(inFlight);
     }
     await Promise.all(later);
   }
@@ -1750,9 +1755,10 @@ export class DedupStore {
       }
       const records = slab.subarray(0, used);
       const appended = this.segments.append(records);
+      const starts = Uint32Array.from([...placed.map((p) => p.at), used]);
+      const inFlight = this.pending.add(placed[0]!.id, records, starts, appended.written);
       for (const p of placed) {
         const rec = records.subarray(p.at, p.at + p.length);
-        this.pending.set(p.id, { record: rec, written: appended.written });
         this.live.newData.set(p.id, {
           segment: appended.segment,
           offset: appended.offset + p.at,
@@ -1762,9 +1768,7 @@ export class DedupStore {
         });
         this.hashIndex.set(p.hash, p.id);
       }
-      const forget = (): void => {
-        for (const p of placed) this.pending.delete(p.id);
-      };
+      const forget = (): void => this.pending.delete(inFlight);
       written = appended.written.then(forget, (err: unknown) => {
         forget();
         // Nothing may point at bytes that never reached the disk: the blocks become
