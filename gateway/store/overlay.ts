@@ -15,8 +15,9 @@ export interface NewEntry {
 
 /**
  * The blocks stored since the last checkpoint, by id: columns in typed arrays that
- * survive clear(), so a checkpoint's worth of new blocks allocates nothing but the
- * hash buffers the write path made anyway.
+ * survive clear(), so a checkpoint's worth of new blocks allocates nothing. Hashes
+ * too are copied into a column: a Buffer per block kept until the checkpoint lived
+ * long enough to be promoted, and V8's old space grew and shrank with every one.
  */
 export class NewData {
   /** id -> row */
@@ -25,7 +26,7 @@ export class NewData {
   private offset = new Uint32Array(1024);
   private length = new Uint32Array(1024);
   private flags = new Uint16Array(1024);
-  private readonly hashes: Buffer[] = [];
+  private hashes = Buffer.alloc(1024 * 16);
   private ids = new Float64Array(1024);
   private n = 0;
 
@@ -49,23 +50,31 @@ export class NewData {
     this.offset[row] = e.offset;
     this.length[row] = e.storedLength;
     this.flags[row] = e.flags;
-    this.hashes[row] = e.hash;
+    e.hash.copy(this.hashes, row * 16, 0, 16);
   }
 
   /** The entry as the datamap will hold it (no references yet: those travel as deltas). */
   get(id: number): DataEntry | undefined {
     const row = this.rows.get(id);
-    return row === undefined ? undefined : this.entry(row);
+    return row === undefined ? undefined : this.entry(row, Buffer.from(this.hashView(row)));
   }
 
+  /** A copy of the block's hash. */
   hash(id: number): Buffer | undefined {
     const row = this.rows.get(id);
-    return row === undefined ? undefined : this.hashes[row];
+    return row === undefined ? undefined : Buffer.from(this.hashView(row));
   }
 
-  /** Calls fn for every new block, oldest first; the table must not change meanwhile. */
+  private hashView(row: number): Buffer {
+    return this.hashes.subarray(row * 16, row * 16 + 16);
+  }
+
+  /**
+   * Calls fn for every new block, oldest first; the table must not change meanwhile.
+   * The entry's hash is a view of the table, valid only during the call.
+   */
   forEach(fn: (id: number, e: DataEntry) => void): void {
-    for (let row = 0; row < this.n; row++) fn(this.ids[row]!, this.entry(row));
+    for (let row = 0; row < this.n; row++) fn(this.ids[row]!, this.entry(row, this.hashView(row)));
   }
 
   /** Ids of the new blocks, oldest first. */
@@ -75,19 +84,17 @@ export class NewData {
 
   clear(): void {
     this.rows.clear();
-    // hashes keeps its length (and its old buffers until rows overwrite them): shrinking
-    // and regrowing it every checkpoint would reallocate its backing store each time.
     this.n = 0;
   }
 
-  private entry(row: number): DataEntry {
+  private entry(row: number, hash: Buffer): DataEntry {
     return {
       segment: this.segment[row]!,
       offset: this.offset[row]!,
       storedLength: this.length[row]!,
       flags: this.flags[row]!,
       refcount: 0,
-      hash: this.hashes[row]!,
+      hash,
     };
   }
 
@@ -103,6 +110,9 @@ export class NewData {
     this.length = more(this.length, (n) => new Uint32Array(n));
     this.flags = more(this.flags, (n) => new Uint16Array(n));
     this.ids = more(this.ids, (n) => new Float64Array(n));
+    const hashes = Buffer.alloc(cap * 16);
+    this.hashes.copy(hashes);
+    this.hashes = hashes;
   }
 }
 
