@@ -54,6 +54,21 @@ export interface NativeBindings {
     expectedOffset: number,
   ): number;
   /**
+   * {@link NativeBindings.decodeRecord} for many records of `rec`, on the libuv pool.
+   * `items` holds four numbers per record: its offset in `rec`, its block id, where its
+   * 4 KiB go in `out`, and where its expected hash is in `hashes` (-1: the hash in the
+   * record's own header). `status[k]` gets record k's code. Offsets are checked before
+   * the job starts (RangeError); nothing may touch the arguments until it settles.
+   */
+  decodeRecords(
+    secret: Buffer,
+    rec: Buffer,
+    items: Float64Array,
+    hashes: Buffer,
+    out: Buffer,
+    status: Int32Array,
+  ): Promise<void>;
+  /**
    * madvise(MADV_DONTNEED) on every mapping of the file at `path` (absolute) in this
    * process: its pages leave the process's RSS and stay in the page cache. Returns the
    * bytes of mappings advised.

@@ -49,6 +49,16 @@ export class BlockHasher {
   ): number {
     return native.decodeRecord(this.secret, rec, recAt, out, outAt, blockId, expected, expectedAt);
   }
+  /** native.decodeRecords with this hasher's secret, on the libuv pool. */
+  decodeMany(
+    rec: Buffer,
+    items: Float64Array,
+    hashes: Buffer,
+    out: Buffer,
+    status: Int32Array,
+  ): Promise<void> {
+    return native.decodeRecords(this.secret, rec, items, hashes, out, status);
+  }
   /** Whether `block` hashes to the 16 bytes at expected[at..]. */
   matches(block: Buffer, expected: Buffer, at = 0): boolean {
     native.hash128Into(this.secret, block, this.scratch, 0);
@@ -164,7 +174,12 @@ export function decodeRecordAt(
   outAt: number,
 ): void {
   const status = hasher.decode(rec, recAt, out, outAt, blockId, hash, hashAt);
-  if (status !== 0) throw new CorruptBlockError(`block ${blockId}: ${decodeFailure(status, rec, recAt)}`);
+  if (status !== 0) throw decodeError(status, blockId, rec, recAt);
+}
+
+/** The error for a record that decodeRecords (or decodeRecord) answered `status` for. */
+export function decodeError(status: number, blockId: number, rec: Buffer, recAt: number): CorruptBlockError {
+  return new CorruptBlockError(`block ${blockId}: ${decodeFailure(status, rec, recAt)}`);
 }
 
 function decodeFailure(status: number, rec: Buffer, recAt: number): string {

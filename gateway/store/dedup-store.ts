@@ -26,6 +26,7 @@ import {
   BlockHasher,
   CorruptBlockError,
   decodeRecord,
+  decodeError,
   decodeRecordAt,
   decodeRecordInto,
   encodeRecord,
@@ -209,6 +210,12 @@ export interface StoreStats {
   hashIndexBytes: number;
 }
 
+/**
+ * Runs of at least this many records are decoded on the libuv pool (decodeRecords):
+ * below it the hand-off costs more than the decoding it moves off the event loop.
+ */
+const POOL_DECODE_MIN = 64;
+
 /** Where a record header holds its block's hash. */
 const RECORD_HASH_AT = 24;
 
@@ -262,6 +269,8 @@ export class DedupStore {
    */
   private readonly dying = new NumMap();
   /** Records whose segment write is still in flight, by block id. */
+  /** Client reads and writes served so far: the compactor slows down while it moves. */
+  foregroundOps = 0;
   private readonly pending = new PendingRecords();
   private readonly requestHashes = new NumMap(1024);
   /** The latest records written, by block id (oldest first), for mirrors (remember()). */
@@ -644,6 +653,7 @@ export class DedupStore {
 
   /** The block's 4 KiB, or null where it reads as zeroes. EIO if its stored copy is damaged. */
   async readBlock(volume: number, lba: number): Promise<Buffer | null> {
+    this.foregroundOps++;
     const id = this.resolveMeta(volume, lba);
     if (id === undefined || id === ZERO_BLOCK) return null;
     try {
@@ -658,6 +668,7 @@ export class DedupStore {
    * cache, the common case: no promise chain, no allocation.
    */
   readBlockInto(volume: number, lba: number, into: Buffer): Promise<void> {
+    this.foregroundOps++;
     const key = metaKey(volume, lba);
     // A linked volume's pages hold its own entries only: it reads through its parent.
     const page = this.tree.linked(volume) ? undefined : this.metaPage(key);
@@ -724,6 +735,7 @@ export class DedupStore {
    * straight into place.
    */
   async readBlocks(volume: number, lba: number, count: number, into: Buffer): Promise<void> {
+    this.foregroundOps++;
     const runs: RunItem[][] = [];
     const singles: Promise<void>[] = [];
     let run: RunItem[] = [];
@@ -794,11 +806,17 @@ export class DedupStore {
     }
     const retries: Promise<void>[] = [];
     try {
-      for (const item of run) {
+      const status =
+        run.length >= POOL_DECODE_MIN ? await this.decodeOnPool(buf, first.offset, run, into) : null;
+      for (let k = 0; k < run.length; k++) {
+        const item = run[k]!;
         const { at, id, page, i } = item;
         const recAt = item.offset - first.offset;
         try {
-          if (item.hash === null)
+          if (status) {
+            if (status[k] !== 0) throw decodeError(status[k]!, id, buf, recAt);
+            if (item.hash !== null && page) notePlace(page, i, item, buf, recAt);
+          } else if (item.hash === null)
             decodeRecordAt(buf, recAt, id, buf, recAt + RECORD_HASH_AT, this.hasher, into, at);
           else {
             decodeRecordAt(buf, recAt, id, item.hash, 0, this.hasher, into, at);
@@ -815,6 +833,26 @@ export class DedupStore {
       if (pooled) sharedBufferPool.release(buf);
     }
     await Promise.all(retries);
+  }
+
+  /** Decodes a run's records into `into` on the libuv pool; a status per record (0: good). */
+  private async decodeOnPool(buf: Buffer, base: number, run: RunItem[], into: Buffer): Promise<Int32Array> {
+    const items = new Float64Array(run.length * 4);
+    const hashes = Buffer.allocUnsafe(run.length * 16);
+    for (let k = 0; k < run.length; k++) {
+      const item = run[k]!;
+      items[4 * k] = item.offset - base;
+      items[4 * k + 1] = item.id;
+      items[4 * k + 2] = item.at;
+      if (item.hash === null) items[4 * k + 3] = -1;
+      else {
+        item.hash.copy(hashes, 16 * k);
+        items[4 * k + 3] = 16 * k;
+      }
+    }
+    const status = new Int32Array(run.length);
+    await this.hasher.decodeMany(buf, items, hashes, into, status);
+    return status;
   }
 
   private async rereadRun(
@@ -945,6 +983,7 @@ export class DedupStore {
 
   /** Stores one 4 KiB block at (volume, lba): shared if its bytes are already stored, else appended. */
   async writeBlock(volume: number, lba: number, block: Buffer): Promise<void> {
+    this.foregroundOps++;
     if (this.overFull()) await this.throttle();
     const key = metaKey(volume, lba);
     if (isZeroBlock(block)) {
@@ -1152,6 +1191,7 @@ export class DedupStore {
    * whose compare must wait take the single-block path.
    */
   async writeBlocks(volume: number, lba: number, data: Buffer): Promise<void> {
+    this.foregroundOps++;
     if (this.overFull()) await this.throttle();
     const count = data.length / BLOCK;
     if (!this.pool || count < this.poolMinBlocks) return this.storeBatch(volume, lba, data, null);
@@ -1698,6 +1738,7 @@ export class DedupStore {
     ranges: Array<{ lba: number; kinds: Buffer; cids: Buffer }>,
     blocks: Map<number, MirroredBlock>,
   ): { missing: number[] } | { written: Promise<void> } {
+    this.foregroundOps++;
     const ids: number[] = [];
     const missing: number[] = [];
     /** New blocks by content id, with the ordinals that carry them (a batch may repeat one). */

@@ -123,6 +123,35 @@ describe('dedup store', () => {
     await store.close();
   });
 
+  it('answers EIO for a long read through a corrupted record, decoded on the pool, and serves the rest', async () => {
+    const dir = path.join(tmp, `s${n++}`);
+    let store = DedupStore.open(dir, silentLogger);
+    let dev = new DedupDevice(store, store.volumeId('a'), 4 << 20);
+    const data = Buffer.alloc(2 << 20);
+    for (let b = 0; b < 512; b++) data.write(`block ${b} `.repeat(300), b * 4096);
+    await dev.write(0, data);
+    await dev.flush();
+    await store.close();
+    // A byte in the payload of a record past the first 64 (the pool decodes runs of 64 and more).
+    const seg = path.join(dir, 'segments', fs.readdirSync(path.join(dir, 'segments'))[0]!);
+    const segBytes = fs.readFileSync(seg);
+    const victim = segBytes.indexOf('block 100 ');
+    assert.ok(victim > 0);
+    const fd = fs.openSync(seg, 'r+');
+    fs.writeSync(fd, Buffer.from([0x00]), 0, 1, victim + 3);
+    fs.closeSync(fd);
+    store = DedupStore.open(dir, silentLogger);
+    dev = new DedupDevice(store, store.volumeId('a'), 4 << 20);
+    await assert.rejects(dev.read(0, Buffer.alloc(1 << 20)), { code: 'EIO' });
+    const rest = Buffer.alloc(1 << 20);
+    await dev.read(1 << 20, rest);
+    assert.ok(rest.equals(data.subarray(1 << 20)));
+    const beside = Buffer.alloc(4096);
+    await dev.read(99 * 4096, beside);
+    assert.ok(beside.equals(data.subarray(99 * 4096, 100 * 4096)));
+    await store.close();
+  });
+
   it('answers EIO for a block whose datamap entry was corrupted, and serves the others', async () => {
     const dir = path.join(tmp, `s${n++}`);
     let store = DedupStore.open(dir, silentLogger);

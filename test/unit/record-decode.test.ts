@@ -7,6 +7,7 @@ import {
   decodeRecordAt,
   encodeRecord,
 } from '../../gateway/store/block-codec';
+import { RECORD_HEADER } from '../../gateway/store/layout';
 
 const hasher = new BlockHasher(crypto.randomBytes(192));
 
@@ -75,5 +76,89 @@ describe('segment record decoding', () => {
     );
     assert.throws(() => decodeRecordAt(rec, 0, 7, hash, 0, hasher, Buffer.alloc(4096), 1), RangeError);
     assert.throws(() => decodeRecordAt(rec, 0, 7, hash, 1, hasher, Buffer.alloc(4096), 0), RangeError);
+  });
+});
+
+describe('batch record decoding on the libuv pool', () => {
+  /** Records of blocks 1..n laid end to end, with their blocks and hashes. */
+  function run(n: number): { rec: Buffer; at: number[]; blocks: Buffer[]; hashes: Buffer } {
+    const blocks: Buffer[] = [];
+    const recs: Buffer[] = [];
+    const at: number[] = [];
+    const hashes = Buffer.alloc(16 * n);
+    let used = 0;
+    for (let k = 0; k < n; k++) {
+      const block = k % 2 ? crypto.randomBytes(4096) : Buffer.alloc(4096, `block ${k} `);
+      const hash = hasher.hash(block);
+      hash.copy(hashes, 16 * k);
+      const r = encodeRecord(k + 1, block, hash);
+      blocks.push(block);
+      recs.push(r);
+      at.push(used);
+      used += r.length;
+    }
+    return { rec: Buffer.concat(recs), at, blocks, hashes };
+  }
+
+  function items(at: number[], ids: number[], hashAt: (k: number) => number): Float64Array {
+    const out = new Float64Array(4 * at.length);
+    at.forEach((a, k) => out.set([a, ids[k]!, 4096 * (at.length - 1 - k), hashAt(k)], 4 * k));
+    return out;
+  }
+
+  it('decodes every record into its place, against given hashes or the headers', async () => {
+    const { rec, at, blocks, hashes } = run(70);
+    const out = Buffer.alloc(4096 * 70);
+    const status = new Int32Array(70).fill(-9);
+    const ids = at.map((_a, k) => k + 1);
+    await hasher.decodeMany(
+      rec,
+      items(at, ids, (k) => (k % 3 ? 16 * k : -1)),
+      hashes,
+      out,
+      status,
+    );
+    assert.deepEqual([...status], new Array(70).fill(0));
+    for (let k = 0; k < 70; k++) assert.ok(out.subarray(4096 * (69 - k), 4096 * (70 - k)).equals(blocks[k]!));
+  });
+
+  it('reports each bad record by itself: wrong block, damaged payload, hash mismatch', async () => {
+    const { rec, at, hashes } = run(8);
+    const ids = at.map((_a, k) => k + 1);
+    ids[1] = 99; // asks for another block's record
+    rec[at[2]! + RECORD_HEADER + 10]! ^= 0xff; // payload byte flipped (lz4 or contents)
+    hashes[16 * 5]! ^= 1; // the datamap's hash disagrees
+    const status = new Int32Array(8);
+    await hasher.decodeMany(
+      rec,
+      items(at, ids, (k) => 16 * k),
+      hashes,
+      Buffer.alloc(4096 * 8),
+      status,
+    );
+    assert.equal(status[1], 2);
+    assert.ok(status[2] === 3 || status[2] === 4, `status ${status[2]}`);
+    assert.equal(status[5], 4);
+    for (const k of [0, 3, 4, 6, 7]) assert.equal(status[k], 0, `record ${k}`);
+  });
+
+  it('refuses items that point outside the buffers before any work starts', () => {
+    const { rec, at, hashes } = run(2);
+    const out = Buffer.alloc(4096 * 2);
+    const good = items(at, [1, 2], (k) => 16 * k);
+    const bad = (patch: (i: Float64Array) => void): Float64Array => {
+      const i = Float64Array.from(good);
+      patch(i);
+      return i;
+    };
+    const status = new Int32Array(2);
+    for (const i of [
+      bad((x) => (x[0] = rec.length)),
+      bad((x) => (x[2] = 4096 * 2)),
+      bad((x) => (x[3] = hashes.length - 8)),
+      bad((x) => (x[4] = 1.5)),
+    ])
+      assert.throws(() => void hasher.decodeMany(rec, i, hashes, out, status), RangeError);
+    assert.throws(() => void hasher.decodeMany(rec, good, hashes, out, new Int32Array(1)), TypeError);
   });
 });
