@@ -81,6 +81,9 @@ function fioLoad(uri: string): ChildProcess {
     'fio',
     [
       '--name=crashload',
+      // Jobs as threads: SIGKILL to fio then ends the job too (a forked job process
+      // outlived it, stuck forever).
+      '--thread',
       '--ioengine=nbd',
       `--uri=${uri}`,
       '--rw=randwrite',

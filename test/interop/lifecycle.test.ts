@@ -65,6 +65,9 @@ describe('gateway lifecycle', () => {
         'fio',
         [
           '--name=load',
+          // Jobs as threads: SIGKILL to fio then ends the job too (a forked job process
+          // outlived it, stuck forever).
+          '--thread',
           '--ioengine=nbd',
           `--uri=${gw.uri()}`,
           '--rw=randwrite',
