@@ -40,6 +40,8 @@ export interface CheckpointReply {
   counters: CheckpointCounters;
   /** Blocks whose count reached zero and were kept: candidates for the next checkpoint. */
   zeroRef: Float64Array;
+  /** Blocks the commit deleted from the datamap, and their hashes (16 bytes each, in order). */
+  gone: { ids: Float64Array; hashes: Uint8Array };
   /** Blocks referenced by the index that the datamap lacks: a bug if ever non-empty. */
   missing: number[];
 }

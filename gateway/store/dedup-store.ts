@@ -1386,14 +1386,11 @@ export class DedupStore {
       if (!frozen.refDelta.has(id) && !frozen.moved.has(id)) dying.set(id, 1);
     });
     for (const id of frozen.newData.idList()) if ((frozen.refDelta.get(id) ?? 0) <= 0) dying.set(id, 1);
-    // Their hashes, to unfile them once the commit has deleted them.
+    // Their hashes, to unfile them once the commit has deleted them: the ones born in
+    // this epoch from the overlay; the writer reports the rest as it deletes them.
     const gone: Array<{ id: number; hash: Buffer }> = [];
     dying.forEach((_v, id) => {
-      let hash = frozen.newData.hash(id);
-      if (!hash) {
-        const b = this.dataDb.getBinaryFast(encodeIdInto(id, this.idKeyBuf));
-        hash = b ? decodeDataEntry(b).hash : undefined;
-      }
+      const hash = frozen.newData.hash(id);
       if (hash) gone.push({ id, hash });
     });
     // The writer owns the counters it changes (blocks, bytes, segments); the rest is ours.
@@ -1425,6 +1422,12 @@ export class DedupStore {
       this.zeroRef.clear();
       for (const id of reply.zeroRef) this.zeroRef.set(id, 1);
       for (const g of gone) this.hashIndex.delete(g.hash, g.id);
+      const hashes = Buffer.from(
+        reply.gone.hashes.buffer,
+        reply.gone.hashes.byteOffset,
+        reply.gone.hashes.length,
+      );
+      reply.gone.ids.forEach((id, k) => this.hashIndex.delete(hashes.subarray(16 * k, 16 * k + 16), id));
       // Reads on this thread now see the writer's commit.
       this.env.resetReadTxn();
       this.trimIndexMapping();

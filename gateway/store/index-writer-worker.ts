@@ -65,6 +65,10 @@ function apply(req: CheckpointRequest): CheckpointReply {
   // Counters are changed on a copy: the transaction may still fail.
   const state: WriterState = { ...committed.state, segmentLive: { ...committed.state.segmentLive } };
   const missing: number[] = [];
+  // Blocks this commit deletes, with their hashes: the main thread unfiles them from its
+  // hash index afterwards (it used to read each one's entry back itself, on the event loop).
+  const goneIds: number[] = [];
+  const goneHashes: Buffer[] = [];
   const live = (segment: number, delta: number): void => {
     const v = (state.segmentLive[segment] ?? 0) + delta;
     if (v > 0) state.segmentLive[segment] = v;
@@ -119,6 +123,8 @@ function apply(req: CheckpointRequest): CheckpointReply {
     if (refcount <= 0 && dying) {
       // Marked dying at the freeze, so nothing can have linked to it since.
       dataDb.remove(key);
+      goneIds.push(id);
+      goneHashes.push(Buffer.from(entryBuf.subarray(20, 36)));
       state.uniqueBlocks--;
       state.storedBytes -= stored;
       live(segment, -stored);
@@ -159,6 +165,7 @@ function apply(req: CheckpointRequest): CheckpointReply {
       segmentLive: state.segmentLive,
     },
     zeroRef,
+    gone: { ids: Float64Array.from(goneIds), hashes: Buffer.concat(goneHashes) },
     missing,
   };
 }
@@ -167,7 +174,10 @@ parentPort!.on('message', (msg: { seq: number; req: CheckpointRequest }) => {
   try {
     // Committed and flushed to disk before transactionSync returns.
     const reply = env.transactionSync(() => apply(msg.req));
-    parentPort!.postMessage({ seq: msg.seq, reply }, [reply.zeroRef.buffer as ArrayBuffer]);
+    parentPort!.postMessage({ seq: msg.seq, reply }, [
+      reply.zeroRef.buffer as ArrayBuffer,
+      reply.gone.ids.buffer as ArrayBuffer,
+    ]);
   } catch (err) {
     // The zero-count set may hold this failed transaction's changes.
     committed = null;

@@ -68,6 +68,22 @@ describe('dedup store', () => {
     await store.close();
   });
 
+  it('unfiles a deleted block from the hash index, whether born in the epoch or committed before', async () => {
+    const store = fresh();
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    const filed = (): number => (store as unknown as { hashIndex: { size: number } }).hashIndex.size;
+    await dev.write(0, block(1));
+    await store.flush();
+    await dev.write(0, block(2)); // block 1 reaches zero references at the next checkpoint
+    await dev.write(4096, block(3));
+    await dev.write(4096, block(4)); // block 3 is born and released in one epoch
+    await store.flush();
+    await store.flush(true); // the checkpoint that deletes block 1
+    assert.equal((await store.stats()).uniqueBlocks, 2);
+    assert.equal(filed(), 2);
+    await store.close();
+  });
+
   it('drops a block once its last reference is overwritten', async () => {
     const store = fresh();
     const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
