@@ -53,15 +53,15 @@ export class ReplyWriter {
     } else {
       encodeSimpleReply(buf, 0, 0, cookieHi, cookieLo);
     }
-    if (buf.length < sharedBufferPool.minSize) return this.send(buf);
     // Recycled once the socket is done with it (written, or the connection gone).
+    if (buf.length < sharedBufferPool.minSize) return this.send(buf, () => this.slab.free(buf));
     this.send(buf, () => sharedBufferPool.release(buf));
   }
 
   sendOk(cookieHi: number, cookieLo: number): void {
     const buf = this.slab.alloc(Size.SIMPLE_REPLY);
     encodeSimpleReply(buf, 0, 0, cookieHi, cookieLo);
-    this.send(buf);
+    this.send(buf, () => this.slab.free(buf));
   }
 
   /** An error reply: a structured ERROR chunk with its message when negotiated, else a simple reply. */
@@ -74,7 +74,7 @@ export class ReplyWriter {
     } else {
       const buf = this.slab.alloc(Size.SIMPLE_REPLY);
       encodeSimpleReply(buf, 0, error, cookieHi, cookieLo);
-      this.send(buf);
+      this.send(buf, () => this.slab.free(buf));
     }
   }
 

@@ -6,7 +6,7 @@
 // The store keeps pages exact: it loads a page from the index and both
 // overlays within one tick, and every metamap change goes through it. A
 // record's place is only a hint, filled by a read that found the record where
-// the datamap said; records never change in place and segment numbers are
+// the datamap said or written by the write that made it; records never change in place and segment numbers are
 // never reused while the store is open, so a hint stays right until its
 // segment is deleted, and the read checks the record's header anyway.
 
@@ -89,6 +89,20 @@ export class MetaCache {
     const i = key % META_PAGE;
     page.ids[i] = id;
     page.places[i] = 0;
+  }
+
+  /**
+   * The place of a record just written for block `key`, if its page is cached and still
+   * maps the block to `id`. A new record's header carries the hash the datamap gets, so
+   * the place is as good a hint as one a read found.
+   */
+  notePlace(key: number, id: number, segment: number, offset: number, storedLength: number): void {
+    const page = this.pages.get(pageKey(key));
+    if (!page) return;
+    const i = key % META_PAGE;
+    if (page.ids[i] !== id) return;
+    page.places[i] = packPlace(segment, offset);
+    page.lengths[i] = storedLength;
   }
 
   /** Drops the pages of a deleted volume (volume ids are not reused, but the memory is). */
