@@ -140,11 +140,6 @@ export class NumMap {
     for (let i = 0; i < used.length; i++) if (used[i] === 1) fn(vals[i]!, keys[i]!);
   }
 
-  *entries(): IterableIterator<[number, number]> {
-    const { keys, vals, used } = this;
-    for (let i = 0; i < used.length; i++) if (used[i] === 1) yield [keys[i]!, vals[i]!];
-  }
-
   *keysOf(): IterableIterator<number> {
     const { keys, used } = this;
     for (let i = 0; i < used.length; i++) if (used[i] === 1) yield keys[i]!;

@@ -50,8 +50,4 @@ export class RecentRecords {
     const at = slot * this.slotBytes;
     return Buffer.from(this.slab.subarray(at, at + this.lengths[slot]!));
   }
-
-  get size(): number {
-    return this.slots.size;
-  }
 }
