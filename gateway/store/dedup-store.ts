@@ -62,8 +62,9 @@ import { RecentRecords } from './recent-records';
 import { PendingRecords } from './pending-records';
 import { HashIndex } from './hash-index';
 import { TreeError, TreeState, VolumeTree, isData } from './volume-tree';
-import { CheckpointTables } from './checkpoint-message';
+import { CheckpointReply, CheckpointTables } from './checkpoint-message';
 import { NumMap } from './num-map';
+import { settleAll } from '../util/settle-all';
 import { IndexWriter } from './index-writer';
 
 /**
@@ -282,11 +283,16 @@ export class DedupStore {
   private readonly blockScratch = Buffer.allocUnsafe(BLOCK);
   private readonly mirrorScratch = Buffer.allocUnsafe(BLOCK);
   /**
-   * Above zero while a change that must land in one overlay is being made: a checkpoint
-   * set off by the overlay's size mid-way would freeze half of it (setMeta starts one
-   * synchronously), splitting new blocks from their references.
+   * A checkpoint the overlay's size called for starts in a microtask, never inside the
+   * synchronous change that filled the overlay: freezing half of one would split new
+   * blocks from their references, or a write's mappings from what undoes them.
    */
-  private holdCheckpoints = 0;
+  private checkpointQueued = false;
+  /**
+   * The replaced mappings of writes whose segment write is in flight (each item's
+   * `old`): a failed write puts them back, so a checkpoint must not delete them meanwhile.
+   */
+  private readonly undoable = new Set<ReadonlyArray<{ old: number | undefined }>>();
   /** verify's chunk digests by page key (chunks are metamap pages), dropped by setMeta. */
   private readonly digests = new Map<number, { count: number; digest: Buffer }>();
   private readonly hasher: BlockHasher;
@@ -612,10 +618,18 @@ export class DedupStore {
     this.live.meta.set(key, value);
     this.cache.set(key, value);
     if (this.digests.size) this.digests.delete(pageKey(key));
-    if (this.live.size >= this.checkpointEntries && !this.checkpointing && this.holdCheckpoints === 0) {
-      this.flush().catch((e) => this.log.error(`checkpoint: ${e}`));
-    }
+    if (this.live.size >= this.checkpointEntries) this.checkpointSoon();
     return old;
+  }
+
+  private checkpointSoon(): void {
+    if (this.checkpointQueued || this.checkpointing) return;
+    this.checkpointQueued = true;
+    queueMicrotask(() => {
+      this.checkpointQueued = false;
+      if (this.live.size >= this.checkpointEntries && !this.checkpointing)
+        this.flush().catch((e) => this.log.error(`checkpoint: ${e}`));
+    });
   }
 
   /** What an undone write puts back: the mapping it replaced, unless that block has gone since. */
@@ -782,7 +796,7 @@ export class DedupStore {
       runEnd = Math.max(runEnd, item.offset + RECORD_HEADER + item.storedLength);
     }
     if (run.length) runs.push(run);
-    await Promise.all([...singles, ...runs.map((r) => this.readRun(volume, lba, r, into))]);
+    await settleAll([...singles, ...runs.map((r) => this.readRun(volume, lba, r, into))]);
   }
 
   /** One pread for a run of neighbouring records, each decoded into its place in `into`. */
@@ -805,6 +819,7 @@ export class DedupStore {
       throw err;
     }
     const retries: Promise<void>[] = [];
+    let failure: unknown;
     try {
       const status =
         run.length >= POOL_DECODE_MIN ? await this.decodeOnPool(buf, first.offset, run, into) : null;
@@ -823,7 +838,11 @@ export class DedupStore {
             if (page) notePlace(page, i, item, buf, recAt);
           }
         } catch (err) {
-          if (item.hash !== null) throw this.damaged(volume, lba + at / BLOCK, err);
+          if (item.hash !== null) {
+            // The read fails, once the rest of the run (retries included) is done with `into`.
+            failure ??= this.damaged(volume, lba + at / BLOCK, err);
+            continue;
+          }
           // A remembered place that no longer holds the block: forget it, read the long way.
           page!.places[i] = 0;
           retries.push(this.readBlockInto(volume, lba + at / BLOCK, into.subarray(at, at + BLOCK)));
@@ -832,7 +851,8 @@ export class DedupStore {
     } finally {
       if (pooled) sharedBufferPool.release(buf);
     }
-    await Promise.all(retries);
+    await settleAll(retries);
+    if (failure !== undefined) throw failure;
   }
 
   /** Decodes a run's records into `into` on the libuv pool; a status per record (0: good). */
@@ -994,8 +1014,8 @@ export class DedupStore {
     return this.storeBlock(key, block, hash);
   }
 
-  private async storeBlock(key: number, block: Buffer, hash: Buffer): Promise<void> {
-    let match = this.matchNow(block, hash);
+  private async storeBlock(key: number, block: Buffer, hash: Buffer, first?: number): Promise<void> {
+    let match = first ?? this.matchNow(block, hash);
     for (let tries = 0; match === WAIT && tries < SETTLE_TRIES; tries++) {
       match = this.matchNow(block, hash, await this.settle(hash));
     }
@@ -1017,16 +1037,18 @@ export class DedupStore {
       hash,
     });
     if (indexed) this.hashIndex.set(hash, id);
-    const old = this.setMeta(key, id);
+    const undo = [{ old: this.setMeta(key, id) }];
+    this.undoable.add(undo);
     this.cache.notePlace(key, id, segment, offset, record.length - RECORD_HEADER);
     try {
       await written;
       this.remember(id, record);
     } catch (err) {
-      this.unstore(key, id, hash, old);
+      this.unstore(key, id, hash, undo[0]!.old);
       throw err;
     } finally {
       this.pending.delete(inFlight);
+      this.undoable.delete(undo);
     }
   }
 
@@ -1278,7 +1300,9 @@ export class DedupStore {
         match = this.matchNow(block, hash);
       }
       if (match === WAIT) {
-        later.push(this.storeBlock(key, block, hash));
+        // Told WAIT, storeBlock settles first: nothing it does before its first await
+        // may number a block, or this request's fresh ids would not be consecutive.
+        later.push(this.storeBlock(key, block, hash, WAIT));
         continue;
       }
       if (match > 0) {
@@ -1308,7 +1332,7 @@ export class DedupStore {
       fresh.push(f);
     }
     if (fresh.length === 0) {
-      await Promise.all(later);
+      await settleAll(later);
       return;
     }
     const records = slab.subarray(0, used);
@@ -1321,6 +1345,8 @@ export class DedupStore {
       starts[k + 1] = fresh[k]!.at + fresh[k]!.length;
     }
     const inFlight = this.pending.add(fresh[0]!.id, records, starts, written);
+    this.undoable.add(fresh);
+    this.undoable.add(repeats);
     for (const f of fresh) {
       const rec = records.subarray(f.at, f.at + f.length);
       this.live.newData.set(f.id, {
@@ -1348,8 +1374,10 @@ export class DedupStore {
       throw err;
     } finally {
       this.pending.delete(inFlight);
+      this.undoable.delete(fresh);
+      this.undoable.delete(repeats);
     }
-    await Promise.all(later);
+    await settleAll(later);
   }
 
   /** Makes the block a hole (never written) or a zero block. */
@@ -1383,23 +1411,60 @@ export class DedupStore {
     const frozen = this.live;
     this.frozen = frozen;
     this.live = this.spare;
-    // From this instant nothing may link to a block the writer could delete: blocks it
-    // left at zero that this epoch did not touch, and blocks born and released in it.
+    let reply: CheckpointReply;
+    let gone: Array<{ id: number; hash: Buffer }>;
+    try {
+      gone = this.markDying(frozen);
+      await this.segments.sync();
+      const started = process.hrtime.bigint();
+      reply = await this.writer.commit(this.tables.encode(frozen, this.dying, this.ownedState()));
+      this.log.debug(
+        `checkpoint: ${frozen.size} changes committed in ${(Number(process.hrtime.bigint() - started) / 1e6).toFixed(1)} ms`,
+      );
+    } catch (err) {
+      // Nothing was lost from memory: fold the frozen changes back under the live ones.
+      this.merge(frozen);
+      this.frozen = null;
+      this.dying.clear();
+      throw err;
+    }
+    // Committed: from here on, nothing may fold the frozen changes back in.
+    try {
+      this.adoptCommit(reply, gone);
+    } finally {
+      this.frozen = null;
+      this.dying.clear();
+      frozen.clear();
+      this.spare = frozen;
+    }
+  }
+
+  /**
+   * From the freeze on, nothing may link to a block the writer could delete: blocks it
+   * left at zero that the frozen epoch did not touch, and blocks born and released in
+   * it, except those a failing write may still put back. Returns the hashes to unfile
+   * once they are deleted: those born in the epoch, from the overlay (the writer
+   * reports the rest as it deletes them).
+   */
+  private markDying(frozen: Overlay): Array<{ id: number; hash: Buffer }> {
     const dying = this.dying;
     this.zeroRef.forEach((_v, id) => {
       if (!frozen.refDelta.has(id) && !frozen.moved.has(id)) dying.set(id, 1);
     });
     for (const id of frozen.newData.idList()) if ((frozen.refDelta.get(id) ?? 0) <= 0) dying.set(id, 1);
-    // Their hashes, to unfile them once the commit has deleted them: the ones born in
-    // this epoch from the overlay; the writer reports the rest as it deletes them.
+    for (const items of this.undoable) for (const { old } of items) if (old !== undefined) dying.delete(old);
     const gone: Array<{ id: number; hash: Buffer }> = [];
     dying.forEach((_v, id) => {
       const hash = frozen.newData.hash(id);
       if (hash) gone.push({ id, hash });
     });
-    // The writer owns the counters it changes (blocks, bytes, segments); the rest is ours.
+    return gone;
+  }
+
+  /** The state the checkpoint records beside the tables; the writer owns the counters it changes (blocks, bytes, segments). */
+  private ownedState(): string {
     const s = this.state;
-    const owned = {
+    return JSON.stringify({
       version: s.version,
       secret: s.secret,
       nextBlockId: s.nextBlockId,
@@ -1409,43 +1474,29 @@ export class DedupStore {
       zeroBlocks: s.zeroBlocks,
       collisions: s.collisions,
       tree: this.tree.toJSON(),
-    };
-    try {
-      await this.segments.sync();
-      const started = process.hrtime.bigint();
-      const reply = await this.writer.commit(this.tables.encode(frozen, dying, JSON.stringify(owned)));
-      this.log.debug(
-        `checkpoint: ${frozen.size} changes committed in ${(Number(process.hrtime.bigint() - started) / 1e6).toFixed(1)} ms`,
-      );
-      if (reply.missing.length) {
-        this.log.error(`checkpoint: references to missing blocks ${reply.missing.slice(0, 10).join(', ')}`);
-      }
-      this.state.uniqueBlocks = reply.counters.uniqueBlocks;
-      this.state.storedBytes = reply.counters.storedBytes;
-      this.state.segmentLive = reply.counters.segmentLive;
-      this.zeroRef.clear();
-      for (const id of reply.zeroRef) this.zeroRef.set(id, 1);
-      for (const g of gone) this.hashIndex.delete(g.hash, g.id);
-      const hashes = Buffer.from(
-        reply.gone.hashes.buffer,
-        reply.gone.hashes.byteOffset,
-        reply.gone.hashes.length,
-      );
-      reply.gone.ids.forEach((id, k) => this.hashIndex.delete(hashes.subarray(16 * k, 16 * k + 16), id));
-      // Reads on this thread now see the writer's commit.
-      this.env.resetReadTxn();
-      this.trimIndexMapping();
-    } catch (err) {
-      // Nothing was lost from memory: fold the frozen changes back under the live ones.
-      this.merge(frozen);
-      this.frozen = null;
-      this.dying.clear();
-      throw err;
+    });
+  }
+
+  /** Takes the writer's counters and zero set, and unfiles the blocks it deleted. */
+  private adoptCommit(reply: CheckpointReply, gone: Array<{ id: number; hash: Buffer }>): void {
+    if (reply.missing.length) {
+      this.log.error(`checkpoint: references to missing blocks ${reply.missing.slice(0, 10).join(', ')}`);
     }
-    this.frozen = null;
-    this.dying.clear();
-    frozen.clear();
-    this.spare = frozen;
+    this.state.uniqueBlocks = reply.counters.uniqueBlocks;
+    this.state.storedBytes = reply.counters.storedBytes;
+    this.state.segmentLive = reply.counters.segmentLive;
+    this.zeroRef.clear();
+    for (const id of reply.zeroRef) this.zeroRef.set(id, 1);
+    for (const g of gone) this.hashIndex.delete(g.hash, g.id);
+    const hashes = Buffer.from(
+      reply.gone.hashes.buffer,
+      reply.gone.hashes.byteOffset,
+      reply.gone.hashes.length,
+    );
+    reply.gone.ids.forEach((id, k) => this.hashIndex.delete(hashes.subarray(16 * k, 16 * k + 16), id));
+    // Reads on this thread now see the writer's commit.
+    this.env.resetReadTxn();
+    this.trimIndexMapping();
   }
 
   /**
@@ -1583,19 +1634,12 @@ export class DedupStore {
     if (this.tree.link(snap)?.kind !== 'snapshot' || this.tree.originOf(snap) !== origin)
       throw new TreeError(`volume #${snap} is not a snapshot of #${origin}`);
     let changed = 0;
-    this.holdCheckpoints++;
-    try {
-      for (const lba of this.tree.changedSince(snap, origin)) {
-        const want = this.tree.resolve(snap, lba);
-        if (this.resolveMeta(origin, lba) === want) continue;
-        this.setMeta(metaKey(origin, lba), this.tree.entryFor(origin, want) ?? HOLE);
-        changed++;
-      }
-    } finally {
-      this.holdCheckpoints--;
+    for (const lba of this.tree.changedSince(snap, origin)) {
+      const want = this.tree.resolve(snap, lba);
+      if (this.resolveMeta(origin, lba) === want) continue;
+      this.setMeta(metaKey(origin, lba), this.tree.entryFor(origin, want) ?? HOLE);
+      changed++;
     }
-    if (this.live.size >= this.checkpointEntries && !this.checkpointing)
-      this.flush().catch((e) => this.log.error(`checkpoint: ${e}`));
     return changed;
   }
 
@@ -1769,14 +1813,7 @@ export class DedupStore {
       }
     }
     if (missing.length) return { missing };
-    this.holdCheckpoints++;
-    try {
-      return { written: this.applyMirroredNow(volume, ranges, ids, fresh) };
-    } finally {
-      this.holdCheckpoints--;
-      if (this.live.size >= this.checkpointEntries && !this.checkpointing)
-        this.flush().catch((e) => this.log.error(`checkpoint: ${e}`));
-    }
+    return { written: this.applyMirroredNow(volume, ranges, ids, fresh) };
   }
 
   /** applyMirrored's changes, all in one overlay: the new blocks, then every mapping. */

@@ -119,7 +119,9 @@ function apply(req: CheckpointRequest): CheckpointReply {
     }
     const stored = RECORD_HEADER + storedLength;
     refcount += rows[at + 1]!;
-    if (refcount <= 0 && fresh) continue; // born and released between two checkpoints: never indexed
+    // Born and released between two checkpoints: never indexed. A fresh block left at zero
+    // but not dying is one a failed write may still put back: indexed, and kept at zero.
+    if (refcount <= 0 && fresh && dying) continue;
     if (refcount <= 0 && dying) {
       // Marked dying at the freeze, so nothing can have linked to it since.
       dataDb.remove(key);

@@ -31,24 +31,38 @@ type Append = DedupStore['segments']['append'];
 /**
  * Holds the acknowledgement of the store's next segment append until the test settles
  * it. 'fail': nothing reaches the segment and settling rejects, as a full or broken
- * disk would; 'delay': the bytes are written, the acknowledgement waits.
+ * disk would; 'delay': the bytes are written, the acknowledgement waits. Either way a
+ * checkpoint's sync waits for it, as it waits for a real write. `appended` resolves
+ * once the append has been made.
  */
-function interceptAppend(store: DedupStore, mode: 'fail' | 'delay'): { settle: (err?: Error) => void } {
+function interceptAppend(
+  store: DedupStore,
+  mode: 'fail' | 'delay',
+): { settle: (err?: Error) => void; appended: Promise<void> } {
   const segments = store.segments;
+  const inflight = (segments as unknown as { inflight: Set<Promise<void>> }).inflight;
   const original: Append = segments.append.bind(segments);
   let settle: (err?: Error) => void = () => undefined;
   const gate = new Promise<void>((resolve, reject) => {
     settle = (err) => (err ? reject(err) : resolve());
   });
   gate.catch(() => undefined);
+  let appended: () => void = () => undefined;
+  const made = new Promise<void>((r) => (appended = r));
   segments.append = (record: Buffer) => {
     segments.append = original;
-    if (mode === 'fail')
-      return { segment: segments.currentSegment, offset: segments.currentBytes, written: gate };
-    const real = original(record);
-    return { ...real, written: real.written.then(() => gate) };
+    appended();
+    const at = { segment: segments.currentSegment, offset: segments.currentBytes };
+    const real = mode === 'fail' ? null : original(record);
+    const written = real ? real.written.then(() => gate) : gate;
+    inflight.add(written);
+    written.then(
+      () => inflight.delete(written),
+      () => inflight.delete(written),
+    );
+    return real ? { ...real, written } : { ...at, written };
   };
-  return { settle: (err) => settle(err) };
+  return { settle: (err) => settle(err), appended: made };
 }
 
 async function readAll(dev: DedupDevice, length: number): Promise<Buffer> {
@@ -191,6 +205,62 @@ describe('dedup write path', () => {
     await checkpoint;
     await throttled;
     assert.ok((await readAll(dev, 17 * 4096)).equals(Buffer.concat([...blocks, block(99)])));
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+  });
+
+  it('puts back an acknowledged block when its overwrite in the same checkpoint interval fails', async () => {
+    const { store, dir } = open();
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    await dev.write(0, block(1)); // acknowledged, not yet in a checkpoint
+    const fault = interceptAppend(store, 'fail');
+    const overwrite = dev.write(0, block(2));
+    await fault.appended;
+    // The checkpoint freezes with block(1) born and released in its interval, while the
+    // overwrite that released it is still in flight.
+    const checkpoint = store.flush();
+    fault.settle(new BlockError('EIO', 'injected segment write failure'));
+    await assert.rejects(overwrite, /injected/);
+    await assert.rejects(checkpoint, /injected/);
+    assert.ok((await readAll(dev, 4096)).equals(block(1)), 'the old content is back');
+    await store.flush();
+    assert.ok((await readAll(dev, 4096)).equals(block(1)), 'and survives the next checkpoint');
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+  });
+
+  it('settles a failed write only after every block of it has finished', async () => {
+    const { store, dir } = open({ hashPoolMin: null });
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    // Two writes in flight whose blocks the request below will want to share.
+    const firstFault = interceptAppend(store, 'fail');
+    const first = dev.write(40960, block(5));
+    await firstFault.appended;
+    const secondFault = interceptAppend(store, 'delay');
+    const second = dev.write(45056, block(6));
+    await secondFault.appended;
+    const request = dev.write(0, Buffer.concat([block(5), block(6)]));
+    let settled = false;
+    request.then(
+      () => (settled = true),
+      () => (settled = true),
+    );
+    await new Promise((r) => setImmediate(r));
+    // Block 0 stops waiting for the failed first write and stores its own copy, which fails too.
+    const ownFault = interceptAppend(store, 'fail');
+    firstFault.settle(new BlockError('EIO', 'injected segment write failure'));
+    await assert.rejects(first, /injected/);
+    await ownFault.appended;
+    ownFault.settle(new BlockError('EIO', 'injected segment write failure'));
+    for (let i = 0; i < 5; i++) await new Promise((r) => setImmediate(r));
+    assert.equal(settled, false, 'the request answered while block 1 was still being stored');
+    secondFault.settle();
+    await second;
+    await assert.rejects(request, /injected/);
+    const got = await readAll(dev, 8192);
+    assert.ok(got.subarray(0, 4096).equals(Buffer.alloc(4096)), 'block 0 failed and stays a hole');
+    assert.ok(got.subarray(4096).equals(block(6)), 'block 1 was stored');
+    await store.flush();
     await store.close();
     assert.deepEqual(fsckStore(dir).problems, []);
   });
