@@ -1415,9 +1415,11 @@ export class DedupStore {
     let gone: Array<{ id: number; hash: Buffer }>;
     try {
       gone = this.markDying(frozen);
+      // Taken at the freeze: the counters go on moving with the live overlay.
+      const owned = this.ownedState();
       await this.segments.sync();
       const started = process.hrtime.bigint();
-      reply = await this.writer.commit(this.tables.encode(frozen, this.dying, this.ownedState()));
+      reply = await this.writer.commit(this.tables.encode(frozen, this.dying, owned));
       this.log.debug(
         `checkpoint: ${frozen.size} changes committed in ${(Number(process.hrtime.bigint() - started) / 1e6).toFixed(1)} ms`,
       );

@@ -264,4 +264,26 @@ describe('dedup write path', () => {
     await store.close();
     assert.deepEqual(fsckStore(dir).problems, []);
   });
+
+  it('commits the counters as they were at the freeze, not as later writes left them', async () => {
+    const { store, dir } = open();
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    const writer = (store as unknown as { writer: { commit: (r: unknown) => Promise<unknown> } }).writer;
+    const commit = writer.commit.bind(writer);
+    let release: () => void = () => undefined;
+    const held = new Promise<void>((r) => (release = r));
+    writer.commit = async (r) => {
+      await held;
+      return commit(r);
+    };
+    await dev.write(0, block(1));
+    const checkpoint = store.flush();
+    await dev.write(4096, block(2)); // after the freeze: the next checkpoint's
+    release();
+    await checkpoint;
+    // The index as committed, as a crash now would leave it.
+    assert.deepEqual(fsckStore(dir).problems, []);
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+  });
 });
