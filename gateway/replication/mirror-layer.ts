@@ -46,8 +46,15 @@ export class MirrorLayer extends Layer {
     apply: () => Promise<void>,
   ): Promise<void> {
     this.check();
-    const ms = this.mirrors();
+    let ms = this.mirrors();
     if (ms.length === 0) return apply();
+    if (ms.some((m) => m.answer !== null)) {
+      // A restarted primary: its replicas may hold a newer generation (mirror.ts, answer).
+      await Promise.all(ms.map((m) => m.answer));
+      this.check();
+      ms = this.mirrors();
+      if (ms.length === 0) return apply();
+    }
     const first = Math.floor(offset / BLOCK);
     const count = Math.ceil((offset + length) / BLOCK) - first;
     const holds = ms.map((m) => m.activate(first, count));

@@ -71,6 +71,11 @@ export interface MirrorOptions {
    * is still that bundle is sent only the chunks changed since the snapshot.
    */
   seed?: { bundleId: Buffer; snapshot: number };
+  /**
+   * The mirror was resumed by a (re)started primary: writes wait for the replica's first
+   * answer (see `answer`), as DRBD waits for its peer at startup (wfc-timeout).
+   */
+  holdWritesUntilAnswer?: boolean;
 }
 
 interface Batch {
@@ -145,6 +150,14 @@ export class Mirror {
   private verifySeq = 0;
   /** Blocks lately sent with their batches (oldest first), not to be sent that way again. */
   private readonly inlined = new Set<number>();
+  /**
+   * Pending until the replica has answered this gateway's first Mirror frame (ready,
+   * refused or superseded), or timeoutMs has passed: a primary restarted after its
+   * replica was promoted must learn that before it takes writes that would diverge.
+   * Null once settled, and for mirrors that do not hold writes.
+   */
+  answer: Promise<void> | null = null;
+  private answered: () => void = () => undefined;
   /** Set while a cutover waits for the replica's promote. */
   private cutoverDone: ((generation: number) => void) | null = null;
   private readonly al: ActivityLog;
@@ -189,7 +202,27 @@ export class Mirror {
       Math.min(DURABLE_EVERY_MS / 2, Math.max(100, opts.timeoutMs / 4)),
     );
     this.watchdog.unref();
+    if (opts.holdWritesUntilAnswer) this.holdWrites();
     this.connect();
+  }
+
+  private holdWrites(): void {
+    const timer = setTimeout(() => {
+      this.log.warn(
+        `replica ${this.address} of ${this.volumeName} did not answer within ${this.opts.timeoutMs} ms: ` +
+          'taking writes without knowing whether a newer copy exists there',
+      );
+      this.answered();
+    }, this.opts.timeoutMs);
+    timer.unref();
+    this.answer = new Promise<void>((resolve) => {
+      this.answered = () => {
+        clearTimeout(timer);
+        this.answer = null;
+        this.answered = () => undefined;
+        resolve();
+      };
+    });
   }
 
   get address(): string {
@@ -425,6 +458,7 @@ export class Mirror {
   close(forget = false): void {
     if (this.closed) return;
     this.closed = true;
+    this.answered();
     if (!forget) this.settleLog();
     void this.al.close(forget).catch(() => undefined);
     if (this.pumpTimer) clearTimeout(this.pumpTimer);
@@ -684,6 +718,7 @@ export class Mirror {
       if (this.state !== 'connecting')
         throw new LinkProtocolError('ERR_LINK_UNEXPECTED', 'second mirrorReady');
       this.state = 'syncing';
+      this.answered();
       if (f.mirrorReady.seeded && this.opts.seed) this.seededDirty(this.opts.seed.snapshot);
       this.syncTotal = this.dirty.size;
       this.log.info(
@@ -719,6 +754,7 @@ export class Mirror {
       this.lastError = `${f.error.code}: ${f.error.message}`;
       this.log.error(`replica ${this.address} refused ${this.volumeName}: ${this.lastError}`);
       this.dropLink(this.lastError);
+      this.answered();
       return;
     }
     if ('superseded' in f) {
@@ -735,6 +771,7 @@ export class Mirror {
       this.close();
       this.state = 'superseded';
       this.opts.onSuperseded(link.peerId, f.superseded.generation);
+      this.answered(); // after it: the writes held now meet the split brain
       return;
     }
     if ('verifyChunksResult' in f || 'verifyBlocksResult' in f) {

@@ -417,7 +417,7 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
     vol = new Volume(rec, barrier, barrier);
     for (const r of rec.replicas ?? []) {
       try {
-        vol.mirrors.push(this.startMirror(rec, r));
+        vol.mirrors.push(this.startMirror(rec, r, true));
       } catch (err) {
         this.log.error(`volume ${rec.name}: replica ${r.to}: ${(err as Error).message}`);
       }
@@ -425,7 +425,8 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
     return vol;
   }
 
-  private startMirror(rec: VolumeRecord, r: ReplicaConfig): Mirror {
+  /** `resumed`: at the gateway's start, so writes wait for the replica's first answer. */
+  private startMirror(rec: VolumeRecord, r: ReplicaConfig, resumed = false): Mirror {
     const link = this.replication.link;
     if (!link)
       throw new InvalidArgumentError('this gateway has no cluster key: start it with --cluster-key FILE');
@@ -446,6 +447,7 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
         generation: generationOf(rec),
         maxRate: r.maxRate ?? 0,
         dr: r.dr === true,
+        holdWritesUntilAnswer: resumed,
         ...this.seedOf(rec, r),
         activityLog: path.join(
           this.dataDir,

@@ -34,11 +34,13 @@ export class TcpProxy {
     };
     client.on('error', end).on('close', end);
     upstream.on('error', end).on('close', end);
-    client.pipe(upstream);
-    upstream.pipe(client);
+    // Accepted while stalled: resume() pipes it (piping here too would send bytes twice).
     if (this.stalled) {
       client.pause();
       upstream.pause();
+    } else {
+      client.pipe(upstream);
+      upstream.pipe(client);
     }
   }
 

@@ -10,6 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { Gateway } from '../helpers/gateway';
+import { TcpProxy } from '../helpers/tcp-proxy';
 import { createVolume, scratchDir } from '../helpers/fixtures';
 import { check, run } from '../helpers/run';
 
@@ -70,16 +71,11 @@ describe('failover', () => {
   });
 
   it('promotes a sync replica after the primary dies; the old primary stops, is demoted and resyncs', async () => {
+    // a reaches b through a proxy, to hold the restarted a's first contact back.
+    const proxy = await TcpProxy.start({ host: '127.0.0.1', port: replicationPort(b) });
+    after(() => proxy.close());
     await createVolume(a, 'f1', '32M');
-    const add = await a.cli(
-      'replica',
-      'add',
-      'f1',
-      '--to',
-      `127.0.0.1:${replicationPort(b)}`,
-      '--mode',
-      'sync',
-    );
+    const add = await a.cli('replica', 'add', 'f1', '--to', `127.0.0.1:${proxy.port}`, '--mode', 'sync');
     assert.equal(add.code, 0, add.stderr);
     await until('the first sync', inSync(a, 'f1'));
     await check('qemu-io', [
@@ -102,11 +98,20 @@ describe('failover', () => {
     await check('qemu-io', ['-f', 'raw', '-c', 'read -P 0x1f 0 4M', '-c', 'read -P 0x2f 8M 1M', b.uri('f1')]);
     await check('qemu-io', ['-f', 'raw', '-c', 'write -P 0x3f 16M 1M', b.uri('f1')]);
 
-    // The old primary comes back, still mirroring to b, and learns it was superseded.
+    // The old primary comes back, still mirroring to b. A write made before b has answered
+    // waits for the answer, and so meets the split brain instead of diverging.
+    proxy.stall();
     a = await Gateway.start({ dataDir: aDir, args: listenArgs(aPort) });
-    await a.waitForLog(/split brain: gateway [0-9a-f]{32} holds it at generation 2/);
-    const refused = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x4f 0 4k', a.uri('f1')]);
+    let answered = false;
+    const write = run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x4f 0 4k', a.uri('f1')]).finally(
+      () => (answered = true),
+    );
+    await new Promise((r) => setTimeout(r, 500));
+    assert.equal(answered, false, 'the write was answered before the replica was heard from');
+    proxy.resume();
+    const refused = await write;
     assert.match(refused.stdout + refused.stderr, /Operation not permitted|Permission denied/);
+    await a.waitForLog(/split brain: gateway [0-9a-f]{32} holds it at generation 2/);
     const sb = await listing(a, 'f1');
     assert.equal(sb.splitBrain?.generation, 2);
     assert.match((await a.cli('replica', 'list', 'f1')).stdout, /SPLIT BRAIN/);
@@ -132,5 +137,24 @@ describe('failover', () => {
     const d = await a.cli('demote', 'f1');
     assert.equal(d.code, 1);
     assert.match(d.stderr, /already a replica/);
+  });
+
+  it('takes writes after --mirror-timeout when a restarted primary cannot reach its replica', async () => {
+    await createVolume(b, 'h1', '8M');
+    const add = await b.cli('replica', 'add', 'h1', '--to', `127.0.0.1:${replicationPort(a)}`);
+    assert.equal(add.code, 0, add.stderr);
+    await until('the first sync of h1', inSync(b, 'h1'));
+    const aDir = a.dataDir;
+    const aPort = replicationPort(a);
+    const bPort = replicationPort(b);
+    await a.kill();
+    await b.stop();
+    const restarted = Date.now();
+    b = await Gateway.start({ dataDir: b.dataDir, args: listenArgs(bPort) });
+    await check('qemu-io', ['-f', 'raw', '-c', 'write -P 0x61 0 64k', b.uri('h1')]);
+    // --mirror-timeout is 2 s here, counted from the volume's opening.
+    assert.ok(Date.now() - restarted >= 2000, `answered ${Date.now() - restarted} ms after the restart`);
+    await b.waitForLog(/did not answer within 2000 ms: taking writes/);
+    a = await Gateway.start({ dataDir: aDir, args: listenArgs(aPort) });
   });
 });
