@@ -6,6 +6,7 @@
 import { BlockDevice, Capabilities, Extent, ExtentFlag, WriteFlags, ZeroFlags } from '../device/block-device';
 import type { DedupStore, BlockState } from './dedup-store';
 import { BLOCK } from './layout';
+import { settleAll } from '../util/settle-all';
 
 /** Blocks examined per BLOCK_STATUS request; the client asks again for the rest. */
 const STATUS_BLOCKS = 65536;
@@ -100,7 +101,7 @@ export class DedupDevice implements BlockDevice {
       if (head > 0) edges.push(this.readPartial(offset, into.subarray(0, head)));
       const tailStart = endWhole * BLOCK - offset;
       if (tailStart < into.length) edges.push(this.readPartial(endWhole * BLOCK, into.subarray(tailStart)));
-      await Promise.all([whole, ...edges]);
+      await settleAll([whole, ...edges]);
       return;
     }
     await this.readPartial(offset, into);
@@ -108,7 +109,7 @@ export class DedupDevice implements BlockDevice {
 
   /** Reads a range one block at a time (partial blocks at the edges of a request). */
   private async readPartial(offset: number, into: Buffer): Promise<void> {
-    await Promise.all(
+    await settleAll(
       DedupDevice.split(offset, into.length, async (lba, inBlock, n, at) => {
         const block = await this.store.readBlock(this.volume, lba);
         if (block) block.copy(into, at, inBlock, inBlock + n);
@@ -140,7 +141,7 @@ export class DedupDevice implements BlockDevice {
       if (head > 0) edges.push(this.writePartial(offset, data.subarray(0, head)));
       const tailStart = endWhole * BLOCK - offset;
       if (tailStart < data.length) edges.push(this.writePartial(endWhole * BLOCK, data.subarray(tailStart)));
-      await Promise.all([whole, ...edges]);
+      await settleAll([whole, ...edges]);
     } else {
       await this.writePartial(offset, data);
     }
@@ -162,7 +163,7 @@ export class DedupDevice implements BlockDevice {
 
   /** Writes a range block by block, read-modify-write where a block is partly covered. */
   private async writePartial(offset: number, data: Buffer): Promise<void> {
-    await Promise.all(
+    await settleAll(
       DedupDevice.split(offset, data.length, (lba, inBlock, n, at) =>
         this.withBlock(lba, async () => {
           if (n === BLOCK) return this.store.writeBlock(this.volume, lba, data.subarray(at, at + BLOCK));
@@ -189,7 +190,7 @@ export class DedupDevice implements BlockDevice {
     keepAllocated: boolean,
     flags?: WriteFlags,
   ): Promise<void> {
-    await Promise.all(
+    await settleAll(
       DedupDevice.split(offset, length, (lba, inBlock, n) =>
         this.withBlock(lba, async () => {
           if (n === BLOCK) return this.store.discardBlock(this.volume, lba, keepAllocated);
@@ -214,7 +215,7 @@ export class DedupDevice implements BlockDevice {
     for (let lba = first; lba <= last; lba += 64) {
       const reads: Promise<unknown>[] = [];
       for (let b = lba; b <= Math.min(last, lba + 63); b++) reads.push(this.store.readBlock(this.volume, b));
-      await Promise.all(reads);
+      await settleAll(reads);
     }
   }
 

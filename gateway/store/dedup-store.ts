@@ -293,6 +293,8 @@ export class DedupStore {
    * `old`): a failed write puts them back, so a checkpoint must not delete them meanwhile.
    */
   private readonly undoable = new Set<ReadonlyArray<{ old: number | undefined }>>();
+  /** New blocks of mirrored batches whose segment write is in flight (unsettledClientBlock). */
+  private readonly mirrorPlaced = new Set<number>();
   /** verify's chunk digests by page key (chunks are metamap pages), dropped by setMeta. */
   private readonly digests = new Map<number, { count: number; digest: Buffer }>();
   private readonly hasher: BlockHasher;
@@ -442,7 +444,7 @@ export class DedupStore {
       const { lba } = decodeMetaKey(key as Buffer);
       this.setMeta(metaKey(volume, lba), HOLE);
     }
-    // Both overlays: a checkpoint the loop above set off froze part of what was live.
+    // Both overlays: a checkpoint running meanwhile (a client's FLUSH) froze part of what was live.
     const overlaid = [...(this.frozen?.meta.keysOf() ?? []), ...this.live.meta.keysOf()];
     for (const k of overlaid) {
       if (metaKeyVolume(k) === volume && metaKeyLba(k) >= fromLba) this.setMeta(k, HOLE);
@@ -881,7 +883,7 @@ export class DedupStore {
     run: Array<{ at: number; page: MetaPage | undefined; i: number }>,
     into: Buffer,
   ): Promise<void> {
-    await Promise.all(
+    await settleAll(
       run.map(({ at, page, i }) => {
         if (page) page.places[i] = 0;
         return this.readBlockInto(volume, lba + at / BLOCK, into.subarray(at, at + BLOCK));
@@ -1080,11 +1082,14 @@ export class DedupStore {
   async relocate(id: number, record: Buffer): Promise<void> {
     const { segment, offset, written } = this.segments.append(record);
     const inFlight = this.pending.addOne(id, record, written);
-    this.live.moved.set(id, { segment, offset });
+    const move = { segment, offset };
+    this.live.moved.set(id, move);
     try {
       await written;
     } catch (err) {
-      this.live.moved.delete(id);
+      // A checkpoint may have frozen the move meanwhile: it fails too (its sync waits for
+      // this write) and merges its overlay back, which must not bring the move with it.
+      for (const o of [this.live, this.frozen]) if (o?.moved.get(id) === move) o.moved.delete(id);
       throw err;
     } finally {
       this.pending.delete(inFlight);
@@ -1195,7 +1200,7 @@ export class DedupStore {
         movedBlocks++;
         movedBytes += record.length;
       }
-      await Promise.all(writes);
+      await settleAll(writes);
       await this.throttle();
     }
     await this.flush();
@@ -1801,7 +1806,8 @@ export class DedupStore {
       for (let at = 0; at < r.cids.length; at += 16, ordinal++) {
         const cid = r.cids.subarray(at, at + 16);
         const hk = cid.toString('latin1');
-        const have = this.lookupHash(cid);
+        let have = this.lookupHash(cid);
+        if (have !== undefined && this.unsettledClientBlock(have)) have = undefined;
         ids.push(have ?? -1);
         if (have !== undefined) continue;
         const known = fresh.get(hk);
@@ -1816,6 +1822,18 @@ export class DedupStore {
     }
     if (missing.length) return { missing };
     return { written: this.applyMirroredNow(volume, ranges, ids, fresh) };
+  }
+
+  /**
+   * A client's new block whose segment write is in flight. If it fails, that write's
+   * mapping is undone but not a mirrored batch's link to it, and the replica would hold
+   * a damaged block it has acknowledged: the batch takes its own copy instead. (A
+   * mirrored batch's own new blocks fail the link when their write fails, and the
+   * primary sends their ranges again.)
+   */
+  private unsettledClientBlock(id: number): boolean {
+    if (!this.pending.has(id) || this.mirrorPlaced.has(id)) return false;
+    return this.live.newData.has(id) || (this.frozen?.newData.has(id) ?? false);
   }
 
   /** applyMirrored's changes, all in one overlay: the new blocks, then every mapping. */
@@ -1854,8 +1872,12 @@ export class DedupStore {
           hash: p.hash,
         });
         this.hashIndex.set(p.hash, p.id);
+        this.mirrorPlaced.add(p.id);
       }
-      const forget = (): void => this.pending.delete(inFlight);
+      const forget = (): void => {
+        this.pending.delete(inFlight);
+        for (const p of placed) this.mirrorPlaced.delete(p.id);
+      };
       written = appended.written.then(forget, (err: unknown) => {
         forget();
         // Nothing may point at bytes that never reached the disk: the blocks become

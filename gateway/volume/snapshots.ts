@@ -114,6 +114,9 @@ export class Snapshots {
     const size = vol.device.size;
     const started = process.hrtime.bigint();
     let release: () => void = () => undefined;
+    // Writes a restarted primary holds for its replicas' first answer (mirror.ts) count as
+    // in flight at the barrier: wait for the answers first, or the pause would time out.
+    await Promise.all(vol.mirrors.map((m) => m.answer));
     if (vol.barrier) {
       try {
         release = await vol.barrier.pause(BARRIER_TIMEOUT_MS);

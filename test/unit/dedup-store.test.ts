@@ -287,9 +287,10 @@ describe('index memory map', () => {
 });
 
 describe('dedup store under concurrency', () => {
-  it('truncates every block of a volume even when the truncation sets off checkpoints part-way', async () => {
+  it('truncates every block of a volume, indexed or still in the overlays, past the checkpoint trigger', async () => {
     const dir = path.join(tmp, `trunc${n++}`);
-    // Checkpoints every 64 changes: dropping 600 blocks freezes the overlay several times mid-loop.
+    // Checkpoints every 64 changes: dropping 600 blocks calls for several (they start once
+    // the truncation's synchronous pass is over, never inside it).
     const store = DedupStore.open(dir, silentLogger, { checkpointEntries: 64, metaCacheBytes: 0 });
     const volume = store.volumeId('t');
     const dev = new DedupDevice(store, volume, 1000 * 4096);

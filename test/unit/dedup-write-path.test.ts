@@ -286,4 +286,59 @@ describe('dedup write path', () => {
     await store.close();
     assert.deepEqual(fsckStore(dir).problems, []);
   });
+
+  it('drops a compaction move whose segment write fails, even when a failed checkpoint merges it back', async () => {
+    const { store, dir } = open({ metaCacheBytes: 0 });
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    await dev.write(0, block(7));
+    await store.flush();
+    const id = store.captureRange(store.volumeId('a'), 0, 1).sources[0]!.id;
+    const e = store.lookupData(id)!;
+    const record = await store.segments.read(e.segment, e.offset, 40 + e.storedLength);
+    const fault = interceptAppend(store, 'fail');
+    const move = store.relocate(id, record);
+    await fault.appended;
+    const checkpoint = store.flush(); // freezes the move
+    fault.settle(new BlockError('EIO', 'injected segment write failure'));
+    await assert.rejects(move, /injected/);
+    await assert.rejects(checkpoint, /injected/);
+    await store.flush(true);
+    assert.deepEqual(
+      { segment: store.lookupData(id)!.segment, offset: store.lookupData(id)!.offset },
+      { segment: e.segment, offset: e.offset },
+      'the block stays where it was',
+    );
+    assert.ok((await readAll(dev, 4096)).equals(block(7)));
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+  });
+
+  it('answers a failed write only once its blocks still being stored are done with its payload', async () => {
+    const { store, dir } = open({ hashPoolMin: null });
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    const slow = interceptAppend(store, 'delay');
+    const first = dev.write(40 * 4096, block(9)); // in flight: later copies of it wait
+    await slow.appended;
+    // The request's edge fails at once (its read-modify-write meets a damaged block) while
+    // its whole blocks wait for the first write.
+    const readBlock = store.readBlock.bind(store);
+    store.readBlock = () => Promise.reject(new BlockError('EIO', 'injected damaged edge'));
+    const payload = Buffer.concat([Buffer.alloc(512, 9), block(9), block(9)]);
+    let settled = false;
+    const request = dev.write(4096 - 512, payload).finally(() => (settled = true));
+    request.catch(() => undefined);
+    await new Promise((r) => setImmediate(r));
+    assert.equal(settled, false, 'answered while its whole blocks were still being stored');
+    slow.settle();
+    await first;
+    await assert.rejects(request, /injected damaged edge/);
+    store.readBlock = readBlock;
+    payload.fill(0x55); // the payload buffer goes back to the pool and is reused
+    await store.flush();
+    const got = Buffer.alloc(2 * 4096);
+    await dev.read(4096, got);
+    assert.ok(got.equals(Buffer.concat([block(9), block(9)])));
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+  });
 });

@@ -94,4 +94,50 @@ describe('applying mirrored batches', () => {
     assert.ok(got.every((b) => b === 0));
     await store.close();
   });
+
+  it('takes its own copy of a block a client write still has in flight, and keeps it when that write fails', async () => {
+    const dir = path.join(tmp, `s${n++}`);
+    const store = DedupStore.open(dir, silentLogger, { secretSeed: seed, hashPoolMin: null });
+    const client = new DedupDevice(store, store.volumeId('a'), 16 * 4096);
+    const vol = store.volumeId('m');
+    const [x] = blocks(1);
+    // The client's write of x is on its way to the segment, and will fail.
+    const segments = store.segments;
+    const append = segments.append.bind(segments);
+    let fail: (err: Error) => void = () => undefined;
+    segments.append = (record: Buffer) => {
+      segments.append = append;
+      const real = append(record);
+      const written = real.written.then(
+        () =>
+          new Promise<void>((_resolve, reject) => {
+            fail = reject;
+          }),
+      );
+      written.catch(() => undefined);
+      return { ...real, written };
+    };
+    const write = client.write(0, x!);
+    write.catch(() => undefined);
+    await new Promise((r) => setImmediate(r));
+    const { ranges } = batch([x!]);
+    const first = store.applyMirrored(vol, ranges, new Map());
+    assert.deepEqual(
+      first,
+      { missing: [0] },
+      'asked for the bytes rather than linking to the write in flight',
+    );
+    const { provided } = batch([x!]);
+    const r = store.applyMirrored(vol, ranges, provided);
+    assert.ok('written' in r);
+    await r.written;
+    fail(new Error('injected segment write failure'));
+    await assert.rejects(write, /injected/);
+    await store.flush();
+    const got = Buffer.alloc(4096);
+    await new DedupDevice(store, vol, 16 * 4096).read(0, got);
+    assert.ok(got.equals(x!));
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+  });
 });
