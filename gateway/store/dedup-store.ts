@@ -166,6 +166,28 @@ interface SlabUse {
   written: Promise<void> | null;
 }
 
+/** A block of a write request stored as a new record (storeInto). */
+interface Fresh {
+  key: number;
+  /** Its index in the request. */
+  index: number;
+  id: number;
+  /** Where its record is in the request's slab. */
+  at: number;
+  length: number;
+  hash: Buffer;
+  indexed: boolean;
+  /** The mapping it replaced, put back if its segment write fails. */
+  old: number | undefined;
+}
+
+/** A block of a write request that repeats an earlier new block of the same request. */
+interface Repeat {
+  key: number;
+  of: Fresh;
+  old: number | undefined;
+}
+
 interface Fetched {
   id: number;
   record: Buffer;
@@ -293,8 +315,8 @@ export class DedupStore {
    * `old`): a failed write puts them back, so a checkpoint must not delete them meanwhile.
    */
   private readonly undoable = new Set<ReadonlyArray<{ old: number | undefined }>>();
-  /** New blocks of mirrored batches whose segment write is in flight (unsettledClientBlock). */
-  private readonly mirrorPlaced = new Set<number>();
+  /** New blocks of mirrored batches whose segment write is in flight, by volume (unsettledBlock). */
+  private readonly mirrorPlaced = new Map<number, number>();
   /** verify's chunk digests by page key (chunks are metamap pages), dropped by setMeta. */
   private readonly digests = new Map<number, { count: number; digest: Buffer }>();
   private readonly hasher: BlockHasher;
@@ -1031,18 +1053,19 @@ export class DedupStore {
     const record = encodeRecord(id, block, hash);
     const { segment, offset, written } = this.segments.append(record);
     const inFlight = this.pending.addOne(id, record, written);
-    this.live.newData.set(id, {
-      segment,
-      offset,
-      storedLength: record.length - RECORD_HEADER,
-      flags: record.readUInt16BE(4),
-      hash,
-    });
-    if (indexed) this.hashIndex.set(hash, id);
-    const undo = [{ old: this.setMeta(key, id) }];
+    const undo: Array<{ old: number | undefined }> = [{ old: undefined }];
     this.undoable.add(undo);
-    this.cache.notePlace(key, id, segment, offset, record.length - RECORD_HEADER);
     try {
+      this.live.newData.set(id, {
+        segment,
+        offset,
+        storedLength: record.length - RECORD_HEADER,
+        flags: record.readUInt16BE(4),
+        hash,
+      });
+      if (indexed) this.hashIndex.set(hash, id);
+      undo[0]!.old = this.setMeta(key, id);
+      this.cache.notePlace(key, id, segment, offset, record.length - RECORD_HEADER);
       await written;
       this.remember(id, record);
     } catch (err) {
@@ -1262,19 +1285,8 @@ export class DedupStore {
   ): Promise<void> {
     const count = data.length / BLOCK;
     let used = 0;
-    interface Fresh {
-      key: number;
-      /** Its index in the request. */
-      index: number;
-      id: number;
-      at: number;
-      length: number;
-      hash: Buffer;
-      indexed: boolean;
-      old: number | undefined;
-    }
     const fresh: Fresh[] = [];
-    const repeats: Array<{ key: number; of: Fresh; old: number | undefined }> = [];
+    const repeats: Repeat[] = [];
     // Fresh blocks of this request by hash prefix, for repeats within it (the loop
     // never awaits, so one table serves every request).
     const local = this.requestHashes;
@@ -1336,11 +1348,19 @@ export class DedupStore {
       if (!earlier) local.set(prefix, fresh.length);
       fresh.push(f);
     }
-    if (fresh.length === 0) {
-      await settleAll(later);
-      return;
+    // Whatever fails here (segments.append opens a new file, and can throw), the blocks
+    // still being stored in `later` read this request's payload: they finish first.
+    try {
+      if (fresh.length) await this.storeFresh(slab.subarray(0, used), use, fresh, repeats);
+    } catch (err) {
+      await Promise.allSettled(later);
+      throw err;
     }
-    const records = slab.subarray(0, used);
+    await settleAll(later);
+  }
+
+  /** storeInto's new records: one segment write, then their mappings; undone if it fails. */
+  private async storeFresh(records: Buffer, use: SlabUse, fresh: Fresh[], repeats: Repeat[]): Promise<void> {
     const { segment, offset, written } = this.segments.append(records);
     use.written = written;
     const starts = new Uint32Array(fresh.length + 1);
@@ -1352,37 +1372,35 @@ export class DedupStore {
     const inFlight = this.pending.add(fresh[0]!.id, records, starts, written);
     this.undoable.add(fresh);
     this.undoable.add(repeats);
-    for (const f of fresh) {
-      const rec = records.subarray(f.at, f.at + f.length);
-      this.live.newData.set(f.id, {
-        segment,
-        offset: offset + f.at,
-        storedLength: f.length - RECORD_HEADER,
-        flags: rec.readUInt16BE(4),
-        hash: f.hash,
-      });
-      if (f.indexed) this.hashIndex.set(f.hash, f.id);
-      f.old = this.setMeta(f.key, f.id);
-      // Its first read then needs no datamap lookup (random reads of freshly written data
-      // spent a tenth of their time in LMDB's B-tree for it).
-      this.cache.notePlace(f.key, f.id, segment, offset + f.at, f.length - RECORD_HEADER);
-    }
-    for (const r of repeats) r.old = this.setMeta(r.key, r.of.id);
     try {
+      for (const f of fresh) {
+        const rec = records.subarray(f.at, f.at + f.length);
+        this.live.newData.set(f.id, {
+          segment,
+          offset: offset + f.at,
+          storedLength: f.length - RECORD_HEADER,
+          flags: rec.readUInt16BE(4),
+          hash: f.hash,
+        });
+        if (f.indexed) this.hashIndex.set(f.hash, f.id);
+        f.old = this.setMeta(f.key, f.id);
+        // Its first read then needs no datamap lookup (random reads of freshly written data
+        // spent a tenth of their time in LMDB's B-tree for it).
+        this.cache.notePlace(f.key, f.id, segment, offset + f.at, f.length - RECORD_HEADER);
+      }
+      for (const r of repeats) r.old = this.setMeta(r.key, r.of.id);
       await written;
       for (const f of fresh) this.remember(f.id, records.subarray(f.at, f.at + f.length));
     } catch (err) {
       for (const f of fresh) this.unstore(f.key, f.id, f.hash, f.old);
       for (const r of repeats)
         if (this.lookupMeta(r.key) === r.of.id) this.setMeta(r.key, this.restorable(r.old));
-      await Promise.allSettled(later);
       throw err;
     } finally {
       this.pending.delete(inFlight);
       this.undoable.delete(fresh);
       this.undoable.delete(repeats);
     }
-    await settleAll(later);
   }
 
   /** Makes the block a hole (never written) or a zero block. */
@@ -1807,7 +1825,7 @@ export class DedupStore {
         const cid = r.cids.subarray(at, at + 16);
         const hk = cid.toString('latin1');
         let have = this.lookupHash(cid);
-        if (have !== undefined && this.unsettledClientBlock(have)) have = undefined;
+        if (have !== undefined && this.unsettledBlock(have, volume)) have = undefined;
         ids.push(have ?? -1);
         if (have !== undefined) continue;
         const known = fresh.get(hk);
@@ -1825,14 +1843,15 @@ export class DedupStore {
   }
 
   /**
-   * A client's new block whose segment write is in flight. If it fails, that write's
-   * mapping is undone but not a mirrored batch's link to it, and the replica would hold
-   * a damaged block it has acknowledged: the batch takes its own copy instead. (A
-   * mirrored batch's own new blocks fail the link when their write fails, and the
-   * primary sends their ranges again.)
+   * A new block whose segment write is in flight, stored by a client's write or by
+   * another volume's mirrored batch. If that write fails, its own mappings are undone
+   * but not this batch's link, and the replica would hold a damaged block it has
+   * acknowledged: the batch takes its own copy instead. A block an earlier batch of the
+   * same volume stored may be linked: its failure fails that volume's link, and the
+   * primary sends the ranges again.
    */
-  private unsettledClientBlock(id: number): boolean {
-    if (!this.pending.has(id) || this.mirrorPlaced.has(id)) return false;
+  private unsettledBlock(id: number, volume: number): boolean {
+    if (!this.pending.has(id) || this.mirrorPlaced.get(id) === volume) return false;
     return this.live.newData.has(id) || (this.frozen?.newData.has(id) ?? false);
   }
 
@@ -1872,7 +1891,7 @@ export class DedupStore {
           hash: p.hash,
         });
         this.hashIndex.set(p.hash, p.id);
-        this.mirrorPlaced.add(p.id);
+        this.mirrorPlaced.set(p.id, volume);
       }
       const forget = (): void => {
         this.pending.delete(inFlight);

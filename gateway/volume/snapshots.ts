@@ -115,8 +115,13 @@ export class Snapshots {
     const started = process.hrtime.bigint();
     let release: () => void = () => undefined;
     // Writes a restarted primary holds for its replicas' first answer (mirror.ts) count as
-    // in flight at the barrier: wait for the answers first, or the pause would time out.
-    await Promise.all(vol.mirrors.map((m) => m.answer));
+    // in flight at the barrier: the answers come first, within the barrier's own bound (this
+    // runs in the admin queue, which the replica's answer may need on its side).
+    const answers = vol.mirrors.map((m) => m.answer).filter((a): a is Promise<void> => a !== null);
+    if (answers.length && !(await settlesWithin(Promise.all(answers), BARRIER_TIMEOUT_MS)))
+      throw new VolumeBusyError(
+        `volume '${volume}' is waiting for its replicas' first answer since the gateway started; try again`,
+      );
     if (vol.barrier) {
       try {
         release = await vol.barrier.pause(BARRIER_TIMEOUT_MS);
@@ -363,4 +368,22 @@ function checkName(name: string, what: string): void {
     throw new InvalidArgumentError(
       `invalid ${what} name '${name}': use letters, digits, '.', '_', '+', '-' (at most 128)`,
     );
+}
+
+/** Whether `p` settles within `ms` (the timer does not hold the process open). */
+function settlesWithin(p: Promise<unknown>, ms: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => resolve(false), ms);
+    timer.unref();
+    p.then(
+      () => {
+        clearTimeout(timer);
+        resolve(true);
+      },
+      () => {
+        clearTimeout(timer);
+        resolve(true);
+      },
+    );
+  });
 }

@@ -341,4 +341,33 @@ describe('dedup write path', () => {
     await store.close();
     assert.deepEqual(fsckStore(dir).problems, []);
   });
+
+  it('answers a write whose segment append throws only once its blocks still being stored are done', async () => {
+    const { store, dir } = open({ hashPoolMin: null });
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    const slow = interceptAppend(store, 'delay');
+    const first = dev.write(40 * 4096, block(9)); // in flight: the request's copy of it waits
+    await slow.appended;
+    // The request's own append throws at once, as opening a new segment file can.
+    const segments = store.segments;
+    const append = segments.append.bind(segments);
+    segments.append = () => {
+      segments.append = append;
+      throw new BlockError('ENOSPC', 'injected: no room for a new segment');
+    };
+    const payload = Buffer.concat([block(9), block(1), block(2)]);
+    let settled = false;
+    const request = dev.write(0, payload).finally(() => (settled = true));
+    request.catch(() => undefined);
+    await new Promise((r) => setImmediate(r));
+    assert.equal(settled, false, 'answered while block 0 was still being stored');
+    slow.settle();
+    await first;
+    await assert.rejects(request, /no room/);
+    payload.fill(0x55); // the payload buffer goes back to the pool and is reused
+    await store.flush();
+    assert.ok((await readAll(dev, 4096)).equals(block(9)));
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+  });
 });

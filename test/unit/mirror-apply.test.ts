@@ -37,6 +37,26 @@ function batch(data: Buffer[]): {
   return { ranges, provided };
 }
 
+/** Holds the store's next segment append's acknowledgement (its bytes are written) until `now` fails it. */
+function failNextAppend(store: DedupStore): { now: (err: Error) => void } {
+  const segments = store.segments;
+  const append = segments.append.bind(segments);
+  const control = { now: (_err: Error): void => undefined };
+  segments.append = (record: Buffer) => {
+    segments.append = append;
+    const real = append(record);
+    const written = real.written.then(
+      () =>
+        new Promise<void>((_resolve, reject) => {
+          control.now = reject;
+        }),
+    );
+    written.catch(() => undefined);
+    return { ...real, written };
+  };
+  return control;
+}
+
 describe('applying mirrored batches', () => {
   it('keeps a batch whose new blocks cross the checkpoint trigger in one overlay', async () => {
     const dir = path.join(tmp, `s${n++}`);
@@ -102,21 +122,7 @@ describe('applying mirrored batches', () => {
     const vol = store.volumeId('m');
     const [x] = blocks(1);
     // The client's write of x is on its way to the segment, and will fail.
-    const segments = store.segments;
-    const append = segments.append.bind(segments);
-    let fail: (err: Error) => void = () => undefined;
-    segments.append = (record: Buffer) => {
-      segments.append = append;
-      const real = append(record);
-      const written = real.written.then(
-        () =>
-          new Promise<void>((_resolve, reject) => {
-            fail = reject;
-          }),
-      );
-      written.catch(() => undefined);
-      return { ...real, written };
-    };
+    const fail = failNextAppend(store);
     const write = client.write(0, x!);
     write.catch(() => undefined);
     await new Promise((r) => setImmediate(r));
@@ -131,11 +137,37 @@ describe('applying mirrored batches', () => {
     const r = store.applyMirrored(vol, ranges, provided);
     assert.ok('written' in r);
     await r.written;
-    fail(new Error('injected segment write failure'));
+    fail.now(new Error('injected segment write failure'));
     await assert.rejects(write, /injected/);
     await store.flush();
     const got = Buffer.alloc(4096);
     await new DedupDevice(store, vol, 16 * 4096).read(0, got);
+    assert.ok(got.equals(x!));
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+  });
+
+  it("takes its own copy of a block another volume's batch still has in flight", async () => {
+    const dir = path.join(tmp, `s${n++}`);
+    const store = DedupStore.open(dir, silentLogger, { secretSeed: seed, hashPoolMin: null });
+    const [x] = blocks(1);
+    // v1's batch places x; its segment write is held, and will fail.
+    const fail = failNextAppend(store);
+    const v1 = store.volumeId('v1');
+    const v2 = store.volumeId('v2');
+    const one = batch([x!]);
+    const r1 = store.applyMirrored(v1, one.ranges, one.provided);
+    assert.ok('written' in r1);
+    r1.written.catch(() => undefined);
+    assert.deepEqual(store.applyMirrored(v2, one.ranges, new Map()), { missing: [0] });
+    const r2 = store.applyMirrored(v2, one.ranges, batch([x!]).provided);
+    assert.ok('written' in r2);
+    await r2.written;
+    fail.now(new Error('injected segment write failure'));
+    await assert.rejects(r1.written, /injected/);
+    await store.flush();
+    const got = Buffer.alloc(4096);
+    await new DedupDevice(store, v2, 4096).read(0, got);
     assert.ok(got.equals(x!));
     await store.close();
     assert.deepEqual(fsckStore(dir).problems, []);
