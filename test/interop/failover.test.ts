@@ -101,7 +101,10 @@ describe('failover', () => {
     // The old primary comes back, still mirroring to b. A write made before b has answered
     // waits for the answer, and so meets the split brain instead of diverging.
     proxy.stall();
-    a = await Gateway.start({ dataDir: aDir, args: listenArgs(aPort) });
+    // A long --mirror-timeout: on a loaded machine the start alone may take seconds, and the
+    // hold must outlast the stall.
+    const patient = [...listenArgs(aPort).slice(0, -1), '60'];
+    a = await Gateway.start({ dataDir: aDir, args: patient });
     let answered = false;
     const write = run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x4f 0 4k', a.uri('f1')]).finally(
       () => (answered = true),
