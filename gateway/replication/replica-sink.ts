@@ -130,7 +130,7 @@ export class ReplicaSink {
       const asked: string[] = [];
       // What came with the batch is on its way like what this batch asks for.
       for (const o of sent) if (!this.coming.has(cids[o]!)) asked.push(cids[o]!);
-      const missing = this.target.store.missingContent(f.batch.extents).filter((o) => {
+      const missing = this.target.store.missingContent(f.batch.extents, this).filter((o) => {
         if (sent.has(o)) return false;
         const hk = cids[o]!;
         if (this.coming.has(hk)) return false;
@@ -307,7 +307,8 @@ export class ReplicaSink {
       if (this.closed) return;
       const refusal = this.volumes.mirrorRefusal(this.target!.name, this.target!.generation);
       if (refusal) throw refusal;
-      const r = store.applyMirrored(volumeId, batch.extents, provided);
+      // This link's own blocks in flight may be linked: if their write fails, the link fails.
+      const r = store.applyMirrored(volumeId, batch.extents, provided, this);
       if ('written' in r) {
         if (batch.durable) {
           await r.written;

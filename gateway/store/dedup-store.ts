@@ -315,8 +315,8 @@ export class DedupStore {
    * `old`): a failed write puts them back, so a checkpoint must not delete them meanwhile.
    */
   private readonly undoable = new Set<ReadonlyArray<{ old: number | undefined }>>();
-  /** New blocks of mirrored batches whose segment write is in flight, by volume (unsettledBlock). */
-  private readonly mirrorPlaced = new Map<number, number>();
+  /** New blocks of mirrored batches whose segment write is in flight, with who placed them (unsettledBlock). */
+  private readonly mirrorPlaced = new Map<number, object>();
   /** verify's chunk digests by page key (chunks are metamap pages), dropped by setMeta. */
   private readonly digests = new Map<number, { count: number; digest: Buffer }>();
   private readonly hasher: BlockHasher;
@@ -1790,13 +1790,13 @@ export class DedupStore {
   }
 
   /** Ordinals of the data blocks among `ranges` (content ids of this store's domain) it holds no copy of. */
-  missingContent(ranges: Array<{ cids: Buffer }>): number[] {
+  missingContent(ranges: Array<{ cids: Buffer }>, owner?: object): number[] {
     const missing: number[] = [];
     let ordinal = 0;
     for (const r of ranges) {
       for (let at = 0; at < r.cids.length; at += 16, ordinal++) {
-        const cid = r.cids.subarray(at, at + 16);
-        if (this.lookupHash(cid) === undefined) missing.push(ordinal);
+        const have = this.lookupHash(r.cids.subarray(at, at + 16));
+        if (have === undefined || this.unsettledBlock(have, owner)) missing.push(ordinal);
       }
     }
     return missing;
@@ -1813,6 +1813,8 @@ export class DedupStore {
     volume: number,
     ranges: Array<{ lba: number; kinds: Buffer; cids: Buffer }>,
     blocks: Map<number, MirroredBlock>,
+    /** Who applies the batch (a replica link): see unsettledBlock. */
+    owner?: object,
   ): { missing: number[] } | { written: Promise<void> } {
     this.foregroundOps++;
     const ids: number[] = [];
@@ -1825,7 +1827,7 @@ export class DedupStore {
         const cid = r.cids.subarray(at, at + 16);
         const hk = cid.toString('latin1');
         let have = this.lookupHash(cid);
-        if (have !== undefined && this.unsettledBlock(have, volume)) have = undefined;
+        if (have !== undefined && this.unsettledBlock(have, owner)) have = undefined;
         ids.push(have ?? -1);
         if (have !== undefined) continue;
         const known = fresh.get(hk);
@@ -1839,19 +1841,19 @@ export class DedupStore {
       }
     }
     if (missing.length) return { missing };
-    return { written: this.applyMirroredNow(volume, ranges, ids, fresh) };
+    return { written: this.applyMirroredNow(volume, ranges, ids, fresh, owner ?? {}) };
   }
 
   /**
    * A new block whose segment write is in flight, stored by a client's write or by
-   * another volume's mirrored batch. If that write fails, its own mappings are undone
+   * another owner's mirrored batch. If that write fails, its own mappings are undone
    * but not this batch's link, and the replica would hold a damaged block it has
    * acknowledged: the batch takes its own copy instead. A block an earlier batch of the
-   * same volume stored may be linked: its failure fails that volume's link, and the
-   * primary sends the ranges again.
+   * same owner (replica link) stored may be linked: its failure fails that link, and
+   * the primary sends the ranges of every batch not yet durable again.
    */
-  private unsettledBlock(id: number, volume: number): boolean {
-    if (!this.pending.has(id) || this.mirrorPlaced.get(id) === volume) return false;
+  private unsettledBlock(id: number, owner: object | undefined): boolean {
+    if (!this.pending.has(id) || (owner !== undefined && this.mirrorPlaced.get(id) === owner)) return false;
     return this.live.newData.has(id) || (this.frozen?.newData.has(id) ?? false);
   }
 
@@ -1861,6 +1863,7 @@ export class DedupStore {
     ranges: Array<{ lba: number; kinds: Buffer; cids: Buffer }>,
     ids: number[],
     fresh: Map<string, { block: MirroredBlock; hash: Buffer; ordinals: number[] }>,
+    owner: object,
   ): Promise<void> {
     let written: Promise<void> = RESOLVED;
     const placedIds = new Set<number>();
@@ -1891,7 +1894,7 @@ export class DedupStore {
           hash: p.hash,
         });
         this.hashIndex.set(p.hash, p.id);
-        this.mirrorPlaced.set(p.id, volume);
+        this.mirrorPlaced.set(p.id, owner);
       }
       const forget = (): void => {
         this.pending.delete(inFlight);

@@ -88,15 +88,16 @@ export class SegmentFiles {
    * writing it. Returns where it goes and the write's completion.
    */
   append(record: Buffer): { segment: number; offset: number; written: Promise<void> } {
-    if (this.tail + record.length > SEGMENT_LIMIT) {
-      this.current++;
-      this.tail = 0;
-    }
-    const segment = this.current;
-    const offset = this.tail;
-    this.tail += record.length;
+    const full = this.tail + record.length > SEGMENT_LIMIT;
+    const segment = full ? this.current + 1 : this.current;
+    const offset = full ? 0 : this.tail;
+    // Opened before anything is reserved: a failed open (EMFILE, ENOSPC) throws and leaves
+    // no trace, where it used to leave a dirty segment with no file (every sync ENOENT).
+    const file = this.segment(segment, true);
+    this.current = segment;
+    this.tail = offset + record.length;
     this.dirty.add(segment);
-    const written = this.segment(segment, true).writes.run(record, offset);
+    const written = file.writes.run(record, offset);
     this.inflight.add(written);
     const forget = (): void => void this.inflight.delete(written);
     written.then(forget, () => {

@@ -370,4 +370,28 @@ describe('dedup write path', () => {
     await store.close();
     assert.deepEqual(fsckStore(dir).problems, []);
   });
+
+  it('fails only the write whose new segment file cannot be opened: FLUSH and later writes go on', async () => {
+    const { store, dir } = open();
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    const openSync = fs.openSync;
+    fs.openSync = ((...args: Parameters<typeof fs.openSync>) => {
+      if (String(args[0]).endsWith('.seg')) {
+        fs.openSync = openSync;
+        throw Object.assign(new Error('EMFILE: too many open files (injected)'), { code: 'EMFILE' });
+      }
+      return openSync(...args);
+    }) as typeof fs.openSync;
+    try {
+      await assert.rejects(dev.write(0, block(1)), /EMFILE|too many open files/);
+    } finally {
+      fs.openSync = openSync;
+    }
+    await store.flush(true);
+    await dev.write(4096, block(2));
+    await store.flush();
+    assert.ok((await readAll(dev, 8192)).equals(Buffer.concat([Buffer.alloc(4096), block(2)])));
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+  });
 });

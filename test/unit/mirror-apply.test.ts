@@ -172,4 +172,32 @@ describe('applying mirrored batches', () => {
     await store.close();
     assert.deepEqual(fsckStore(dir).problems, []);
   });
+
+  it('links a block in flight only for the link that placed it, not for a newer link of the same volume', async () => {
+    const dir = path.join(tmp, `s${n++}`);
+    const store = DedupStore.open(dir, silentLogger, { secretSeed: seed, hashPoolMin: null });
+    const [x] = blocks(1);
+    const fail = failNextAppend(store);
+    const vol = store.volumeId('m');
+    const oldLink = {};
+    const newLink = {};
+    const one = batch([x!]);
+    const placed = store.applyMirrored(vol, one.ranges, one.provided, oldLink);
+    assert.ok('written' in placed);
+    placed.written.catch(() => undefined);
+    assert.deepEqual(store.missingContent(one.ranges, oldLink), [], 'the placing link may link to it');
+    assert.deepEqual(store.missingContent(one.ranges, newLink), [0], 'a newer link asks for the bytes');
+    assert.deepEqual(store.applyMirrored(vol, one.ranges, new Map(), newLink), { missing: [0] });
+    const r = store.applyMirrored(vol, one.ranges, batch([x!]).provided, newLink);
+    assert.ok('written' in r);
+    await r.written;
+    fail.now(new Error('injected segment write failure'));
+    await assert.rejects(placed.written, /injected/);
+    await store.flush();
+    const got = Buffer.alloc(4096);
+    await new DedupDevice(store, vol, 16 * 4096).read(0, got);
+    assert.ok(got.equals(x!), "the newer link's copy stands");
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+  });
 });
