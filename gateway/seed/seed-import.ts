@@ -92,6 +92,12 @@ export async function importSeed(
       let r;
       try {
         r = store.applyMirrored(volume, [run], provided);
+        if ('missing' in r) {
+          // Content this gateway holds may be on its way to a segment for someone else
+          // (a client, a replica link): once the writes in flight are done, once more.
+          await store.flush().catch(() => undefined);
+          r = store.applyMirrored(volume, [run], provided);
+        }
       } catch (err) {
         if (err instanceof CorruptBlockError)
           throw new SeedFormatError(`blocks from ${run.lba}: ${err.message}`);

@@ -1893,7 +1893,10 @@ export class DedupStore {
           flags: rec.readUInt16BE(4),
           hash: p.hash,
         });
-        this.hashIndex.set(p.hash, p.id);
+        // A copy taken beside another's block in flight (unsettledBlock) leaves that one
+        // filed: replacing it would send others that count on it to ask for the bytes.
+        const filed = this.hashIndex.get(p.hash);
+        if (filed === undefined || !this.lookupData(filed)) this.hashIndex.set(p.hash, p.id);
         this.mirrorPlaced.set(p.id, owner);
       }
       const forget = (): void => {
@@ -1902,14 +1905,16 @@ export class DedupStore {
       };
       written = appended.written.then(forget, (err: unknown) => {
         forget();
-        // Nothing may point at bytes that never reached the disk: the blocks become
-        // holes, and the primary, told of the failure, sends the volume again.
-        for (const r of ranges)
-          for (let b = 0; b < r.kinds.length; b++) {
-            const key = metaKey(volume, r.lba + b);
-            const id = this.lookupMeta(key);
-            if (id !== undefined && placedIds.has(id)) this.setMeta(key, HOLE);
-          }
+        // Nothing may point at bytes that never reached the disk: every mapping to them
+        // becomes a hole (this batch's, and later batches' of the same link, which linked
+        // to them: all in the overlays, as the blocks are new), and the primary, told of
+        // the failure, sends the volume again.
+        const keys: number[] = [];
+        for (const o of [this.frozen, this.live])
+          o?.meta.forEach((id, key) => {
+            if (placedIds.has(id)) keys.push(key);
+          });
+        for (const key of keys) if (placedIds.has(this.lookupMeta(key) ?? HOLE)) this.setMeta(key, HOLE);
         for (const p of placed) this.hashIndex.delete(p.hash, p.id);
         throw err;
       });

@@ -200,4 +200,50 @@ describe('applying mirrored batches', () => {
     await store.close();
     assert.deepEqual(fsckStore(dir).problems, []);
   });
+
+  it("holes a later batch's link to a block whose write then fails, as well as the placing batch's", async () => {
+    const dir = path.join(tmp, `s${n++}`);
+    const store = DedupStore.open(dir, silentLogger, { secretSeed: seed, hashPoolMin: null });
+    const [x] = blocks(1);
+    const fail = failNextAppend(store);
+    const vol = store.volumeId('m');
+    const link = {};
+    const at = (lba: number) => [{ lba, kinds: Buffer.from([KIND_DATA]), cids: hasher.hash(x!) }];
+    const placing = store.applyMirrored(vol, at(0), batch([x!]).provided, link);
+    assert.ok('written' in placing);
+    const linking = store.applyMirrored(vol, at(1), new Map(), link);
+    assert.ok('written' in linking, 'the same link links to its own block in flight');
+    await linking.written;
+    await new Promise((r) => setTimeout(r, 20)); // the placing write's bytes land, its answer waits
+    fail.now(new Error('injected segment write failure'));
+    await assert.rejects(placing.written, /injected/);
+    await store.flush(); // a checkpoint before the primary sends the ranges again
+    const got = Buffer.alloc(2 * 4096);
+    await new DedupDevice(store, vol, 16 * 4096).read(0, got);
+    assert.ok(got.equals(Buffer.alloc(2 * 4096)), 'both blocks are holes until the primary resends');
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+  });
+
+  it('keeps the hash filed under the first copy when another link takes its own beside it', async () => {
+    const dir = path.join(tmp, `s${n++}`);
+    const store = DedupStore.open(dir, silentLogger, { secretSeed: seed, hashPoolMin: null });
+    const [x] = blocks(1);
+    const held = failNextAppend(store);
+    const first = {};
+    const second = {};
+    const one = batch([x!]);
+    const placed = store.applyMirrored(store.volumeId('v1'), one.ranges, one.provided, first);
+    assert.ok('written' in placed);
+    const copy = store.applyMirrored(store.volumeId('v2'), one.ranges, batch([x!]).provided, second);
+    assert.ok('written' in copy);
+    // The first link's next batch still finds its own block, and needs no bytes.
+    assert.deepEqual(store.missingContent(one.ranges, first), []);
+    await copy.written;
+    held.now(new Error('injected segment write failure'));
+    await assert.rejects(placed.written, /injected/);
+    await store.flush();
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+  });
 });
