@@ -1028,6 +1028,7 @@ export class DedupStore {
   /** Stores one 4 KiB block at (volume, lba): shared if its bytes are already stored, else appended. */
   async writeBlock(volume: number, lba: number, block: Buffer): Promise<void> {
     this.foregroundOps++;
+    this.refuseAfterSyncFailure();
     if (this.overFull()) await this.throttle();
     const key = metaKey(volume, lba);
     if (isZeroBlock(block)) {
@@ -1103,6 +1104,7 @@ export class DedupStore {
    * and so every metamap entry, stays the same.
    */
   async relocate(id: number, record: Buffer): Promise<void> {
+    this.refuseAfterSyncFailure();
     const { segment, offset, written } = this.segments.append(record);
     const inFlight = this.pending.addOne(id, record, written);
     const move = { segment, offset };
@@ -1243,6 +1245,7 @@ export class DedupStore {
    */
   async writeBlocks(volume: number, lba: number, data: Buffer): Promise<void> {
     this.foregroundOps++;
+    this.refuseAfterSyncFailure();
     if (this.overFull()) await this.throttle();
     const count = data.length / BLOCK;
     if (!this.pool || count < this.poolMinBlocks) return this.storeBatch(volume, lba, data, null);
@@ -1403,8 +1406,18 @@ export class DedupStore {
     }
   }
 
+  /**
+   * Once an fdatasync has failed, nothing new can become durable (segments.ts,
+   * syncFailure): changes are refused with EIO rather than acknowledged and lost.
+   */
+  private refuseAfterSyncFailure(): void {
+    const failed = this.segments.failed;
+    if (failed) throw failed;
+  }
+
   /** Makes the block a hole (never written) or a zero block. */
   discardBlock(volume: number, lba: number, asZero: boolean): void {
+    this.refuseAfterSyncFailure();
     this.setMeta(metaKey(volume, lba), asZero ? ZERO_BLOCK : (this.tree.entryFor(volume, undefined) ?? HOLE));
   }
 
@@ -1817,6 +1830,7 @@ export class DedupStore {
     owner?: object,
   ): { missing: number[] } | { written: Promise<void> } {
     this.foregroundOps++;
+    this.refuseAfterSyncFailure();
     const ids: number[] = [];
     const missing: number[] = [];
     /** New blocks by content id, with the ordinals that carry them (a batch may repeat one). */
@@ -1933,7 +1947,13 @@ export class DedupStore {
 
   async close(): Promise<void> {
     if (this.closed) return;
-    await this.flush(true);
+    try {
+      await this.flush(true);
+    } catch (err) {
+      // A store that can no longer sync still closes: it reopens at its last checkpoint.
+      if (!this.segments.failed) throw err;
+      this.log.error(`closing without a final checkpoint: ${(err as Error).message}`);
+    }
     this.closed = true;
     clearInterval(this.timer);
     await this.writer.close();

@@ -6,7 +6,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { native } from '../../native-bindings';
-import { toBlockError } from '../device/errors';
+import { BlockError, toBlockError } from '../device/errors';
 import { IoBatcher } from '../device/io-batcher';
 import { segmentFileName } from './layout';
 
@@ -32,6 +32,15 @@ export class SegmentFiles {
   /** Segments written since the last sync, and writes still in flight. */
   private dirty = new Set<number>();
   private inflight = new Set<Promise<void>>();
+  /**
+   * Set once an fdatasync has failed. Linux reports a writeback error once: a retry on
+   * the same file returns success with the pages marked clean but never written
+   * ("fsyncgate"). Believing it would let a checkpoint commit records that are not on
+   * disk, and the compactor delete the only durable copies of the blocks it moved. So,
+   * as PostgreSQL does, nothing is synced again until a restart, which rolls back to
+   * the last checkpoint that was.
+   */
+  private syncFailure: BlockError | null = null;
   /** Segment files created since the last sync: the directory must be synced too. */
   private newFiles = false;
 
@@ -206,6 +215,7 @@ export class SegmentFiles {
    * always one more in flight), then makes them durable.
    */
   async sync(): Promise<void> {
+    if (this.syncFailure) throw this.syncFailure;
     const started = [...this.inflight];
     // Taken now: segments dirtied from here on belong to the next sync.
     const dirty = [...this.dirty];
@@ -223,17 +233,35 @@ export class SegmentFiles {
           (n) =>
             new Promise<void>((resolve, reject) =>
               fs.fdatasync(this.segment(n).fd, (err) =>
-                err ? reject(toBlockError(err, `fdatasync segment ${n}`)) : resolve(),
+                err ? reject(this.failSync(toBlockError(err, `fdatasync segment ${n}`))) : resolve(),
               ),
             ),
         ),
       );
-      if (newFiles) await syncDirectory(this.dir);
+      if (newFiles)
+        await syncDirectory(this.dir).catch((err: unknown) => {
+          throw this.failSync(toBlockError(err, `fsync ${this.dir}`));
+        });
     } catch (err) {
       for (const n of dirty) this.dirty.add(n);
       if (newFiles) this.newFiles = true;
       throw err;
     }
+  }
+
+  /** Whether syncing has failed for good (see syncFailure). */
+  get failed(): BlockError | null {
+    return this.syncFailure;
+  }
+
+  private failSync(err: BlockError): BlockError {
+    this.syncFailure ??= new BlockError(
+      'EIO',
+      `${err.message}; writes since the last checkpoint may not be on disk, and this store takes no ` +
+        'more until the gateway restarts (it then opens at its last durable checkpoint)',
+      { cause: err },
+    );
+    return this.syncFailure;
   }
 
   /** Bytes of all segment files on disk. */

@@ -394,4 +394,32 @@ describe('dedup write path', () => {
     await store.close();
     assert.deepEqual(fsckStore(dir).problems, []);
   });
+
+  it('after a failed fdatasync, believes no retry: refuses checkpoints and writes, and reopens at the last durable checkpoint', async () => {
+    const { store, dir } = open();
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    await dev.write(0, block(1));
+    await store.flush();
+    await dev.write(4096, block(2));
+    const fdatasync = fs.fdatasync;
+    fs.fdatasync = ((fd: number, callback: (err: NodeJS.ErrnoException | null) => void) => {
+      fs.fdatasync = fdatasync;
+      void fd;
+      callback(Object.assign(new Error('EIO: i/o error, fdatasync (injected)'), { code: 'EIO' }));
+    }) as typeof fs.fdatasync;
+    try {
+      await assert.rejects(store.flush(), /fdatasync/);
+    } finally {
+      fs.fdatasync = fdatasync;
+    }
+    // Linux would now answer a second fdatasync with success, the failed pages never written.
+    await assert.rejects(store.flush(true), /until the gateway restarts/);
+    await assert.rejects(dev.write(8192, block(3)), { code: 'EIO' });
+    await store.close();
+    const reopened = DedupStore.open(dir, silentLogger);
+    const again = new DedupDevice(reopened, reopened.volumeId('a'), 1 << 20);
+    assert.ok((await readAll(again, 4096)).equals(block(1)), 'the last durable checkpoint');
+    await reopened.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+  });
 });
