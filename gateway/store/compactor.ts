@@ -126,8 +126,16 @@ export class Compactor {
         const length = RECORD_HEADER + h.storedLength;
         const e = this.store.lookupData(h.blockId);
         if (e && e.segment === n && e.offset === pos) {
-          await this.store.relocate(h.blockId, Buffer.from(buf.subarray(at, at + length)));
-          moved += length;
+          if (e.storedLength !== h.storedLength || !e.hash.equals(h.hash)) {
+            // Not the record the datamap describes: left where it is (the segment then stays)
+            // for reads to report, rather than copied as the block and its place deleted.
+            this.log.error(
+              `compaction: segment ${n} @${pos}: record header disagrees with block ${h.blockId}'s entry`,
+            );
+          } else {
+            await this.store.relocate(h.blockId, Buffer.from(buf.subarray(at, at + length)));
+            moved += length;
+          }
         }
         pos += length;
       }

@@ -192,6 +192,32 @@ describe('dedup store', () => {
     await store.close();
   });
 
+  it('does not compact away a record whose datamap entry disagrees with its header', async () => {
+    const dir = path.join(tmp, `s${n++}`);
+    let store = DedupStore.open(dir, silentLogger);
+    let dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    await dev.write(0, Buffer.concat([block(1), block(2), block(3)]));
+    await dev.trim(8192, 4096); // some garbage, so the segment is worth compacting
+    await store.close();
+    const { env, data } = openIndex(dir);
+    const [first] = [...data.getRange({ limit: 1 })];
+    const entry = Buffer.from(first!.value as Buffer);
+    entry[25] = entry[25]! ^ 0x01; // a bit of the block's hash
+    await data.put(first!.key as Buffer, entry);
+    await env.close();
+    store = DedupStore.open(dir, silentLogger);
+    dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    const compactor = new Compactor(store, silentLogger, { intervalMs: 0 });
+    const [segment] = store.segments.list();
+    await compactor.run(true);
+    assert.ok(fs.existsSync(store.segments.path(segment!)), 'the segment holding the disputed record stays');
+    const other = Buffer.alloc(4096);
+    await dev.read(4096, other);
+    assert.ok(other.equals(block(2)));
+    await compactor.close();
+    await store.close();
+  });
+
   it('reads blocks whose remembered record places were compacted away', async () => {
     const dir = path.join(tmp, `s${n++}`);
     const store = DedupStore.open(dir, silentLogger);
