@@ -26,6 +26,16 @@ function block(byte: number, tail = 0): Buffer {
   return b;
 }
 
+/** Flips a bit of the hash in the first datamap entry of a closed store. */
+async function flipEntryHashBit(dir: string): Promise<void> {
+  const { env, data } = openIndex(dir);
+  const [first] = [...data.getRange({ limit: 1 })];
+  const entry = Buffer.from(first!.value as Buffer);
+  entry[25] = entry[25]! ^ 0x01;
+  await data.put(first!.key as Buffer, entry);
+  await env.close();
+}
+
 describe('dedup store', () => {
   it('stores a block written to many places once', async () => {
     const store = fresh();
@@ -175,12 +185,7 @@ describe('dedup store', () => {
     await dev.write(0, Buffer.concat([block(1), block(2)]));
     await dev.flush();
     await store.close();
-    const { env, data } = openIndex(dir);
-    const [first] = [...data.getRange({ limit: 1 })];
-    const entry = Buffer.from(first!.value as Buffer);
-    entry[25] = entry[25]! ^ 0x01; // a bit of the block's hash
-    await data.put(first!.key as Buffer, entry);
-    await env.close();
+    await flipEntryHashBit(dir);
     store = DedupStore.open(dir, silentLogger);
     dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
     // Twice: a failed read must not leave a hint that makes the next one succeed.
@@ -199,12 +204,7 @@ describe('dedup store', () => {
     await dev.write(0, Buffer.concat([block(1), block(2), block(3)]));
     await dev.trim(8192, 4096); // some garbage, so the segment is worth compacting
     await store.close();
-    const { env, data } = openIndex(dir);
-    const [first] = [...data.getRange({ limit: 1 })];
-    const entry = Buffer.from(first!.value as Buffer);
-    entry[25] = entry[25]! ^ 0x01; // a bit of the block's hash
-    await data.put(first!.key as Buffer, entry);
-    await env.close();
+    await flipEntryHashBit(dir);
     store = DedupStore.open(dir, silentLogger);
     dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
     const compactor = new Compactor(store, silentLogger, { intervalMs: 0 });
