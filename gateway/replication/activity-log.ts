@@ -10,6 +10,10 @@ import path from 'node:path';
 
 export class ActivityLog {
   private readonly marks: Uint8Array;
+  /** Marks known to be on disk (a durable write of them completed). */
+  private readonly durable: Uint8Array;
+  /** The latest durable write started: it covers every mark made before it runs. */
+  private latestDurable: Promise<void> | null = null;
   /** Writes of the file, one after another; each writes the marks as they are when it runs. */
   private chain: Promise<void> = Promise.resolve();
   /** The next durable write, shared by every mark made before it starts. */
@@ -26,6 +30,8 @@ export class ActivityLog {
     this.marks = new Uint8Array(chunks);
     if (existing && existing.length === chunks) this.marks.set(existing);
     else this.marks.fill(1);
+    // Read from disk, or created on disk with every chunk marked before this runs.
+    this.durable = Uint8Array.from(this.marks);
   }
 
   /**
@@ -66,30 +72,37 @@ export class ActivityLog {
     return this.marks[chunk] === 1;
   }
 
-  /** Marks chunks first..last; null when they all were, else resolves once the marks are durable. */
+  /**
+   * Marks chunks first..last; null when they all are marked on disk already, else
+   * resolves once they are. A chunk another change marked a moment ago is not on disk
+   * until that change's write lands: this one waits for it too.
+   */
   mark(first: number, last: number): Promise<void> | null {
     let added = false;
+    let pending = false;
     for (let c = first; c <= last && c < this.marks.length; c++) {
       if (!this.marks[c]) {
         this.marks[c] = 1;
         added = true;
-      }
+      } else if (!this.durable[c]) pending = true;
     }
-    if (!added) return null;
-    if (!this.nextDurable) {
+    if (added && !this.nextDurable) {
       // Shared by marks made until its snapshot is taken; later ones need the write after.
       const p: Promise<void> = this.write(true, () => {
         if (this.nextDurable === p) this.nextDurable = null;
       });
       this.nextDurable = p;
+      this.latestDurable = p;
     }
-    return this.nextDurable;
+    // Writes run one after another: the latest durable one lands after every earlier one.
+    return added || pending ? this.latestDurable : null;
   }
 
   /** The replica holds the chunk durably: unmarked, written to disk later. */
   unmark(chunk: number): void {
     if (!this.marks[chunk]) return;
     this.marks[chunk] = 0;
+    this.durable[chunk] = 0;
     this.changed = true;
   }
 
@@ -104,13 +117,22 @@ export class ActivityLog {
       if (this.closed) return;
       this.changed = false;
       const snapshot = Buffer.from(this.marks);
-      await new Promise<void>((resolve, reject) =>
-        fs.write(this.fd, snapshot, 0, snapshot.length, 0, (err) => (err ? reject(err) : resolve())),
-      );
-      if (durable)
+      try {
         await new Promise<void>((resolve, reject) =>
-          fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())),
+          fs.write(this.fd, snapshot, 0, snapshot.length, 0, (err) => (err ? reject(err) : resolve())),
         );
+        if (durable)
+          await new Promise<void>((resolve, reject) =>
+            fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())),
+          );
+      } catch (err) {
+        // Not on disk: the next change to these chunks marks them again, with a new write.
+        if (durable)
+          for (let c = 0; c < snapshot.length; c++) if (snapshot[c] && !this.durable[c]) this.marks[c] = 0;
+        throw err;
+      }
+      if (durable)
+        for (let c = 0; c < snapshot.length; c++) if (snapshot[c] && this.marks[c]) this.durable[c] = 1;
     };
     const p = this.chain.then(run, run);
     this.chain = p.catch(() => undefined);

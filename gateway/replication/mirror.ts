@@ -290,7 +290,12 @@ export class Mirror {
       release: () => {
         if (released) return;
         released = true;
-        for (let c = first; c <= last; c++) this.active[c]!--;
+        // Touched again as the change ends: its last mapping was set before this moment.
+        const ended = Date.now();
+        for (let c = first; c <= last; c++) {
+          this.active[c]!--;
+          this.touched[c] = ended;
+        }
       },
     };
   }
@@ -309,8 +314,12 @@ export class Mirror {
     // Only chunks left alone for a while: a hot chunk unmarked between two writes would
     // make its next write wait for a durable mark (DRBD keeps its hot extents for this).
     const cool = Date.now() - AL_COOL_MS;
+    // Nor while the chunk's last change is in this store's memory only: after a crash it
+    // would reopen without it while the replica keeps it, and an unmarked chunk is not resent.
+    const durable = this.store.durableAsOf;
     for (let c = 0; c < busy.length; c++) {
       if (busy[c] || this.active[c] || this.dirty.has(c) || this.touched[c]! > cool) continue;
+      if (this.touched[c]! >= durable) continue;
       if (this.al.marked(c)) this.al.unmark(c);
     }
     this.al.saveLazily();

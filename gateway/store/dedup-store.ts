@@ -294,6 +294,12 @@ export class DedupStore {
   /** Records whose segment write is still in flight, by block id. */
   /** Client reads and writes served so far: the compactor slows down while it moves. */
   foregroundOps = 0;
+  /**
+   * When (Date.now()) the last checkpoint that committed froze its overlay: every change
+   * made before then is durable here. A mirror's activity log unmarks a chunk only once
+   * its last change is older (mirror.ts, settleLog).
+   */
+  durableAsOf = Date.now();
   private readonly pending = new PendingRecords();
   private readonly requestHashes = new NumMap(1024);
   /** The latest records written, by block id (oldest first), for mirrors (remember()). */
@@ -1444,6 +1450,7 @@ export class DedupStore {
   }
 
   private async checkpoint(): Promise<void> {
+    const frozenAt = Date.now();
     const frozen = this.live;
     this.frozen = frozen;
     this.live = this.spare;
@@ -1467,6 +1474,7 @@ export class DedupStore {
       throw err;
     }
     // Committed: from here on, nothing may fold the frozen changes back in.
+    this.durableAsOf = frozenAt;
     try {
       this.adoptCommit(reply, gone);
     } finally {

@@ -54,8 +54,42 @@ describe('activity log', () => {
     const a = log.mark(2, 2);
     const b = log.mark(3, 4);
     assert.equal(a, b);
-    assert.equal(log.mark(3, 3), null, 'already marked');
     await a;
+    assert.equal(log.mark(3, 3), null, 'already marked on disk');
+    await log.close();
+  });
+
+  it('makes a change to a chunk whose mark is still on its way to disk wait for it', async () => {
+    const file = path.join(tmp, `a${n++}.al`);
+    const { log } = ActivityLog.open(file, 8);
+    for (let c = 0; c < 8; c++) log.unmark(c);
+    const first = log.mark(2, 2)!;
+    const again = log.mark(2, 2);
+    assert.notEqual(again, null, 'the mark is in memory only');
+    await again;
+    assert.equal(fs.readFileSync(file)[2], 1, 'what it waited for is on disk');
+    await first;
+    await log.close();
+  });
+
+  it('marks a chunk again when the durable write of its mark fails', async () => {
+    const file = path.join(tmp, `a${n++}.al`);
+    const { log } = ActivityLog.open(file, 8);
+    for (let c = 0; c < 8; c++) log.unmark(c);
+    const fdatasync = fs.fdatasync;
+    fs.fdatasync = ((_fd: number, callback: (err: NodeJS.ErrnoException | null) => void) => {
+      fs.fdatasync = fdatasync;
+      callback(Object.assign(new Error('EIO: i/o error, fdatasync (injected)'), { code: 'EIO' }));
+    }) as typeof fs.fdatasync;
+    try {
+      await assert.rejects(log.mark(4, 4)!, /injected/);
+    } finally {
+      fs.fdatasync = fdatasync;
+    }
+    const retry = log.mark(4, 4);
+    assert.notEqual(retry, null, 'not taken as marked');
+    await retry;
+    assert.equal(log.mark(4, 4), null);
     await log.close();
   });
 
