@@ -14,6 +14,8 @@ export class ActivityLog {
   private readonly durable: Uint8Array;
   /** The latest durable write started: it covers every mark made before it runs. */
   private latestDurable: Promise<void> | null = null;
+  /** A durable write failed since the latest one started: marks it held need another. */
+  private durableFailed = false;
   /** Writes of the file, one after another; each writes the marks as they are when it runs. */
   private chain: Promise<void> = Promise.resolve();
   /** The next durable write, shared by every mark made before it starts. */
@@ -86,13 +88,14 @@ export class ActivityLog {
         added = true;
       } else if (!this.durable[c]) pending = true;
     }
-    if (added && !this.nextDurable) {
+    if ((added || (pending && this.durableFailed)) && !this.nextDurable) {
       // Shared by marks made until its snapshot is taken; later ones need the write after.
       const p: Promise<void> = this.write(true, () => {
         if (this.nextDurable === p) this.nextDurable = null;
       });
       this.nextDurable = p;
       this.latestDurable = p;
+      this.durableFailed = false;
     }
     // Writes run one after another: the latest durable one lands after every earlier one.
     return added || pending ? this.latestDurable : null;
@@ -126,9 +129,9 @@ export class ActivityLog {
             fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())),
           );
       } catch (err) {
-        // Not on disk: the next change to these chunks marks them again, with a new write.
-        if (durable)
-          for (let c = 0; c < snapshot.length; c++) if (snapshot[c] && !this.durable[c]) this.marks[c] = 0;
+        // Not on disk. The marks stay (a change may be waiting on a later write, which
+        // takes them too); the next change to one of them starts another durable write.
+        if (durable) this.durableFailed = true;
         throw err;
       }
       if (durable)

@@ -163,7 +163,10 @@ export class Mirror {
   private readonly al: ActivityLog;
   /** Changes under way per chunk (activated, not yet captured): never unmarked meanwhile. */
   private readonly active: Uint32Array;
-  /** When a change last touched each chunk (ms): the activity log keeps hot chunks marked. */
+  /**
+   * When a change last touched each chunk (performance.now(), which no clock step moves):
+   * the activity log keeps hot chunks marked, and those changed since the last checkpoint.
+   */
   private readonly touched: Float64Array;
   /** Sync batches sent and not yet acknowledged (the window counts these only). */
   private resyncInflight = 0;
@@ -279,7 +282,7 @@ export class Mirror {
   activate(lba: number, count: number): { ready: Promise<void> | null; release: () => void } {
     const first = Math.floor(lba / CHUNK_BLOCKS);
     const last = Math.min(Math.floor((lba + Math.max(count, 1) - 1) / CHUNK_BLOCKS), this.dirty.chunks - 1);
-    const now = Date.now();
+    const now = performance.now();
     for (let c = first; c <= last; c++) {
       this.active[c]!++;
       this.touched[c] = now;
@@ -291,7 +294,7 @@ export class Mirror {
         if (released) return;
         released = true;
         // Touched again as the change ends: its last mapping was set before this moment.
-        const ended = Date.now();
+        const ended = performance.now();
         for (let c = first; c <= last; c++) {
           this.active[c]!--;
           this.touched[c] = ended;
@@ -313,7 +316,7 @@ export class Mirror {
     for (const r of this.volatile) cover(r.lba, r.count);
     // Only chunks left alone for a while: a hot chunk unmarked between two writes would
     // make its next write wait for a durable mark (DRBD keeps its hot extents for this).
-    const cool = Date.now() - AL_COOL_MS;
+    const cool = performance.now() - AL_COOL_MS;
     // Nor while the chunk's last change is in this store's memory only: after a crash it
     // would reopen without it while the replica keeps it, and an unmarked chunk is not resent.
     const durable = this.store.durableAsOf;

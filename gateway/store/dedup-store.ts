@@ -295,11 +295,11 @@ export class DedupStore {
   /** Client reads and writes served so far: the compactor slows down while it moves. */
   foregroundOps = 0;
   /**
-   * When (Date.now()) the last checkpoint that committed froze its overlay: every change
+   * When (performance.now()) the last checkpoint that committed froze its overlay: every change
    * made before then is durable here. A mirror's activity log unmarks a chunk only once
    * its last change is older (mirror.ts, settleLog).
    */
-  durableAsOf = Date.now();
+  durableAsOf = performance.now();
   private readonly pending = new PendingRecords();
   private readonly requestHashes = new NumMap(1024);
   /** The latest records written, by block id (oldest first), for mirrors (remember()). */
@@ -1450,7 +1450,7 @@ export class DedupStore {
   }
 
   private async checkpoint(): Promise<void> {
-    const frozenAt = Date.now();
+    const frozenAt = performance.now();
     const frozen = this.live;
     this.frozen = frozen;
     this.live = this.spare;

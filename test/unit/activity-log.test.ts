@@ -9,6 +9,16 @@ const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-al-'));
 after(() => fs.rmSync(tmp, { recursive: true, force: true }));
 let n = 0;
 
+/** The next fdatasync fails (EIO) a moment later, as a failing disk's would; returns an undo. */
+function failNextFdatasync(): () => void {
+  const fdatasync = fs.fdatasync;
+  fs.fdatasync = ((_fd: number, callback: (err: NodeJS.ErrnoException | null) => void) => {
+    fs.fdatasync = fdatasync;
+    setImmediate(() => callback(Object.assign(new Error('EIO: fdatasync (injected)'), { code: 'EIO' })));
+  }) as typeof fs.fdatasync;
+  return () => (fs.fdatasync = fdatasync);
+}
+
 describe('activity log', () => {
   it('starts with every chunk marked when there is no file', async () => {
     const { log, resumed } = ActivityLog.open(path.join(tmp, `a${n++}.al`), 8);
@@ -72,19 +82,15 @@ describe('activity log', () => {
     await log.close();
   });
 
-  it('marks a chunk again when the durable write of its mark fails', async () => {
+  it('writes a mark again after the durable write of it fails', async () => {
     const file = path.join(tmp, `a${n++}.al`);
     const { log } = ActivityLog.open(file, 8);
     for (let c = 0; c < 8; c++) log.unmark(c);
-    const fdatasync = fs.fdatasync;
-    fs.fdatasync = ((_fd: number, callback: (err: NodeJS.ErrnoException | null) => void) => {
-      fs.fdatasync = fdatasync;
-      callback(Object.assign(new Error('EIO: i/o error, fdatasync (injected)'), { code: 'EIO' }));
-    }) as typeof fs.fdatasync;
+    const restore = failNextFdatasync();
     try {
       await assert.rejects(log.mark(4, 4)!, /injected/);
     } finally {
-      fs.fdatasync = fdatasync;
+      restore();
     }
     const retry = log.mark(4, 4);
     assert.notEqual(retry, null, 'not taken as marked');
@@ -98,5 +104,29 @@ describe('activity log', () => {
     const { log } = ActivityLog.open(file, 4);
     await log.close(true);
     assert.equal(fs.existsSync(file), false);
+  });
+
+  it('keeps a mark whose write failed for the later write a change waits on', async () => {
+    const file = path.join(tmp, `a${n++}.al`);
+    const { log } = ActivityLog.open(file, 8);
+    for (let c = 0; c < 8; c++) log.unmark(c);
+    const restore = failNextFdatasync();
+    try {
+      const a = log.mark(2, 2)!;
+      a.catch(() => undefined);
+      await Promise.resolve(); // a's write has taken its snapshot
+      await Promise.resolve();
+      const c = log.mark(5, 5)!; // the next durable write
+      const b = log.mark(2, 2)!; // chunk 2 is not on disk yet: b waits, on the latest write
+      assert.equal(b, c);
+      await assert.rejects(a, /injected/);
+      await b;
+    } finally {
+      restore();
+    }
+    const disk = fs.readFileSync(file);
+    assert.equal(disk[2], 1, 'what b waited for is on disk');
+    assert.equal(disk[5], 1);
+    await log.close();
   });
 });
