@@ -67,6 +67,17 @@ export class ActivityLog {
       }
     }
     const fd = fs.openSync(file, 'r+');
+    if (resumed) {
+      try {
+        // What was read may be page cache a crashed process never synced (a lazy write,
+        // or pages a failed fdatasync left clean): made durable before it is trusted.
+        fs.writeSync(fd, existing!, 0, chunks, 0);
+        fs.fdatasyncSync(fd);
+      } catch (err) {
+        fs.closeSync(fd);
+        throw err;
+      }
+    }
     return { log: new ActivityLog(file, fd, chunks, resumed ? existing : null), resumed };
   }
 
@@ -122,7 +133,13 @@ export class ActivityLog {
       const snapshot = Buffer.from(this.marks);
       try {
         await new Promise<void>((resolve, reject) =>
-          fs.write(this.fd, snapshot, 0, snapshot.length, 0, (err) => (err ? reject(err) : resolve())),
+          fs.write(this.fd, snapshot, 0, snapshot.length, 0, (err, written) =>
+            err
+              ? reject(err)
+              : written !== snapshot.length
+                ? reject(new Error(`activity log: short write (${written} of ${snapshot.length} bytes)`))
+                : resolve(),
+          ),
         );
         if (durable)
           await new Promise<void>((resolve, reject) =>

@@ -129,4 +129,44 @@ describe('activity log', () => {
     assert.equal(disk[5], 1);
     await log.close();
   });
+
+  it('syncs the marks it resumes from before trusting them', async () => {
+    const file = path.join(tmp, `a${n++}.al`);
+    let { log } = ActivityLog.open(file, 8);
+    await log.close();
+    const fdatasyncSync = fs.fdatasyncSync;
+    let synced = 0;
+    fs.fdatasyncSync = (fd: number) => {
+      synced++;
+      fdatasyncSync(fd);
+    };
+    try {
+      ({ log } = ActivityLog.open(file, 8));
+    } finally {
+      fs.fdatasyncSync = fdatasyncSync;
+    }
+    assert.equal(synced, 1, 'page cache a crashed process left is made durable first');
+    await log.close();
+  });
+
+  it('fails a mark whose write of the file came up short, and writes it again', async () => {
+    const file = path.join(tmp, `a${n++}.al`);
+    const { log } = ActivityLog.open(file, 8);
+    for (let c = 0; c < 8; c++) log.unmark(c);
+    const write = fs.write;
+    (fs as { write: unknown }).write = (...args: unknown[]) => {
+      fs.write = write;
+      const callback = args[args.length - 1] as (err: null, written: number) => void;
+      setImmediate(() => callback(null, 1)); // as ENOSPC part-way through can
+    };
+    try {
+      await assert.rejects(log.mark(6, 6)!, /short write/);
+    } finally {
+      fs.write = write;
+    }
+    await log.mark(6, 6);
+    assert.equal(fs.readFileSync(file)[6], 1);
+    assert.equal(log.mark(6, 6), null);
+    await log.close();
+  });
 });
