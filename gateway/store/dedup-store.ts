@@ -210,6 +210,13 @@ interface StoreState {
   zeroRef?: number[];
   /** Snapshots and clones: which volume reads fall through to. */
   tree?: TreeState;
+  /**
+   * Checkpoints committed so far. The index writer takes only the next one, and a
+   * store that lost a commit's reply learns from it whether the commit landed.
+   */
+  commitSeq?: number;
+  /** Made afresh for every commit attempt: says which attempt landed, not only which number. */
+  commitToken?: string;
 }
 
 export interface StoreStats {
@@ -348,6 +355,7 @@ export class DedupStore {
     private readonly metaDb: Database<Buffer, Buffer>,
     private readonly dataDb: Database<Buffer, Buffer>,
     private readonly hashDb: Database<Buffer, Buffer>,
+    private readonly stateDb: Database<unknown, string>,
     private state: StoreState,
     readonly segments: SegmentFiles,
     private readonly log: Logger,
@@ -416,6 +424,7 @@ export class DedupStore {
       metaDb,
       dataDb,
       hashDb,
+      stateDb,
       state,
       segments,
       log,
@@ -1454,12 +1463,14 @@ export class DedupStore {
     const frozen = this.live;
     this.frozen = frozen;
     this.live = this.spare;
-    let reply: CheckpointReply;
-    let gone: Array<{ id: number; hash: Buffer }>;
+    const seq = (this.state.commitSeq ?? 0) + 1;
+    const token = crypto.randomBytes(8).toString('hex');
+    let reply: CheckpointReply | null = null;
+    let gone: Array<{ id: number; hash: Buffer }> = [];
     try {
       gone = this.markDying(frozen);
       // Taken at the freeze: the counters go on moving with the live overlay.
-      const owned = this.ownedState();
+      const owned = this.ownedState(seq, token);
       await this.segments.sync();
       const started = process.hrtime.bigint();
       reply = await this.writer.commit(this.tables.encode(frozen, this.dying, owned));
@@ -1467,14 +1478,21 @@ export class DedupStore {
         `checkpoint: ${frozen.size} changes committed in ${(Number(process.hrtime.bigint() - started) / 1e6).toFixed(1)} ms`,
       );
     } catch (err) {
-      // Nothing was lost from memory: fold the frozen changes back under the live ones.
-      this.merge(frozen);
-      this.frozen = null;
-      this.dying.clear();
-      throw err;
+      // A writer that died (or whose answer went astray) after its commit landed: the
+      // changes are in the index, and folding them back would apply them twice.
+      reply = this.landedCommit(seq, token);
+      if (!reply) {
+        // Nothing was lost from memory: fold the frozen changes back under the live ones.
+        this.merge(frozen);
+        this.frozen = null;
+        this.dying.clear();
+        throw err;
+      }
+      this.log.warn(`checkpoint ${seq}: the index writer failed after its commit landed (${err}); kept`);
     }
     // Committed: from here on, nothing may fold the frozen changes back in.
     this.durableAsOf = frozenAt;
+    this.state.commitSeq = seq;
     try {
       this.adoptCommit(reply, gone);
     } finally {
@@ -1507,10 +1525,41 @@ export class DedupStore {
     return gone;
   }
 
+  /**
+   * What the index says of checkpoint `seq` (attempt `token`) when its writer failed:
+   * null if it did not land; if it did, the writer's answer rebuilt from what it
+   * committed. The blocks it deleted are the dying ones the datamap no longer holds.
+   */
+  private landedCommit(seq: number, token: string): CheckpointReply | null {
+    let s: StoreState | undefined;
+    try {
+      this.env.resetReadTxn();
+      s = this.stateDb.get('store') as StoreState | undefined;
+    } catch {
+      return null;
+    }
+    if (s?.commitSeq !== seq || s.commitToken !== token) return null;
+    const key = Buffer.allocUnsafe(8);
+    const deleted = new NumMap();
+    this.dying.forEach((_v, id) => {
+      if (!this.dataDb.getBinaryFast(encodeIdInto(id, key))) deleted.set(id, 1);
+    });
+    // Their hashes came only with the lost answer: found by id instead.
+    this.hashIndex.deleteIds(deleted);
+    return {
+      counters: { uniqueBlocks: s.uniqueBlocks, storedBytes: s.storedBytes, segmentLive: s.segmentLive },
+      zeroRef: Float64Array.from(s.zeroRef ?? []),
+      gone: { ids: new Float64Array(0), hashes: new Uint8Array(0) },
+      missing: [],
+    };
+  }
+
   /** The state the checkpoint records beside the tables; the writer owns the counters it changes (blocks, bytes, segments). */
-  private ownedState(): string {
+  private ownedState(commitSeq: number, commitToken: string): string {
     const s = this.state;
     return JSON.stringify({
+      commitSeq,
+      commitToken,
       version: s.version,
       secret: s.secret,
       nextBlockId: s.nextBlockId,

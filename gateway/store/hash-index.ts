@@ -84,6 +84,25 @@ export class HashIndex {
     this.count--;
   }
 
+  /**
+   * Removes the entries of the ids `gone` holds, whatever their hashes: for blocks a
+   * commit deleted when their hashes were not reported (a commit whose reply was
+   * lost). Walks the whole table; a rare path.
+   */
+  deleteIds(gone: { has(id: number): boolean }): void {
+    const found: Array<[number, number, number]> = [];
+    for (let i = 0; i < this.ids.length; i++) {
+      const id = this.ids[i]!;
+      if (id !== EMPTY && gone.has(id)) found.push([this.lo[i]!, this.hi[i]!, id]);
+    }
+    const key = Buffer.allocUnsafe(8);
+    for (const [lo, hi, id] of found) {
+      key.writeUInt32LE(lo, 0);
+      key.writeUInt32LE(hi, 4);
+      this.delete(key, id);
+    }
+  }
+
   private put(lo: number, hi: number, id: number, replace: boolean): void {
     if ((this.count + 1) / this.ids.length > MAX_LOAD) this.grow();
     for (let i = lo & this.mask; ; i = (i + 1) & this.mask) {

@@ -29,6 +29,8 @@ interface WriterState {
   segmentLive: Record<string, number>;
   /** Blocks kept at reference count zero: deleted once a checkpoint finds them untouched. */
   zeroRef: number[];
+  /** Checkpoints committed so far: a request must carry the next number. */
+  commitSeq: number;
 }
 
 /**
@@ -48,6 +50,7 @@ function loadCommitted(): { state: WriterState; zero: NumMap } {
       storedBytes: c?.storedBytes ?? 0,
       segmentLive: { ...(c?.segmentLive ?? {}) },
       zeroRef: [],
+      commitSeq: c?.commitSeq ?? 0,
     },
     zero,
   };
@@ -62,6 +65,14 @@ const entryBuf = Buffer.allocUnsafe(36);
 function apply(req: CheckpointRequest): CheckpointReply {
   committed ??= loadCommitted();
   const { zero } = committed;
+  const recorded = JSON.parse(req.state) as { commitSeq: number };
+  // The deltas are relative: a checkpoint applied twice (its commit landed, its reply
+  // did not reach the store, which then retried it) would count every change twice.
+  if (recorded.commitSeq !== committed.state.commitSeq + 1) {
+    throw new Error(
+      `checkpoint ${recorded.commitSeq} is out of order: the index holds checkpoint ${committed.state.commitSeq}`,
+    );
+  }
   // Counters are changed on a copy: the transaction may still fail.
   const state: WriterState = { ...committed.state, segmentLive: { ...committed.state.segmentLive } };
   const missing: number[] = [];
@@ -158,7 +169,8 @@ function apply(req: CheckpointRequest): CheckpointReply {
   let z = 0;
   zero.forEach((_v, id) => (zeroRef[z++] = id));
   state.zeroRef = Array.from(zeroRef);
-  stateDb.put('store', { ...(JSON.parse(req.state) as object), ...state });
+  state.commitSeq = recorded.commitSeq;
+  stateDb.put('store', { ...recorded, ...state });
   committed.state = state;
   return {
     counters: {

@@ -292,6 +292,81 @@ describe('fsck', () => {
   });
 });
 
+describe('index writer failures', () => {
+  interface Writer {
+    commit(r: unknown): Promise<unknown>;
+  }
+  /** The next commit lands, and its answer is lost (a writer that died before replying). */
+  function loseNextAnswer(store: DedupStore): void {
+    const writer = (store as unknown as { writer: Writer }).writer;
+    const commit = writer.commit.bind(writer);
+    writer.commit = async (r) => {
+      writer.commit = commit;
+      await commit(r);
+      throw new Error('index writer exited with code 1');
+    };
+  }
+
+  function read(dev: DedupDevice, lba: number): Promise<Buffer> {
+    const got = Buffer.alloc(4096);
+    return dev.read(lba * 4096, got).then(() => got);
+  }
+
+  it('keeps a checkpoint whose commit landed though the writer died before answering, counting it once', async () => {
+    const dir = path.join(tmp, `lost${n++}`);
+    const store = DedupStore.open(dir, silentLogger);
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    await dev.write(0, block(1));
+    await dev.write(4096, block(1)); // two references to one block
+    await dev.write(8192, block(2));
+    await store.flush();
+    await dev.write(0, block(3)); // block(1) down to one reference
+    await dev.trim(8192, 4096); // block(2) down to none
+    loseNextAnswer(store);
+    await store.flush(); // applied twice, block(1) would reach zero with a reference left
+    await store.flush(true);
+    await store.flush(true);
+    assert.ok((await read(dev, 0)).equals(block(3)));
+    assert.ok((await read(dev, 1)).equals(block(1)));
+    assert.equal((await store.stats()).uniqueBlocks, 2);
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+  });
+
+  it('has the writer refuse a checkpoint numbered as one it already committed', async () => {
+    const dir = path.join(tmp, `seq${n++}`);
+    const store = DedupStore.open(dir, silentLogger);
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    await dev.write(0, block(1));
+    await store.flush();
+    const state = (store as unknown as { state: { commitSeq: number } }).state;
+    state.commitSeq--; // as a store that missed its last commit landing would number the next
+    await dev.write(4096, block(2));
+    await assert.rejects(store.flush(), /checkpoint \d+ is out of order/);
+    state.commitSeq++;
+    await store.flush();
+    assert.ok((await read(dev, 1)).equals(block(2)));
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+  });
+
+  it('unfiles the blocks a checkpoint deleted when the writer died before naming them', async () => {
+    const store = fresh();
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    const filed = (): number => (store as unknown as { hashIndex: { size: number } }).hashIndex.size;
+    await dev.write(0, block(1));
+    await dev.write(4096, block(2));
+    await store.flush();
+    await dev.write(0, block(3)); // block(1) reaches zero references
+    await store.flush();
+    loseNextAnswer(store);
+    await store.flush(true); // the checkpoint that deletes block(1)
+    assert.equal((await store.stats()).uniqueBlocks, 2);
+    assert.equal(filed(), 2);
+    await store.close();
+  });
+});
+
 describe('index memory map', () => {
   it('lets go of the index mapping after a checkpoint without losing a block', async () => {
     const dir = path.join(tmp, `map${n++}`);
