@@ -17,7 +17,7 @@ export interface CheckpointCounters {
 
 /** Row kinds (bits). */
 export const ROW_FRESH = 1;
-/** Delete the block if its count is still zero after this checkpoint's deltas. */
+/** Delete the block if its count is zero after this checkpoint's deltas (nothing can link to it meanwhile). */
 export const ROW_DYING = 2;
 export const ROW_MOVED = 4;
 
@@ -55,8 +55,11 @@ export class CheckpointTables {
   private meta = sharedFloats(2 * 4096);
   private rows = sharedFloats(ROW_SLOTS * 4096);
 
-  /** Fills the tables from a frozen overlay; valid until the next call. */
-  encode(o: Overlay, dying: NumMap, state: string): CheckpointRequest {
+  /**
+   * Fills the tables from a frozen overlay; valid until the next call. The writer may
+   * delete the `dying` blocks and the `releasing` ones (see DedupStore) at count zero.
+   */
+  encode(o: Overlay, dying: NumMap, releasing: NumMap, state: string): CheckpointRequest {
     const metaCount = o.meta.size;
     if (this.meta.length < metaCount * 2) this.meta = sharedFloats(2 * grown(metaCount));
     const meta = this.meta;
@@ -77,7 +80,7 @@ export class CheckpointTables {
       const m = o.moved.get(id);
       rows[at] = id;
       rows[at + 1] = o.refDelta.get(id) ?? 0;
-      rows[at + 2] = (dying.has(id) ? ROW_DYING : 0) | (m ? ROW_MOVED : 0);
+      rows[at + 2] = (dying.has(id) || releasing.has(id) ? ROW_DYING : 0) | (m ? ROW_MOVED : 0);
       rows[at + 7] = m?.segment ?? 0;
       rows[at + 8] = m?.offset ?? 0;
       return at;

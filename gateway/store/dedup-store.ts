@@ -298,6 +298,12 @@ export class DedupStore {
    * link to a block on its way out in between.
    */
   private readonly dying = new NumMap();
+  /**
+   * Blocks the running checkpoint takes references from: it deletes those it leaves with
+   * none in the same commit. Until it lands nothing may link to them by content (a
+   * duplicate gets stored instead); reads and existing mappings still reach them.
+   */
+  private readonly releasing = new NumMap();
   /** Records whose segment write is still in flight, by block id. */
   /** Client reads and writes served so far: the compactor slows down while it moves. */
   foregroundOps = 0;
@@ -634,6 +640,7 @@ export class DedupStore {
   private hashCandidate(hash: Buffer): { id: number; entry: DataEntry } | undefined {
     const id = this.hashIndex.get(hash);
     if (id === undefined) return undefined;
+    if (this.releasing.has(id)) return undefined;
     const entry = this.lookupData(id); // undefined for a dying block
     return entry && entry.hash.equals(hash) ? { id, entry } : undefined;
   }
@@ -1120,6 +1127,8 @@ export class DedupStore {
    */
   async relocate(id: number, record: Buffer): Promise<void> {
     this.refuseAfterSyncFailure();
+    // Perhaps deleted by the running checkpoint: moved by a later pass if it stays.
+    if (this.releasing.has(id)) return;
     const { segment, offset, written } = this.segments.append(record);
     const inFlight = this.pending.addOne(id, record, written);
     const move = { segment, offset };
@@ -1473,7 +1482,7 @@ export class DedupStore {
       const owned = this.ownedState(seq, token);
       await this.segments.sync();
       const started = process.hrtime.bigint();
-      reply = await this.writer.commit(this.tables.encode(frozen, this.dying, owned));
+      reply = await this.writer.commit(this.tables.encode(frozen, this.dying, this.releasing, owned));
       this.log.debug(
         `checkpoint: ${frozen.size} changes committed in ${(Number(process.hrtime.bigint() - started) / 1e6).toFixed(1)} ms`,
       );
@@ -1486,6 +1495,7 @@ export class DedupStore {
         this.merge(frozen);
         this.frozen = null;
         this.dying.clear();
+        this.releasing.clear();
         throw err;
       }
       this.log.warn(`checkpoint ${seq}: the index writer failed after its commit landed (${err}); kept`);
@@ -1498,6 +1508,7 @@ export class DedupStore {
     } finally {
       this.frozen = null;
       this.dying.clear();
+      this.releasing.clear();
       frozen.clear();
       this.spare = frozen;
     }
@@ -1516,7 +1527,16 @@ export class DedupStore {
       if (!frozen.refDelta.has(id) && !frozen.moved.has(id)) dying.set(id, 1);
     });
     for (const id of frozen.newData.idList()) if ((frozen.refDelta.get(id) ?? 0) <= 0) dying.set(id, 1);
-    for (const items of this.undoable) for (const { old } of items) if (old !== undefined) dying.delete(old);
+    const releasing = this.releasing;
+    frozen.refDelta.forEach((d, id) => {
+      if (d < 0 && !frozen.newData.has(id)) releasing.set(id, 1);
+    });
+    for (const items of this.undoable)
+      for (const { old } of items)
+        if (old !== undefined) {
+          dying.delete(old);
+          releasing.delete(old);
+        }
     const gone: Array<{ id: number; hash: Buffer }> = [];
     dying.forEach((_v, id) => {
       const hash = frozen.newData.hash(id);
@@ -1541,9 +1561,11 @@ export class DedupStore {
     if (s?.commitSeq !== seq || s.commitToken !== token) return null;
     const key = Buffer.allocUnsafe(8);
     const deleted = new NumMap();
-    this.dying.forEach((_v, id) => {
+    const check = (_v: number, id: number): void => {
       if (!this.dataDb.getBinaryFast(encodeIdInto(id, key))) deleted.set(id, 1);
-    });
+    };
+    this.dying.forEach(check);
+    this.releasing.forEach(check);
     // Their hashes came only with the lost answer: found by id instead.
     this.hashIndex.deleteIds(deleted);
     return {
@@ -1967,7 +1989,8 @@ export class DedupStore {
         // A copy taken beside another's block in flight (unsettledBlock) leaves that one
         // filed: replacing it would send others that count on it to ask for the bytes.
         const filed = this.hashIndex.get(p.hash);
-        if (filed === undefined || !this.lookupData(filed)) this.hashIndex.set(p.hash, p.id);
+        if (filed === undefined || this.releasing.has(filed) || !this.lookupData(filed))
+          this.hashIndex.set(p.hash, p.id);
         this.mirrorPlaced.set(p.id, owner);
       }
       const forget = (): void => {
