@@ -27,6 +27,19 @@ function block(byte: number, tail = 0): Buffer {
   return b;
 }
 
+/** A fresh store with volume 'a' as a 1 MiB device, and the directory it lives in. */
+function freshVolume(prefix = 's'): { dir: string; store: DedupStore; dev: DedupDevice } {
+  const dir = path.join(tmp, `${prefix}${n++}`);
+  const store = DedupStore.open(dir, silentLogger);
+  return { dir, store, dev: new DedupDevice(store, store.volumeId('a'), 1 << 20) };
+}
+
+/** Closes the store and checks it offline. */
+async function closeConsistent(store: DedupStore, dir: string): Promise<void> {
+  await store.close();
+  assert.deepEqual(fsckStore(dir).problems, []);
+}
+
 /** Flips a bit of the hash in the first datamap entry of a closed store. */
 async function flipEntryHashBit(dir: string): Promise<void> {
   const { env, data } = openIndex(dir);
@@ -112,22 +125,17 @@ describe('dedup store', () => {
   });
 
   it('deletes a block in the checkpoint that takes its last reference', async () => {
-    const dir = path.join(tmp, `s${n++}`);
-    const store = DedupStore.open(dir, silentLogger);
-    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    const { dir, store, dev } = freshVolume('s');
     await dev.write(0, block(1));
     await store.flush();
     await dev.write(0, block(2));
     await store.flush();
     assert.equal((await store.stats()).uniqueBlocks, 1);
-    await store.close();
-    assert.deepEqual(fsckStore(dir).problems, []);
+    await closeConsistent(store, dir);
   });
 
   it('serves a block the running checkpoint takes a reference from, and stores its content anew meanwhile', async () => {
-    const dir = path.join(tmp, `s${n++}`);
-    const store = DedupStore.open(dir, silentLogger);
-    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    const { dir, store, dev } = freshVolume('s');
     await dev.write(0, block(1));
     await dev.write(4096, block(1));
     await store.flush();
@@ -144,8 +152,7 @@ describe('dedup store', () => {
       assert.ok(got.equals(block(1)), `block ${lba}`);
     }
     assert.equal((await store.stats()).uniqueBlocks, 3);
-    await store.close();
-    assert.deepEqual(fsckStore(dir).problems, []);
+    await closeConsistent(store, dir);
   });
 
   it('keeps flushed writes across a close and reopen', async () => {
@@ -282,16 +289,13 @@ describe('dedup store', () => {
     await b.read(0, got);
     assert.ok(got.equals(expected), 'whole volume');
     await compactor.close();
-    await store.close();
-    assert.deepEqual(fsckStore(dir).problems, []);
+    await closeConsistent(store, dir);
   });
 });
 
 describe('fsck', () => {
   async function storeWithBlocks(): Promise<string> {
-    const dir = path.join(tmp, `fsck${n++}`);
-    const store = DedupStore.open(dir, silentLogger);
-    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    const { dir, store, dev } = freshVolume('fsck');
     for (let i = 0; i < 4; i++) await dev.write(i * 4096, block(i + 1, i));
     await store.close();
     return dir;
@@ -353,9 +357,7 @@ describe('index writer failures', () => {
   }
 
   it('keeps a checkpoint whose commit landed though the writer died before answering, counting it once', async () => {
-    const dir = path.join(tmp, `lost${n++}`);
-    const store = DedupStore.open(dir, silentLogger);
-    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    const { dir, store, dev } = freshVolume('lost');
     await dev.write(0, block(1));
     await dev.write(4096, block(1)); // two references to one block
     await dev.write(8192, block(2));
@@ -369,14 +371,11 @@ describe('index writer failures', () => {
     assert.ok((await read(dev, 0)).equals(block(3)));
     assert.ok((await read(dev, 1)).equals(block(1)));
     assert.equal((await store.stats()).uniqueBlocks, 2);
-    await store.close();
-    assert.deepEqual(fsckStore(dir).problems, []);
+    await closeConsistent(store, dir);
   });
 
   it('has the writer refuse a checkpoint numbered as one it already committed', async () => {
-    const dir = path.join(tmp, `seq${n++}`);
-    const store = DedupStore.open(dir, silentLogger);
-    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    const { dir, store, dev } = freshVolume('seq');
     await dev.write(0, block(1));
     await store.flush();
     const state = (store as unknown as { state: { commitSeq: number } }).state;
@@ -386,8 +385,7 @@ describe('index writer failures', () => {
     state.commitSeq++;
     await store.flush();
     assert.ok((await read(dev, 1)).equals(block(2)));
-    await store.close();
-    assert.deepEqual(fsckStore(dir).problems, []);
+    await closeConsistent(store, dir);
   });
 
   it('unfiles the blocks a checkpoint deleted when the writer died before naming them', async () => {
@@ -409,9 +407,7 @@ describe('index writer failures', () => {
 
 describe('index memory map', () => {
   it('lets go of the index mapping after a checkpoint without losing a block', async () => {
-    const dir = path.join(tmp, `map${n++}`);
-    const store = DedupStore.open(dir, silentLogger);
-    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    const { dir, store, dev } = freshVolume('map');
     for (let i = 0; i < 64; i++) await dev.write(i * 4096, block(i + 1, i));
     await store.flush(); // checkpoints, and drops the mapping's pages
     const indexFile = fs.realpathSync(path.join(dir, 'index', 'data.mdb'));
@@ -449,8 +445,7 @@ describe('dedup store under concurrency', () => {
     }
     const s = await store.stats();
     assert.equal(s.mappedBlocks, 10);
-    await store.close();
-    assert.deepEqual(fsckStore(dir).problems, []);
+    await closeConsistent(store, dir);
   });
 
   it('keeps contents and reference counts exact while writes race checkpoints', async () => {
@@ -516,8 +511,7 @@ describe('space reclamation', () => {
       assert.ok(got.equals(unique(100_000 + i)), `b block ${i / 8}`);
     }
     await compactor.close();
-    await store.close();
-    assert.deepEqual(fsckStore(dir).problems, []);
+    await closeConsistent(store, dir);
   });
 
   it('frees the space of a volume trimmed whole', async () => {
@@ -535,7 +529,6 @@ describe('space reclamation', () => {
       `${(await store.stats()).segmentBytes} of ${used} left`,
     );
     await compactor.close();
-    await store.close();
-    assert.deepEqual(fsckStore(dir).problems, []);
+    await closeConsistent(store, dir);
   });
 });
