@@ -9,7 +9,7 @@
 // a third of the CPU that reads right after a big rewrite wanted.
 
 import fs from 'node:fs';
-import { decodeRecordHeader, RECORD_HEADER } from './layout';
+import { decodeRecordHeader, RECORD_HEADER, RECORD_MAGIC } from './layout';
 import type { DedupStore } from './dedup-store';
 import type { Logger } from '../util/log';
 
@@ -39,6 +39,8 @@ const DEFAULTS: CompactorOptions = {
 const CHUNK = 1024 * 1024;
 /** Segments with less garbage than this are not worth a rewrite. */
 const MIN_GARBAGE = 1024 * 1024;
+const MAGIC = Buffer.alloc(4);
+MAGIC.writeUInt32BE(RECORD_MAGIC);
 
 export class Compactor {
   private running: Promise<CompactionResult> | null = null;
@@ -107,6 +109,10 @@ export class Compactor {
       let pos = 0;
       let buf = Buffer.alloc(0);
       let bufStart = 0;
+      // Past bytes that are no record: a write that failed (records appended beside it
+      // in the same tick may follow) or a torn tail. Until a record the datamap points at
+      // turns up, a header found there is a candidate only, and its length is not trusted.
+      let lost = false;
       const pace = { at: Date.now(), ops: this.store.foregroundOps };
       while (pos < size) {
         // Keep at least one whole record in the window.
@@ -118,14 +124,25 @@ export class Compactor {
           );
           buf = buf.subarray(0, got);
           bufStart = pos;
-          if (!this.wholeRecordAt(buf, 0)) break; // a torn tail from a crash: nothing live beyond
+          if (got === 0) break;
           await this.throttle(pace, got);
+          if (!this.wholeRecordAt(buf, 0)) {
+            lost = true;
+            pos = nextCandidate(buf, bufStart, 1);
+            continue;
+          }
         }
         const at = pos - bufStart;
         const h = decodeRecordHeader(buf, at)!;
         const length = RECORD_HEADER + h.storedLength;
         const e = this.store.lookupData(h.blockId);
-        if (e && e.segment === n && e.offset === pos) {
+        const placed = e !== undefined && e.segment === n && e.offset === pos;
+        if (!placed && lost) {
+          pos = nextCandidate(buf, bufStart, at + 1);
+          continue;
+        }
+        lost = false;
+        if (e && placed) {
           if (e.storedLength !== h.storedLength || !e.hash.equals(h.hash)) {
             // Not the record the datamap describes: left where it is (the segment then stays)
             // for reads to report, rather than copied as the block and its place deleted.
@@ -176,4 +193,14 @@ export class Compactor {
     if (this.timer) clearInterval(this.timer);
     return this.running ?? Promise.resolve();
   }
+}
+
+/**
+ * The segment position where a record header may start next in the window `buf`
+ * (read at `bufStart`), looking from `from` on; failing that, near the window's end,
+ * where a header cut by it would begin.
+ */
+function nextCandidate(buf: Buffer, bufStart: number, from: number): number {
+  const k = buf.indexOf(MAGIC, from);
+  return bufStart + (k >= 0 ? k : Math.max(from, buf.length - MAGIC.length + 1));
 }

@@ -8,7 +8,14 @@ import { DedupDevice } from '../../gateway/store/dedup-device';
 import { DedupStore } from '../../gateway/store/dedup-store';
 import { fsckStore } from '../../gateway/store/fsck';
 import { openIndex } from '../../gateway/store/index-db';
-import { decodeDataEntry, encodeDataEntry, encodeId, encodeMetaKey } from '../../gateway/store/layout';
+import {
+  decodeDataEntry,
+  encodeDataEntry,
+  encodeId,
+  encodeMetaKey,
+  RECORD_HEADER,
+  segmentFileName,
+} from '../../gateway/store/layout';
 import { Compactor } from '../../gateway/store/compactor';
 import { silentLogger } from '../../gateway/util/log';
 import { native } from '../../native-bindings';
@@ -512,6 +519,34 @@ describe('space reclamation', () => {
     }
     await compactor.close();
     await closeConsistent(store, dir);
+  });
+
+  it('moves the records that follow bytes no record owns (a failed write), and frees their segment', async () => {
+    const { dir, store, dev } = freshVolume('gap');
+    for (let i = 0; i < 3; i++) await dev.write(i * 4096, unique(i));
+    await dev.write(0, unique(9)); // the first record of the segment is dead
+    await store.close();
+    // Its header never reached the disk, as a write that failed leaves it.
+    const seg = path.join(dir, 'segments', segmentFileName(store.segments.list()[0]!));
+    const fd = fs.openSync(seg, 'r+');
+    fs.writeSync(fd, Buffer.alloc(RECORD_HEADER), 0, RECORD_HEADER, 0);
+    fs.closeSync(fd);
+    const reopened = DedupStore.open(dir, silentLogger);
+    const compactor = new Compactor(reopened, silentLogger, { intervalMs: 0 });
+    await compactor.run(true);
+    assert.ok(!fs.existsSync(seg), 'the segment is deleted');
+    const again = new DedupDevice(reopened, reopened.volumeId('a'), 1 << 20);
+    for (const [lba, want] of [
+      [0, 9],
+      [1, 1],
+      [2, 2],
+    ] as const) {
+      const got = Buffer.alloc(4096);
+      await again.read(lba * 4096, got);
+      assert.ok(got.equals(unique(want)), `block ${lba}`);
+    }
+    await compactor.close();
+    await closeConsistent(reopened, dir);
   });
 
   it('frees the space of a volume trimmed whole', async () => {
