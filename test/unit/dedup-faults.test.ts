@@ -3,6 +3,8 @@
 // A write that succeeded reads back as written; one that failed reads back as what
 // was there before or what it wrote, never anything else (never a hole where data
 // was); nothing rejects unobserved; and fsck finds the store consistent at the end.
+// Then a failed fdatasync: from it on nothing is acknowledged, and a reopened store
+// is at its last durable state.
 
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -41,6 +43,21 @@ function content(k: number, variant: number): Buffer {
 
 function label(b: Buffer): string {
   return b.every((x) => x === 0) ? 'zero' : `${b[0]}:${b.readUInt32BE(4092)}`;
+}
+
+/** Takes blocks lba.. for one write of this round; false if another write has one of them. */
+function claim(written: Set<number>, lba: number, count: number): boolean {
+  for (let i = lba; i < lba + count; i++) if (written.has(i)) return false;
+  for (let i = lba; i < lba + count; i++) written.add(i);
+  return true;
+}
+
+/** `count` blocks of the few contents, about `zeroShare` of them zero. */
+function someBlocks(rnd: () => number, count: number, zeroShare: number): Buffer {
+  const data = Buffer.alloc(count * 4096);
+  for (let i = 0; i < count; i++)
+    if (rnd() >= zeroShare) content(1 + Math.floor(rnd() * 30), Math.floor(rnd() * 40)).copy(data, i * 4096);
+  return data;
 }
 
 /** The store's insides the faults are injected into. */
@@ -126,14 +143,8 @@ async function run(seed: number, opts: { pool: boolean }): Promise<void> {
           );
           continue;
         }
-        let overlaps = false;
-        for (let i = lba; i < lba + count; i++) if (written.has(i)) overlaps = true;
-        if (overlaps) continue;
-        const data = Buffer.alloc(count * 4096);
-        for (let i = 0; i < count; i++) {
-          written.add(lba + i);
-          if (rnd() >= 0.1) content(1 + Math.floor(rnd() * 30), Math.floor(rnd() * 40)).copy(data, i * 4096);
-        }
+        if (!claim(written, lba, count)) continue;
+        const data = someBlocks(rnd, count, 0.1);
         const labels = Array.from({ length: count }, (_, i) =>
           label(data.subarray(i * 4096, (i + 1) * 4096)),
         );
@@ -183,5 +194,109 @@ describe('dedup store under injected faults', () => {
       run(seed, { pool: false }));
     it(`keeps every block at its old or new content through failed writes and commits (seed ${seed}, pooled hashing)`, () =>
       run(seed, { pool: true }));
+  }
+});
+
+/** The next fdatasync anywhere in this thread fails with EIO, as a lost writeback reports it. */
+function failNextFdatasync(): () => void {
+  const real = fs.fdatasync;
+  let armed = true;
+  fs.fdatasync = ((fd: number, cb: (err: NodeJS.ErrnoException | null) => void) => {
+    if (!armed) return real(fd, cb);
+    armed = false;
+    const err = Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO', errno: -5 });
+    process.nextTick(cb, err);
+  }) as typeof fs.fdatasync;
+  return () => {
+    fs.fdatasync = real;
+  };
+}
+
+/**
+ * Writes and flushes until a segment fdatasync fails at a random round, then more
+ * rounds. After the failure every write and flush must fail; after a reopen every
+ * block must read as of the last flush that succeeded or as a write issued since.
+ */
+async function runSyncFailure(seed: number): Promise<void> {
+  const rnd = random(seed);
+  const dir = path.join(tmp, `sync${seed}`);
+  const store = DedupStore.open(dir, silentLogger, { checkpointEntries: 40, metaCacheBytes: 1 << 20 });
+  const dev = new DedupDevice(store, store.volumeId('a'), BLOCKS * 4096);
+  const durable: string[] = new Array<string>(BLOCKS).fill('zero');
+  const since: Array<Set<string>> = Array.from({ length: BLOCKS }, () => new Set());
+  const failAt = 2 + Math.floor(rnd() * 5);
+  let failedAt = -1;
+  let restore = (): void => undefined;
+  const problems: string[] = [];
+  try {
+    for (let round = 0; round < failAt + 4; round++) {
+      if (round === failAt) restore = failNextFdatasync();
+      const ops: Promise<void>[] = [];
+      const written = new Set<number>();
+      for (let k = 0; k < 8; k++) {
+        const lba = Math.floor(rnd() * (BLOCKS - 100));
+        const count = 1 + Math.floor(rnd() * 90);
+        if (!claim(written, lba, count)) continue;
+        const data = someBlocks(rnd, count, 0);
+        for (let i = 0; i < count; i++) since[lba + i]!.add(label(data.subarray(i * 4096, (i + 1) * 4096)));
+        ops.push(
+          dev.write(lba * 4096, data).then(
+            () => {
+              if (failedAt >= 0) problems.push(`round ${round}: a write succeeded after the failed sync`);
+            },
+            (e: BlockError) => {
+              if (failedAt < 0)
+                problems.push(`round ${round}: write failed before any sync did: ${e.message}`);
+              else if (e.code !== 'EIO') problems.push(`round ${round}: write failed with ${e.code}`);
+            },
+          ),
+        );
+      }
+      await Promise.all(ops);
+      const flushed = await store.flush().then(
+        () => true,
+        () => false,
+      );
+      if (!flushed && failedAt < 0) failedAt = round;
+      if (flushed && failedAt >= 0) problems.push(`round ${round}: a flush succeeded after the failed sync`);
+      const all = Buffer.alloc(BLOCKS * 4096);
+      await dev.read(0, all);
+      for (let i = 0; i < BLOCKS; i++) {
+        const got = label(all.subarray(i * 4096, (i + 1) * 4096));
+        if (got !== durable[i] && !since[i]!.has(got))
+          problems.push(`round ${round}: block ${i} reads ${got}`);
+        if (flushed) {
+          durable[i] = got;
+          since[i]!.clear();
+        }
+      }
+      assert.deepEqual(problems, []);
+    }
+    assert.ok(failedAt >= failAt, 'the injected sync failure surfaced');
+    assert.ok(store.segments.failed, 'the store remembers the failed sync');
+  } finally {
+    restore();
+    await store.close();
+  }
+  // Back at its last durable checkpoint, and writable again.
+  assert.deepEqual(fsckStore(dir).problems, []);
+  const reopened = DedupStore.open(dir, silentLogger);
+  const again = new DedupDevice(reopened, reopened.volumeId('a'), BLOCKS * 4096);
+  const all = Buffer.alloc(BLOCKS * 4096);
+  await again.read(0, all);
+  for (let i = 0; i < BLOCKS; i++) {
+    const got = label(all.subarray(i * 4096, (i + 1) * 4096));
+    assert.ok(got === durable[i] || since[i]!.has(got), `block ${i} reopens as ${got}`);
+  }
+  await again.write(0, content(7, 7));
+  await reopened.flush();
+  await reopened.close();
+  assert.deepEqual(fsckStore(dir).problems, []);
+}
+
+describe('dedup store after a failed fdatasync', () => {
+  for (const seed of [4, 5, 6]) {
+    it(`refuses every later write and flush, and reopens at its last durable state (seed ${seed})`, () =>
+      runSyncFailure(seed));
   }
 });
