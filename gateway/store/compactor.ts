@@ -166,7 +166,7 @@ export class Compactor {
       this.log.warn(`compaction: segment ${n} still holds ${left} live bytes; keeping it`);
       return moved;
     }
-    segs.remove(n);
+    await segs.remove(n);
     return moved;
   }
 

@@ -196,9 +196,10 @@ export class SegmentFiles {
   /**
    * Deletes a sealed segment. Reads still in flight on it finish on the open fd, the
    * last one closing it: closed earlier, its number could be reused by another file
-   * under the read.
+   * under the read. The unlink runs on the thread pool: dropping a 256 MiB file's
+   * cached pages takes the kernel ~100 ms, which clients' requests must not wait out.
    */
-  remove(n: number): void {
+  async remove(n: number): Promise<void> {
     if (n === this.current) throw new Error(`segment ${n} is still being appended to`);
     this.removed.add(n);
     const s = this.open.get(n);
@@ -207,7 +208,7 @@ export class SegmentFiles {
       if (s.readers > 0) s.closeWhenIdle = true;
       else fs.closeSync(s.fd);
     }
-    fs.rmSync(this.path(n), { force: true });
+    await fs.promises.rm(this.path(n), { force: true });
   }
 
   /**
@@ -264,9 +265,9 @@ export class SegmentFiles {
     return this.syncFailure;
   }
 
-  /** Bytes of all segment files on disk. */
+  /** Bytes of all segment files on disk (one being removed meanwhile counts as gone). */
   totalBytes(): number {
-    return this.list().reduce((sum, n) => sum + fs.statSync(this.path(n)).size, 0);
+    return this.list().reduce((sum, n) => sum + this.size(n), 0);
   }
 
   close(): void {
