@@ -77,6 +77,26 @@ export class NewData {
     for (let row = 0; row < this.n; row++) fn(this.ids[row]!, this.entry(row, this.hashView(row)));
   }
 
+  /**
+   * The table's columns, row r for the r-th new block (oldest first), for a reader that
+   * copies them all at once (a checkpoint's tables): views, valid until the next change.
+   */
+  columns(): {
+    n: number;
+    ids: Float64Array;
+    segment: Uint32Array;
+    offset: Uint32Array;
+    length: Uint32Array;
+    flags: Uint16Array;
+    /** Four words per row. */
+    hashWords: Uint32Array;
+  } {
+    const { n, ids, segment, offset, length, flags, hashes } = this;
+    // Buffer.alloc of this size is never a slice of the shared pool: word-aligned.
+    const hashWords = new Uint32Array(hashes.buffer, hashes.byteOffset, hashes.length / 4);
+    return { n, ids, segment, offset, length, flags, hashWords };
+  }
+
   /** Ids of the new blocks, oldest first. */
   idList(): Float64Array {
     return this.ids.subarray(0, this.n);
