@@ -1375,15 +1375,18 @@ export class DedupStore {
       if (!earlier) local.set(prefix, fresh.length);
       fresh.push(f);
     }
+    // Observed from here on: one failing while the new records are written must not go
+    // unhandled (Node ends the process on an unhandled rejection).
+    const waited = Promise.allSettled(later);
     // Whatever fails here (segments.append opens a new file, and can throw), the blocks
     // still being stored in `later` read this request's payload: they finish first.
     try {
       if (fresh.length) await this.storeFresh(slab.subarray(0, used), use, fresh, repeats);
     } catch (err) {
-      await Promise.allSettled(later);
+      await waited;
       throw err;
     }
-    await settleAll(later);
+    for (const o of await waited) if (o.status === 'rejected') throw o.reason;
   }
 
   /** storeInto's new records: one segment write, then their mappings; undone if it fails. */

@@ -371,6 +371,40 @@ describe('dedup write path', () => {
     assert.deepEqual(fsckStore(dir).problems, []);
   });
 
+  it('never leaves the failure of a block it waited for unobserved while the rest of its request is written', async () => {
+    const { store, dir } = open({ hashPoolMin: null });
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    const unhandled: unknown[] = [];
+    const onUnhandled = (e: unknown): void => void unhandled.push(e);
+    process.on('unhandledRejection', onUnhandled);
+    try {
+      const firstCopy = interceptAppend(store, 'fail');
+      const first = dev.write(40 * 4096, block(9)); // in flight: the request's copy of it waits
+      first.catch(() => undefined);
+      await firstCopy.appended;
+      const ownRecords = interceptAppend(store, 'delay'); // the request's new block, held
+      const request = dev.write(0, Buffer.concat([block(9), block(1)]));
+      request.catch(() => undefined);
+      await ownRecords.appended;
+      // The first copy is lost: the waiting block stores its own, and that write fails too,
+      // while the request's other record is still on its way.
+      const ownCopy = interceptAppend(store, 'fail');
+      firstCopy.settle(new BlockError('EIO', 'injected: first copy lost'));
+      await ownCopy.appended;
+      ownCopy.settle(new BlockError('EIO', 'injected: own copy lost'));
+      await new Promise((r) => setImmediate(r));
+      ownRecords.settle();
+      await assert.rejects(request, /own copy lost/);
+      await assert.rejects(first, /first copy lost/);
+      await new Promise((r) => setImmediate(r));
+      assert.deepEqual(unhandled, []);
+    } finally {
+      process.off('unhandledRejection', onUnhandled);
+    }
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+  });
+
   it('fails only the write whose new segment file cannot be opened: FLUSH and later writes go on', async () => {
     const { store, dir } = open();
     const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
