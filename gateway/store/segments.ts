@@ -69,6 +69,12 @@ export class SegmentFiles {
     let s = this.open.get(n);
     if (!s) {
       const file = this.path(n);
+      // Being unlinked on the pool: reopened now, nothing would ever close it again.
+      if (this.removed.has(n))
+        throw toBlockError(
+          Object.assign(new Error(`ENOENT: segment ${n} was removed`), { code: 'ENOENT' }),
+          `open segment ${file}`,
+        );
       let fd: number;
       try {
         const flags = fs.constants.O_RDWR | (create ? fs.constants.O_CREAT | fs.constants.O_EXCL : 0);

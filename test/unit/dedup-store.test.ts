@@ -549,6 +549,22 @@ describe('space reclamation', () => {
     await closeConsistent(reopened, dir);
   });
 
+  it('does not reopen a segment while it is being unlinked', async () => {
+    const { dir, store, dev } = freshVolume('unlink');
+    await dev.write(0, unique(1));
+    await store.flush();
+    const segments = store.segments;
+    const n = segments.currentSegment;
+    segments.roll();
+    const removing = segments.remove(n);
+    // A read in the window (a stale place hint) must fail as it would once the file is gone.
+    await assert.rejects(segments.read(n, 0, RECORD_HEADER), /ENOENT/);
+    await removing;
+    assert.equal((segments as unknown as { open: Map<number, unknown> }).open.has(n), false);
+    await store.close();
+    assert.ok(!fs.existsSync(path.join(dir, 'segments', segmentFileName(n))));
+  });
+
   it('frees the space of a volume trimmed whole', async () => {
     const dir = path.join(tmp, `compact${n++}`);
     const store = DedupStore.open(dir, silentLogger);
