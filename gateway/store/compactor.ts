@@ -150,8 +150,8 @@ export class Compactor {
               `compaction: segment ${n} @${pos}: record header disagrees with block ${h.blockId}'s entry`,
             );
           } else {
-            await this.store.relocate(h.blockId, Buffer.from(buf.subarray(at, at + length)));
-            moved += length;
+            if (await this.store.relocate(h.blockId, Buffer.from(buf.subarray(at, at + length))))
+              moved += length;
           }
         }
         pos += length;

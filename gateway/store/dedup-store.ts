@@ -1123,12 +1123,12 @@ export class DedupStore {
   /**
    * Copies a live block's record (as read from its old segment) to the end of the
    * current one; the move becomes permanent at the next checkpoint. The block id,
-   * and so every metamap entry, stays the same.
+   * and so every metamap entry, stays the same. False when the block was left where it is.
    */
-  async relocate(id: number, record: Buffer): Promise<void> {
+  async relocate(id: number, record: Buffer): Promise<boolean> {
     this.refuseAfterSyncFailure();
     // Perhaps deleted by the running checkpoint: moved by a later pass if it stays.
-    if (this.releasing.has(id)) return;
+    if (this.releasing.has(id)) return false;
     const { segment, offset, written } = this.segments.append(record);
     const inFlight = this.pending.addOne(id, record, written);
     const move = { segment, offset };
@@ -1143,6 +1143,7 @@ export class DedupStore {
     } finally {
       this.pending.delete(inFlight);
     }
+    return true;
   }
 
   // ---- layout of a volume's records: fragmentation and materialize ------------------------
@@ -1245,9 +1246,13 @@ export class DedupStore {
         // Skip a block the compactor or a release took away while this window was read.
         const now = this.lookupData(id);
         if (!now || this.pending.has(id)) continue;
-        writes.push(this.relocate(id, record));
-        movedBlocks++;
-        movedBytes += record.length;
+        writes.push(
+          this.relocate(id, record).then((moved) => {
+            if (!moved) return;
+            movedBlocks++;
+            movedBytes += record.length;
+          }),
+        );
       }
       await settleAll(writes);
       await this.throttle();

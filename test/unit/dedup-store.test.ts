@@ -141,6 +141,21 @@ describe('dedup store', () => {
     await closeConsistent(store, dir);
   });
 
+  it('leaves a block the running checkpoint may delete where it is when asked to move it', async () => {
+    const { dir, store, dev } = freshVolume();
+    await dev.write(0, block(1));
+    await store.flush();
+    const id = store.captureRange(store.volumeId('a'), 0, 1).sources[0]!.id;
+    const e = store.lookupData(id)!;
+    const record = await store.segments.read(e.segment, e.offset, RECORD_HEADER + e.storedLength);
+    await dev.write(0, block(2)); // block(1)'s last reference goes at the next checkpoint
+    const checkpoint = store.flush();
+    assert.equal(await store.relocate(id, record), false);
+    await checkpoint;
+    assert.equal((await store.stats()).uniqueBlocks, 1);
+    await closeConsistent(store, dir);
+  });
+
   it('serves a block the running checkpoint takes a reference from, and stores its content anew meanwhile', async () => {
     const { dir, store, dev } = freshVolume('s');
     await dev.write(0, block(1));
