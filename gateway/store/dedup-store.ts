@@ -304,6 +304,12 @@ export class DedupStore {
    * duplicate gets stored instead); reads and existing mappings still reach them.
    */
   private readonly releasing = new NumMap();
+  /**
+   * Set when a commit failed and reading the index to learn whether it landed failed
+   * too: committing the changes again could count them twice, and dropping them could
+   * lose them, so nothing commits until a restart opens the store at what the index holds.
+   */
+  private indexFailure: BlockError | null = null;
   /** Records whose segment write is still in flight, by block id. */
   /** Client reads and writes served so far: the compactor slows down while it moves. */
   foregroundOps = 0;
@@ -1050,7 +1056,7 @@ export class DedupStore {
   /** Stores one 4 KiB block at (volume, lba): shared if its bytes are already stored, else appended. */
   async writeBlock(volume: number, lba: number, block: Buffer): Promise<void> {
     this.foregroundOps++;
-    this.refuseAfterSyncFailure();
+    this.refuseAfterFailure();
     if (this.overFull()) await this.throttle();
     const key = metaKey(volume, lba);
     if (isZeroBlock(block)) {
@@ -1126,7 +1132,7 @@ export class DedupStore {
    * and so every metamap entry, stays the same. False when the block was left where it is.
    */
   async relocate(id: number, record: Buffer): Promise<boolean> {
-    this.refuseAfterSyncFailure();
+    this.refuseAfterFailure();
     // Perhaps deleted by the running checkpoint: moved by a later pass if it stays.
     if (this.releasing.has(id)) return false;
     const { segment, offset, written } = this.segments.append(record);
@@ -1274,7 +1280,7 @@ export class DedupStore {
    */
   async writeBlocks(volume: number, lba: number, data: Buffer): Promise<void> {
     this.foregroundOps++;
-    this.refuseAfterSyncFailure();
+    this.refuseAfterFailure();
     if (this.overFull()) await this.throttle();
     const count = data.length / BLOCK;
     if (!this.pool || count < this.poolMinBlocks) return this.storeBatch(volume, lba, data, null);
@@ -1439,17 +1445,18 @@ export class DedupStore {
   }
 
   /**
-   * Once an fdatasync has failed, nothing new can become durable (segments.ts,
-   * syncFailure): changes are refused with EIO rather than acknowledged and lost.
+   * Once an fdatasync has failed (segments.ts, syncFailure), or the index could not say
+   * whether a commit landed (indexFailure), nothing new can become durable: changes are
+   * refused with EIO rather than acknowledged and lost.
    */
-  private refuseAfterSyncFailure(): void {
-    const failed = this.segments.failed;
+  private refuseAfterFailure(): void {
+    const failed = this.segments.failed ?? this.indexFailure;
     if (failed) throw failed;
   }
 
   /** Makes the block a hole (never written) or a zero block. */
   discardBlock(volume: number, lba: number, asZero: boolean): void {
-    this.refuseAfterSyncFailure();
+    this.refuseAfterFailure();
     this.setMeta(metaKey(volume, lba), asZero ? ZERO_BLOCK : (this.tree.entryFor(volume, undefined) ?? HOLE));
   }
 
@@ -1476,6 +1483,7 @@ export class DedupStore {
   }
 
   private async checkpoint(): Promise<void> {
+    if (this.indexFailure) throw this.indexFailure;
     const frozenAt = performance.now();
     const frozen = this.live;
     this.frozen = frozen;
@@ -1499,14 +1507,14 @@ export class DedupStore {
     } catch (err) {
       // A writer that died (or whose answer went astray) after its commit landed: the
       // changes are in the index, and folding them back would apply them twice.
-      reply = this.landedCommit(seq, token);
+      reply = this.landedCommit(seq, token, err);
       if (!reply) {
         // Nothing was lost from memory: fold the frozen changes back under the live ones.
         this.merge(frozen);
         this.frozen = null;
         this.dying.clear();
         this.releasing.clear();
-        throw err;
+        throw this.indexFailure ?? err;
       }
       this.log.warn(`checkpoint ${seq}: the index writer failed after its commit landed (${err}); kept`);
     }
@@ -1556,16 +1564,23 @@ export class DedupStore {
   }
 
   /**
-   * What the index says of checkpoint `seq` (attempt `token`) when its writer failed:
-   * null if it did not land; if it did, the writer's answer rebuilt from what it
+   * What the index says of checkpoint `seq` (attempt `token`) when its writer failed
+   * (`why`): null if it did not land; if it did, the writer's answer rebuilt from what it
    * committed. The blocks it deleted are the dying ones the datamap no longer holds.
+   * Null too when the index cannot be read, and the store then takes no more changes.
    */
-  private landedCommit(seq: number, token: string): CheckpointReply | null {
+  private landedCommit(seq: number, token: string, why: unknown): CheckpointReply | null {
     let s: StoreState | undefined;
     try {
       this.env.resetReadTxn();
       s = this.stateDb.get('store') as StoreState | undefined;
-    } catch {
+    } catch (err) {
+      this.indexFailure = new BlockError(
+        'EIO',
+        `checkpoint ${seq} failed (${(why as Error)?.message ?? why}) and the index cannot say whether it ` +
+          `landed (${(err as Error).message}); this store takes no more changes until the gateway restarts`,
+      );
+      this.log.error(this.indexFailure.message);
       return null;
     }
     if (s?.commitSeq !== seq || s.commitToken !== token) return null;
@@ -1919,7 +1934,7 @@ export class DedupStore {
     owner?: object,
   ): { missing: number[] } | { written: Promise<void> } {
     this.foregroundOps++;
-    this.refuseAfterSyncFailure();
+    this.refuseAfterFailure();
     const ids: number[] = [];
     const missing: number[] = [];
     /** New blocks by content id, with the ordinals that carry them (a batch may repeat one). */
@@ -2040,8 +2055,8 @@ export class DedupStore {
     try {
       await this.flush(true);
     } catch (err) {
-      // A store that can no longer sync still closes: it reopens at its last checkpoint.
-      if (!this.segments.failed) throw err;
+      // A store that can no longer commit still closes: it reopens at its last checkpoint.
+      if (!this.segments.failed && !this.indexFailure) throw err;
       this.log.error(`closing without a final checkpoint: ${(err as Error).message}`);
     }
     this.closed = true;

@@ -396,6 +396,31 @@ describe('index writer failures', () => {
     await closeConsistent(store, dir);
   });
 
+  it('takes no more changes once it cannot tell whether a commit whose answer was lost landed', async () => {
+    const { dir, store, dev } = freshVolume('unknown');
+    await dev.write(0, block(1));
+    await store.flush();
+    await dev.write(4096, block(2));
+    const index = store as unknown as { stateDb: { get(key: string): unknown } };
+    const get = index.stateDb.get.bind(index.stateDb);
+    index.stateDb.get = () => {
+      index.stateDb.get = get;
+      throw new Error('injected index read failure');
+    };
+    loseNextAnswer(store);
+    await assert.rejects(store.flush(), /cannot say whether it landed/);
+    await assert.rejects(dev.write(8192, block(3)), /cannot say whether it landed/);
+    await assert.rejects(store.flush(), /cannot say whether it landed/);
+    assert.ok((await read(dev, 1)).equals(block(2)), 'what it holds is still served');
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+    // The commit had landed: the reopened store has it, once.
+    const reopened = DedupStore.open(dir, silentLogger);
+    const again = new DedupDevice(reopened, reopened.volumeId('a'), 1 << 20);
+    assert.ok((await read(again, 1)).equals(block(2)));
+    await closeConsistent(reopened, dir);
+  });
+
   it('has the writer refuse a checkpoint numbered as one it already committed', async () => {
     const { dir, store, dev } = freshVolume('seq');
     await dev.write(0, block(1));
