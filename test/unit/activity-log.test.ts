@@ -9,6 +9,14 @@ const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-al-'));
 after(() => fs.rmSync(tmp, { recursive: true, force: true }));
 let n = 0;
 
+/** A new 8-chunk log with every chunk unmarked (a new one starts all marked), and its file. */
+function blankLog(): { file: string; log: ActivityLog } {
+  const file = path.join(tmp, `a${n++}.al`);
+  const { log } = ActivityLog.open(file, 8);
+  for (let c = 0; c < 8; c++) log.unmark(c);
+  return { file, log };
+}
+
 /** The next fdatasync fails (EIO) a moment later, as a failing disk's would; returns an undo. */
 function failNextFdatasync(): () => void {
   const fdatasync = fs.fdatasync;
@@ -43,9 +51,7 @@ describe('activity log', () => {
   });
 
   it('makes a mark made during a durable write wait for the next write', async () => {
-    const file = path.join(tmp, `a${n++}.al`);
-    const { log } = ActivityLog.open(file, 8);
-    for (let c = 0; c < 8; c++) log.unmark(c);
+    const { file, log } = blankLog();
     const first = log.mark(0, 0)!;
     await Promise.resolve(); // the write has taken its snapshot
     await Promise.resolve();
@@ -59,8 +65,7 @@ describe('activity log', () => {
   });
 
   it('shares one durable write among the marks made before it starts', async () => {
-    const { log } = ActivityLog.open(path.join(tmp, `a${n++}.al`), 8);
-    for (let c = 0; c < 8; c++) log.unmark(c);
+    const { log } = blankLog();
     const a = log.mark(2, 2);
     const b = log.mark(3, 4);
     assert.equal(a, b);
@@ -70,9 +75,7 @@ describe('activity log', () => {
   });
 
   it('makes a change to a chunk whose mark is still on its way to disk wait for it', async () => {
-    const file = path.join(tmp, `a${n++}.al`);
-    const { log } = ActivityLog.open(file, 8);
-    for (let c = 0; c < 8; c++) log.unmark(c);
+    const { file, log } = blankLog();
     const first = log.mark(2, 2)!;
     const again = log.mark(2, 2);
     assert.notEqual(again, null, 'the mark is in memory only');
@@ -83,9 +86,7 @@ describe('activity log', () => {
   });
 
   it('writes a mark again after the durable write of it fails', async () => {
-    const file = path.join(tmp, `a${n++}.al`);
-    const { log } = ActivityLog.open(file, 8);
-    for (let c = 0; c < 8; c++) log.unmark(c);
+    const { log } = blankLog();
     const restore = failNextFdatasync();
     try {
       await assert.rejects(log.mark(4, 4)!, /injected/);
@@ -107,9 +108,7 @@ describe('activity log', () => {
   });
 
   it('keeps a mark whose write failed for the later write a change waits on', async () => {
-    const file = path.join(tmp, `a${n++}.al`);
-    const { log } = ActivityLog.open(file, 8);
-    for (let c = 0; c < 8; c++) log.unmark(c);
+    const { file, log } = blankLog();
     const restore = failNextFdatasync();
     try {
       const a = log.mark(2, 2)!;
@@ -150,9 +149,7 @@ describe('activity log', () => {
   });
 
   it('fails a mark whose write of the file came up short, and writes it again', async () => {
-    const file = path.join(tmp, `a${n++}.al`);
-    const { log } = ActivityLog.open(file, 8);
-    for (let c = 0; c < 8; c++) log.unmark(c);
+    const { file, log } = blankLog();
     const write = fs.write;
     (fs as { write: unknown }).write = (...args: unknown[]) => {
       fs.write = write;

@@ -65,6 +65,19 @@ function interceptAppend(
   return { settle: (err) => settle(err), appended: made };
 }
 
+/** Holds the index writer's commits until the returned function lets them go. */
+function holdCommits(store: DedupStore): () => void {
+  const writer = (store as unknown as { writer: { commit: (r: unknown) => Promise<unknown> } }).writer;
+  const commit = writer.commit.bind(writer);
+  let release: () => void = () => undefined;
+  const held = new Promise<void>((r) => (release = r));
+  writer.commit = async (r) => {
+    await held;
+    return commit(r);
+  };
+  return () => release();
+}
+
 async function readAll(dev: DedupDevice, length: number): Promise<Buffer> {
   const out = Buffer.alloc(length);
   await dev.read(0, out);
@@ -183,15 +196,7 @@ describe('dedup write path', () => {
     const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
     await dev.write(0, block(1));
     await store.flush();
-    // The next checkpoint's commit waits until the test lets it go.
-    const writer = (store as unknown as { writer: { commit: (r: unknown) => Promise<unknown> } }).writer;
-    const commit = writer.commit.bind(writer);
-    let release: () => void = () => undefined;
-    const held = new Promise<void>((r) => (release = r));
-    writer.commit = async (r) => {
-      await held;
-      return commit(r);
-    };
+    const release = holdCommits(store); // the next checkpoint sticks in its commit
     const blocks = Array.from({ length: 16 }, (_, i) => block(10 + i, i));
     await dev.write(0, Buffer.concat(blocks.slice(0, 8)));
     const checkpoint = store.flush(); // running, and stuck in its commit
@@ -268,14 +273,7 @@ describe('dedup write path', () => {
   it('commits the counters as they were at the freeze, not as later writes left them', async () => {
     const { store, dir } = open();
     const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
-    const writer = (store as unknown as { writer: { commit: (r: unknown) => Promise<unknown> } }).writer;
-    const commit = writer.commit.bind(writer);
-    let release: () => void = () => undefined;
-    const held = new Promise<void>((r) => (release = r));
-    writer.commit = async (r) => {
-      await held;
-      return commit(r);
-    };
+    const release = holdCommits(store);
     await dev.write(0, block(1));
     const checkpoint = store.flush();
     await dev.write(4096, block(2)); // after the freeze: the next checkpoint's

@@ -17,6 +17,12 @@ const seed = crypto.randomBytes(32);
 const hasher = new BlockHasher(clusterSecret(seed));
 let n = 0;
 
+/** A fresh store sharing this file's content secret, hashing inline, and its directory. */
+function openStore(): { dir: string; store: DedupStore } {
+  const dir = path.join(tmp, `s${n++}`);
+  return { dir, store: DedupStore.open(dir, silentLogger, { secretSeed: seed, hashPoolMin: null }) };
+}
+
 function blocks(count: number): Buffer[] {
   return Array.from({ length: count }, () => crypto.randomBytes(4096));
 }
@@ -116,8 +122,7 @@ describe('applying mirrored batches', () => {
   });
 
   it('takes its own copy of a block a client write still has in flight, and keeps it when that write fails', async () => {
-    const dir = path.join(tmp, `s${n++}`);
-    const store = DedupStore.open(dir, silentLogger, { secretSeed: seed, hashPoolMin: null });
+    const { dir, store } = openStore();
     const client = new DedupDevice(store, store.volumeId('a'), 16 * 4096);
     const vol = store.volumeId('m');
     const [x] = blocks(1);
@@ -148,8 +153,7 @@ describe('applying mirrored batches', () => {
   });
 
   it("takes its own copy of a block another volume's batch still has in flight", async () => {
-    const dir = path.join(tmp, `s${n++}`);
-    const store = DedupStore.open(dir, silentLogger, { secretSeed: seed, hashPoolMin: null });
+    const { dir, store } = openStore();
     const [x] = blocks(1);
     // v1's batch places x; its segment write is held, and will fail.
     const fail = failNextAppend(store);
@@ -174,8 +178,7 @@ describe('applying mirrored batches', () => {
   });
 
   it('links a block in flight only for the link that placed it, not for a newer link of the same volume', async () => {
-    const dir = path.join(tmp, `s${n++}`);
-    const store = DedupStore.open(dir, silentLogger, { secretSeed: seed, hashPoolMin: null });
+    const { dir, store } = openStore();
     const [x] = blocks(1);
     const fail = failNextAppend(store);
     const vol = store.volumeId('m');
@@ -202,8 +205,7 @@ describe('applying mirrored batches', () => {
   });
 
   it("holes a later batch's link to a block whose write then fails, as well as the placing batch's", async () => {
-    const dir = path.join(tmp, `s${n++}`);
-    const store = DedupStore.open(dir, silentLogger, { secretSeed: seed, hashPoolMin: null });
+    const { dir, store } = openStore();
     const [x] = blocks(1);
     const fail = failNextAppend(store);
     const vol = store.volumeId('m');
@@ -226,8 +228,7 @@ describe('applying mirrored batches', () => {
   });
 
   it('keeps the hash filed under the first copy when another link takes its own beside it', async () => {
-    const dir = path.join(tmp, `s${n++}`);
-    const store = DedupStore.open(dir, silentLogger, { secretSeed: seed, hashPoolMin: null });
+    const { dir, store } = openStore();
     const [x] = blocks(1);
     const held = failNextAppend(store);
     const first = {};
