@@ -1535,9 +1535,10 @@ export class DedupStore {
   /**
    * From the freeze on, nothing may link to a block the writer could delete: blocks it
    * left at zero that the frozen epoch did not touch, and blocks born and released in
-   * it, except those a failing write may still put back. Returns the hashes to unfile
-   * once they are deleted: those born in the epoch, from the overlay (the writer
-   * reports the rest as it deletes them).
+   * it, except those a failing write may still put back. Blocks the epoch takes
+   * references from go in `releasing` (the writer deletes those it leaves at zero).
+   * Returns the hashes to unfile once they are deleted: those born in the epoch, from
+   * the overlay (the writer reports the rest as it deletes them).
    */
   private markDying(frozen: Overlay): Array<{ id: number; hash: Buffer }> {
     const dying = this.dying;
