@@ -58,6 +58,7 @@ static const char *errno_code(int err) {
   case EFAULT: return "EFAULT";
   case EDQUOT: return "EDQUOT";
   case EROFS: return "EROFS";
+  case EISDIR: return "EISDIR";
   default: return "EUNKNOWN";
   }
 }
@@ -531,6 +532,11 @@ static napi_value js_decode_record(napi_env env, napi_callback_info info) {
  * blocks, a quarter of a millisecond that the event loop spends serving other
  * requests instead, and that runs beside it on the machine's other cores.
  * Every argument is checked before the job starts; none may change until it settles.
+ *
+ * With a file descriptor and offset as two more arguments, the job first preads all of
+ * rec from the file: the event loop then neither copies the run out of the page cache
+ * nor waits for a disk. A failed or short read rejects with the errno (EIO for end of
+ * file) and decodes nothing.
  */
 #define DECODE_ARGS 6
 typedef struct {
@@ -541,11 +547,23 @@ typedef struct {
   size_t secret_len, rec_len, hashes_len, out_len, count;
   double *items;
   int32_t *status;
+  int fd; /* -1: rec already holds the records */
+  int64_t file_offset;
+  int read_error;
 } decode_job;
 
 static void decode_execute(napi_env env, void *arg) {
   (void)env;
   decode_job *j = arg;
+  for (size_t done = 0; j->fd >= 0 && done < j->rec_len;) {
+    ssize_t n = pread(j->fd, j->rec + done, j->rec_len - done, (off_t)(j->file_offset + (int64_t)done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      j->read_error = n < 0 ? errno : EIO;
+      return;
+    }
+    done += (size_t)n;
+  }
   for (size_t k = 0; k < j->count; k++) {
     const double *it = j->items + 4 * k;
     size_t rec_at = (size_t)it[0], out_at = (size_t)it[2];
@@ -561,24 +579,39 @@ static void decode_complete(napi_env env, napi_status status, void *arg) {
   for (int i = 0; i < DECODE_ARGS; i++) napi_delete_reference(env, j->refs[i]);
   napi_delete_async_work(env, j->work);
   napi_get_undefined(env, &undefined);
-  if (status == napi_ok) napi_resolve_deferred(env, j->deferred, undefined);
-  else napi_reject_deferred(env, j->deferred, make_errno_error(env, ECANCELED, "decodeRecords"));
+  if (status != napi_ok) napi_reject_deferred(env, j->deferred, make_errno_error(env, ECANCELED, "decodeRecords"));
+  else if (j->read_error) napi_reject_deferred(env, j->deferred, make_errno_error(env, j->read_error, "pread"));
+  else napi_resolve_deferred(env, j->deferred, undefined);
   free(j);
 }
 
 static napi_value js_decode_records(napi_env env, napi_callback_info info) {
-  napi_value argv[DECODE_ARGS], promise, name;
+  napi_value argv[DECODE_ARGS + 2], promise, name;
   uint8_t *items_bytes, *status_bytes;
-  size_t items_len, status_len;
+  size_t items_len, status_len, argc = DECODE_ARGS + 2;
   napi_typedarray_type type;
   size_t n;
   bool typed;
-  if (!get_args(env, info, DECODE_ARGS, argv)) return NULL;
+  int64_t fd = -1, file_offset = 0;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return NULL;
+  if (argc != DECODE_ARGS && argc != DECODE_ARGS + 2) {
+    napi_throw_type_error(env, NULL, "decodeRecords: 6 arguments, or 8 with a file descriptor and offset");
+    return NULL;
+  }
+  if (argc == DECODE_ARGS + 2 &&
+      (!get_i64(env, argv[DECODE_ARGS], &fd, "fd") || !get_i64(env, argv[DECODE_ARGS + 1], &file_offset, "offset")))
+    return NULL;
+  if (fd > INT32_MAX) {
+    napi_throw_range_error(env, NULL, "decodeRecords: fd out of range");
+    return NULL;
+  }
   decode_job *j = calloc(1, sizeof *j);
   if (!j) {
     napi_throw_error(env, "ENOMEM", "out of memory");
     return NULL;
   }
+  j->fd = (int)fd;
+  j->file_offset = file_offset;
   if (!get_secret(env, argv[0], &j->secret, &j->secret_len) || !get_bytes(env, argv[1], &j->rec, &j->rec_len, "rec") ||
       !get_bytes(env, argv[3], &j->hashes, &j->hashes_len, "hashes") ||
       !get_bytes(env, argv[4], &j->out, &j->out_len, "out"))

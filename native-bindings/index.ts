@@ -59,6 +59,8 @@ export interface NativeBindings {
    * 4 KiB go in `out`, and where its expected hash is in `hashes` (-1: the hash in the
    * record's own header). `status[k]` gets record k's code. Offsets are checked before
    * the job starts (RangeError); nothing may touch the arguments until it settles.
+   * With `fd` and `fileOffset`, the job first reads all of `rec` from that file; a failed
+   * or short read rejects with an Error carrying `code` (EIO for end of file).
    */
   decodeRecords(
     secret: Buffer,
@@ -67,6 +69,8 @@ export interface NativeBindings {
     hashes: Buffer,
     out: Buffer,
     status: Int32Array,
+    fd?: number,
+    fileOffset?: number,
   ): Promise<void>;
   /**
    * madvise(MADV_DONTNEED) on every mapping of the file at `path` (absolute) in this

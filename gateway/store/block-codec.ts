@@ -49,15 +49,20 @@ export class BlockHasher {
   ): number {
     return native.decodeRecord(this.secret, rec, recAt, out, outAt, blockId, expected, expectedAt);
   }
-  /** native.decodeRecords with this hasher's secret, on the libuv pool. */
+  /**
+   * native.decodeRecords with this hasher's secret, on the libuv pool; with `from`, `rec`
+   * is first read from that file at that offset in the same job.
+   */
   decodeMany(
     rec: Buffer,
     items: Float64Array,
     hashes: Buffer,
     out: Buffer,
     status: Int32Array,
+    from?: { fd: number; offset: number },
   ): Promise<void> {
-    return native.decodeRecords(this.secret, rec, items, hashes, out, status);
+    if (!from) return native.decodeRecords(this.secret, rec, items, hashes, out, status);
+    return native.decodeRecords(this.secret, rec, items, hashes, out, status, from.fd, from.offset);
   }
   /** Whether `block` hashes to the 16 bytes at expected[at..]. */
   matches(block: Buffer, expected: Buffer, at = 0): boolean {

@@ -241,8 +241,9 @@ export interface StoreStats {
 }
 
 /**
- * Runs of at least this many records are decoded on the libuv pool (decodeRecords):
- * below it the hand-off costs more than the decoding it moves off the event loop.
+ * Runs of at least this many records are read and decoded on the libuv pool, in one
+ * job (decodeRecords with the segment's descriptor): below it the hand-off costs more
+ * than the copy and the decoding it moves off the event loop.
  */
 const POOL_DECODE_MIN = 64;
 
@@ -851,30 +852,29 @@ export class DedupStore {
     await settleAll([...singles, ...runs.map((r) => this.readRun(volume, lba, r, into))]);
   }
 
-  /** One pread for a run of neighbouring records, each decoded into its place in `into`. */
+  /**
+   * One pread for a run of neighbouring records, each decoded into its place in `into`.
+   * A long run is read and decoded in one pool job; a short one is read (inline when
+   * cached) and decoded here.
+   */
   private async readRun(volume: number, lba: number, run: RunItem[], into: Buffer): Promise<void> {
     const first = run[0]!;
     const last = run[run.length - 1]!;
     const length = last.offset + RECORD_HEADER + last.storedLength - first.offset;
     const pooled = length >= sharedBufferPool.minSize;
-    let buf: Buffer;
-    try {
-      buf = await this.segments.read(
-        first.segment,
-        first.offset,
-        length,
-        pooled ? sharedBufferPool.acquire(length) : undefined,
-      );
-    } catch (err) {
-      // A run of remembered places only: the segment may have gone since; read the long way.
-      if (run.every((item) => item.hash === null)) return this.rereadRun(volume, lba, run, into);
-      throw err;
-    }
+    const buf = pooled ? sharedBufferPool.acquire(length) : Buffer.allocUnsafe(length);
     const retries: Promise<void>[] = [];
     let failure: unknown;
     try {
-      const status =
-        run.length >= POOL_DECODE_MIN ? await this.decodeOnPool(buf, first.offset, run, into) : null;
+      let status: Int32Array | null = null;
+      try {
+        if (run.length >= POOL_DECODE_MIN) status = await this.readDecoded(buf, run, into);
+        else await this.segments.read(first.segment, first.offset, length, buf);
+      } catch (err) {
+        // A run of remembered places only: the segment may have gone since; read the long way.
+        if (run.every((item) => item.hash === null)) return await this.rereadRun(volume, lba, run, into);
+        throw err;
+      }
       for (let k = 0; k < run.length; k++) {
         const item = run[k]!;
         const { at, id, page, i } = item;
@@ -907,8 +907,13 @@ export class DedupStore {
     if (failure !== undefined) throw failure;
   }
 
-  /** Decodes a run's records into `into` on the libuv pool; a status per record (0: good). */
-  private async decodeOnPool(buf: Buffer, base: number, run: RunItem[], into: Buffer): Promise<Int32Array> {
+  /**
+   * Reads a run's records into `buf` and decodes them into `into`, both in one libuv
+   * pool job: the event loop neither copies the run nor waits for the pool twice.
+   * A status per record (0: good).
+   */
+  private async readDecoded(buf: Buffer, run: RunItem[], into: Buffer): Promise<Int32Array> {
+    const base = run[0]!.offset;
     const items = new Float64Array(run.length * 4);
     const hashes = Buffer.allocUnsafe(run.length * 16);
     for (let k = 0; k < run.length; k++) {
@@ -923,7 +928,9 @@ export class DedupStore {
       }
     }
     const status = new Int32Array(run.length);
-    await this.hasher.decodeMany(buf, items, hashes, into, status);
+    await this.segments.readWith(run[0]!.segment, base, (fd) =>
+      this.hasher.decodeMany(buf, items, hashes, into, status, { fd, offset: base }),
+    );
     return status;
   }
 

@@ -157,15 +157,44 @@ export class SegmentFiles {
       return Promise.reject(toBlockError(err, `read segment ${segment}@${offset}`));
     }
     if (n === length) return Promise.resolve(buf);
+    return this.holding(s, () => s.reads.run(buf, offset)).then(() => buf);
+  }
+
+  /**
+   * Runs `job` with the segment's descriptor, which stays open until the job settles
+   * even if the segment is removed meanwhile: for a pool job that reads the file
+   * itself (pread and decode in one round trip). Its failures come back as
+   * BlockErrors naming the segment.
+   */
+  readWith<T>(segment: number, offset: number, job: (fd: number) => Promise<T>): Promise<T> {
+    let s: Segment;
+    try {
+      s = this.segment(segment);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.holding(s, () => job(s.fd)).catch((err: unknown) => {
+      throw toBlockError(err, `read segment ${segment}@${offset}`);
+    });
+  }
+
+  /** Keeps `s`'s descriptor open while `io` runs (a removal closes it afterwards). */
+  private holding<T>(s: Segment, io: () => Promise<T>): Promise<T> {
     s.readers++;
-    const seg = s;
     const done = (): void => {
-      if (--seg.readers === 0 && seg.closeWhenIdle) fs.close(seg.fd, () => undefined);
+      if (--s.readers === 0 && s.closeWhenIdle) fs.close(s.fd, () => undefined);
     };
-    return s.reads.run(buf, offset).then(
-      () => {
+    let running: Promise<T>;
+    try {
+      running = io();
+    } catch (err) {
+      done();
+      return Promise.reject(err);
+    }
+    return running.then(
+      (value) => {
         done();
-        return buf;
+        return value;
       },
       (err: unknown) => {
         done();

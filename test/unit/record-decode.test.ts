@@ -1,5 +1,8 @@
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { describe, it } from 'node:test';
 import {
   BlockHasher,
@@ -160,5 +163,62 @@ describe('batch record decoding on the libuv pool', () => {
     ])
       assert.throws(() => void hasher.decodeMany(rec, i, hashes, out, status), RangeError);
     assert.throws(() => void hasher.decodeMany(rec, good, hashes, out, new Int32Array(1)), TypeError);
+  });
+
+  /** A file holding `rec` at offset 1000, its descriptor passed to `use` and closed after. */
+  async function withFile(rec: Buffer, use: (fd: number) => Promise<void>): Promise<void> {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bg-decode-'));
+    const file = path.join(dir, 'seg');
+    fs.writeFileSync(file, Buffer.concat([Buffer.alloc(1000, 0xee), rec]));
+    const fd = fs.openSync(file, 'r');
+    try {
+      await use(fd);
+    } finally {
+      fs.closeSync(fd);
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  }
+
+  it('reads the records from a file in the same job when given its descriptor', async () => {
+    const { rec, at, blocks, hashes } = run(5);
+    await withFile(rec, async (fd) => {
+      const scratch = Buffer.alloc(rec.length, 0x55);
+      const out = Buffer.alloc(4096 * 5);
+      const status = new Int32Array(5).fill(-9);
+      const i = items(at, [1, 2, 3, 4, 5], (k) => 16 * k);
+      await hasher.decodeMany(scratch, i, hashes, out, status, { fd, offset: 1000 });
+      assert.deepEqual([...status], [0, 0, 0, 0, 0]);
+      for (let k = 0; k < 5; k++) assert.ok(out.subarray(4096 * (4 - k), 4096 * (5 - k)).equals(blocks[k]!));
+    });
+  });
+
+  it('rejects with EIO and decodes nothing when the file ends before the records do', async () => {
+    const { rec, at, hashes } = run(3);
+    await withFile(rec, async (fd) => {
+      const out = Buffer.alloc(4096 * 3, 0x11);
+      const status = new Int32Array(3).fill(-9);
+      const i = items(at, [1, 2, 3], (k) => 16 * k);
+      await assert.rejects(
+        hasher.decodeMany(Buffer.alloc(rec.length), i, hashes, out, status, { fd, offset: 1001 }),
+        (err: NodeJS.ErrnoException) => err.code === 'EIO' && /pread/.test(err.message),
+      );
+      assert.deepEqual([...status], [-9, -9, -9]);
+      assert.ok(out.every((b) => b === 0x11));
+    });
+  });
+
+  it('rejects with the errno of a failed read', async () => {
+    const { rec, at, hashes } = run(1);
+    const out = Buffer.alloc(4096);
+    const i = items(at, [1], () => 0);
+    const fd = fs.openSync(os.tmpdir(), 'r'); // a directory: pread fails with EISDIR
+    try {
+      await assert.rejects(
+        hasher.decodeMany(Buffer.alloc(rec.length), i, hashes, out, new Int32Array(1), { fd, offset: 0 }),
+        (err: NodeJS.ErrnoException) => err.code === 'EISDIR' && /pread/.test(err.message),
+      );
+    } finally {
+      fs.closeSync(fd);
+    }
   });
 });
