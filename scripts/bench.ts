@@ -895,7 +895,8 @@ async function machine(): Promise<Machine> {
   const dirty = await runCommand(
     'git',
     'git',
-    ['-C', ROOT, 'status', '--porcelain'],
+    // The results this bench writes (bench/results/) are not changes to what it measures.
+    ['-C', ROOT, 'status', '--porcelain', '--', '.', ':!bench/results'],
     VERSION_TIMEOUT_MS,
   ).catch(() => undefined);
   const commit =
