@@ -20,6 +20,7 @@
 
 import { BlockError } from '../device/errors';
 import type { Logger } from '../util/log';
+import { RecentIds } from '../util/recent-ids';
 import { Frame, WireBlock } from '../../protocol/replication/frames';
 import { LinkProtocolError } from '../../protocol/replication/errors';
 import type { BlockSource, CapturedRange, DedupStore } from '../store/dedup-store';
@@ -149,7 +150,7 @@ export class Mirror {
   private peer: string | null = null;
   private verifySeq = 0;
   /** Blocks lately sent with their batches (oldest first), not to be sent that way again. */
-  private readonly inlined = new Set<number>();
+  private readonly inlined = new RecentIds(INLINED_IDS);
   /**
    * Pending until the replica has answered this gateway's first Mirror frame (ready,
    * refused or superseded), or timeoutMs has passed: a primary restarted after its
@@ -522,7 +523,6 @@ export class Mirror {
           if (src.record && !this.inlined.has(src.id)) {
             inline.push({ ordinal, ...recordPayload(src.record) });
             this.inlined.add(src.id);
-            if (this.inlined.size > INLINED_IDS) this.inlined.delete(this.inlined.values().next().value!);
           }
           ordinal++;
         }
