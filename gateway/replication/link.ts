@@ -6,7 +6,14 @@
 import crypto from 'node:crypto';
 import net from 'node:net';
 import { LinkProtocolError } from '../../protocol/replication/errors';
-import { encodeFrame, Frame, FrameReader, frameKind, LINK_VERSION } from '../../protocol/replication/frames';
+import {
+  encodeFrame,
+  encodeFrameParts,
+  Frame,
+  FrameReader,
+  frameKind,
+  LINK_VERSION,
+} from '../../protocol/replication/frames';
 
 /** Nothing bigger is read from a peer that has not authenticated. */
 const PRE_AUTH_LIMIT = 64 * 1024;
@@ -104,9 +111,14 @@ export class Link {
   bytesOut = 0;
 
   send(frame: Frame): boolean {
-    const bytes = encodeFrame(frame);
-    this.bytesOut += bytes.length;
-    return this.socket.write(bytes);
+    const [prefix, body] = encodeFrameParts(frame);
+    this.bytesOut += prefix.length + body.length;
+    // Corked: the two go to the kernel in one writev.
+    this.socket.cork();
+    this.socket.write(prefix);
+    const more = this.socket.write(body);
+    this.socket.uncork();
+    return more;
   }
 
   /** Closes the link on a protocol error, telling the peer its code. */

@@ -85,11 +85,31 @@ export function frameKind(f: Frame): FrameKind {
 
 /** The frame with its length prefix, ready for the socket. */
 export function encodeFrame(frame: Frame): Buffer {
+  const [prefix, body] = encodeFrameParts(frame);
+  return Buffer.concat([prefix, body]);
+}
+
+/**
+ * The frame's length prefix and body, for a socket write of both without copying
+ * the body (a batch's block payloads) into one buffer first.
+ */
+export function encodeFrameParts(frame: Frame): [Buffer, Uint8Array] {
   const body = FrameType.encode(FrameType.create(frame)).finish();
-  const out = Buffer.allocUnsafe(LENGTH_BYTES + body.length);
-  out.writeUInt32BE(body.length, 0);
-  out.set(body, LENGTH_BYTES);
-  return out;
+  const prefix = Buffer.allocUnsafe(LENGTH_BYTES);
+  prefix.writeUInt32BE(body.length, 0);
+  return [prefix, body];
+}
+
+/**
+ * A decoded bytes field as a Buffer over the frame's own bytes, not a copy: a batch
+ * carries hundreds of block payloads, and copying each was a tenth of a replica's
+ * work. The frame's bytes are never reused (each socket read is a fresh chunk).
+ */
+function viewOf(v: unknown): Buffer {
+  if (Buffer.isBuffer(v)) return v;
+  if (v instanceof Uint8Array) return Buffer.from(v.buffer, v.byteOffset, v.byteLength);
+  // An absent field decodes as protobufjs's default, an empty array.
+  return Buffer.from((v as number[] | undefined) ?? []);
 }
 
 /** uint64 fields decode as protobufjs Longs; sequence numbers stay well inside 2^53. */
@@ -106,7 +126,6 @@ export function decodeFrameBody(bytes: Uint8Array): Frame {
     throw new LinkProtocolError('ERR_LINK_MALFORMED', `malformed frame: ${(err as Error).message}`);
   }
   const kind = msg['body'] as FrameKind | undefined;
-  const bytesOf = (v: unknown): Buffer => Buffer.from((v as Uint8Array | undefined) ?? []);
   switch (kind) {
     case 'hello': {
       const h = msg['hello'] as Record<string, unknown>;
@@ -114,13 +133,13 @@ export function decodeFrameBody(bytes: Uint8Array): Frame {
         hello: {
           version: (h['version'] as number) ?? 0,
           gatewayId: (h['gatewayId'] as string) ?? '',
-          nonce: bytesOf(h['nonce']),
+          nonce: viewOf(h['nonce']),
           maxFrame: (h['maxFrame'] as number) ?? 0,
         },
       };
     }
     case 'proof':
-      return { proof: { mac: bytesOf((msg['proof'] as Record<string, unknown>)['mac']) } };
+      return { proof: { mac: viewOf((msg['proof'] as Record<string, unknown>)['mac']) } };
     case 'error': {
       const e = msg['error'] as Record<string, unknown>;
       return { error: { code: (e['code'] as string) ?? '', message: (e['message'] as string) ?? '' } };
@@ -135,15 +154,15 @@ export function decodeFrameBody(bytes: Uint8Array): Frame {
         mirror: {
           volume: (m['volume'] as string) ?? '',
           size: toNumber(m['size'] ?? 0),
-          domain: bytesOf(m['domain']),
+          domain: viewOf(m['domain']),
           generation: toNumber(m['generation'] ?? 0),
-          seed: bytesOf(m['seed']),
+          seed: viewOf(m['seed']),
         },
       };
     }
     case 'verifyChunks': {
       const m = msg['verifyChunks'] as Record<string, unknown>;
-      const digests = bytesOf(m['digests']);
+      const digests = viewOf(m['digests']);
       if (digests.length % 32 !== 0)
         throw new LinkProtocolError('ERR_LINK_MALFORMED', `chunk digests of ${digests.length} bytes`);
       return { verifyChunks: { seq: toNumber(m['seq'] ?? 0), digests } };
@@ -159,7 +178,7 @@ export function decodeFrameBody(bytes: Uint8Array): Frame {
     }
     case 'verifyBlocks': {
       const m = msg['verifyBlocks'] as Record<string, unknown>;
-      const e = { lba: toNumber(m['lba'] ?? 0), kinds: bytesOf(m['kinds']), cids: bytesOf(m['cids']) };
+      const e = { lba: toNumber(m['lba'] ?? 0), kinds: viewOf(m['kinds']), cids: viewOf(m['cids']) };
       checkExtent(e);
       return { verifyBlocks: { seq: toNumber(m['seq'] ?? 0), ...e } };
     }
@@ -187,8 +206,8 @@ export function decodeFrameBody(bytes: Uint8Array): Frame {
       const b = msg['batch'] as Record<string, unknown>;
       const extents = ((b['extents'] as Array<Record<string, unknown>> | undefined) ?? []).map((e) => ({
         lba: toNumber(e['lba'] ?? 0),
-        kinds: bytesOf(e['kinds']),
-        cids: bytesOf(e['cids']),
+        kinds: viewOf(e['kinds']),
+        cids: viewOf(e['cids']),
       }));
       for (const e of extents) checkExtent(e);
       return {
@@ -278,6 +297,6 @@ function wireBlocks(v: unknown): WireBlock[] {
   return ((v as Array<Record<string, unknown>> | undefined) ?? []).map((k) => ({
     ordinal: (k['ordinal'] as number) ?? 0,
     lz4: (k['lz4'] as boolean) ?? false,
-    payload: Buffer.from((k['payload'] as Uint8Array | undefined) ?? []),
+    payload: viewOf(k['payload']),
   }));
 }

@@ -47,6 +47,34 @@ describe('replication link frames', () => {
     );
   });
 
+  it('round-trip a batch whose extents hold no data (empty content ids) and its blocks', () => {
+    const frame: Frame = {
+      batch: {
+        seq: 7,
+        durable: true,
+        extents: [
+          { lba: 10, kinds: Buffer.from([0, 1, 0]), cids: Buffer.alloc(0) },
+          { lba: 40, kinds: Buffer.from([2]), cids: Buffer.alloc(16, 0xab) },
+        ],
+        blocks: [
+          { ordinal: 0, lz4: true, payload: Buffer.from('compressed bytes') },
+          { ordinal: 1, lz4: false, payload: Buffer.alloc(0) },
+        ],
+      },
+    };
+    const [got] = readAll(new FrameReader(1 << 20), [encodeFrame(frame)]);
+    assert.deepEqual(got, frame);
+  });
+
+  it("decode block payloads as views of the frame's bytes, not copies", () => {
+    const payload = Buffer.alloc(3000, 0x5a);
+    const wire = encodeFrame({ blocks: { seq: 1, blocks: [{ ordinal: 0, lz4: true, payload }] } });
+    const got = decodeFrameBody(wire.subarray(4)) as { blocks: { blocks: Array<{ payload: Buffer }> } };
+    const view = got.blocks.blocks[0]!.payload;
+    assert.ok(view.equals(payload));
+    assert.equal(view.buffer, wire.buffer);
+  });
+
   it('refuse a frame longer than the limit from its length alone', () => {
     const reader = new FrameReader(1024);
     const header = Buffer.alloc(4);
