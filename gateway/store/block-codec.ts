@@ -211,15 +211,16 @@ export function decodeRecord(rec: Buffer, blockId: number, hash: Buffer, hasher:
  * A stored payload as it travels (mirror links, seed bundles) back to its 4 KiB.
  * Only what this store would have written is accepted: raw is exactly a block,
  * and lz4 is shorter (a block lz4 cannot shrink is stored raw). Throws
- * CorruptBlockError with the reason; the content-id check is the caller's.
+ * CorruptBlockError with the reason; the content-id check is the caller's. An lz4
+ * payload decodes into `out` (4 KiB) when given; a raw one is returned as it is.
  */
-export function unpackPayload(lz4: boolean, payload: Buffer): Buffer {
+export function unpackPayload(lz4: boolean, payload: Buffer, out?: Buffer): Buffer {
   if (!lz4) {
     if (payload.length !== BLOCK) throw new CorruptBlockError(`raw block of ${payload.length} bytes`);
     return payload;
   }
   if (payload.length >= BLOCK) throw new CorruptBlockError(`lz4 block of ${payload.length} bytes`);
-  const out = Buffer.allocUnsafe(BLOCK);
+  out ??= Buffer.allocUnsafe(BLOCK);
   if (native.lz4Decompress(payload, out) !== BLOCK)
     throw new CorruptBlockError('lz4 payload does not decode to 4 KiB');
   return out;
