@@ -204,6 +204,11 @@ interface StoreState {
   mappedBlocks: number;
   zeroBlocks: number;
   collisions: number;
+  /**
+   * Store volume id -> blocks its own metamap entries map to data (what `volume list`
+   * shows as allocated). Absent in stores written before 2026-11-26: counted at open.
+   */
+  volumeBlocks?: Record<string, number>;
   /** Bytes of live records per segment number (what compaction must keep). */
   segmentLive: Record<string, number>;
   /** Blocks kept at reference count zero, for the next checkpoint to delete if untouched. */
@@ -357,6 +362,8 @@ export class DedupStore {
   private readonly indexFile: string;
   /** Blocks at reference count zero in the index (the writer's last word on it). */
   private readonly zeroRef = new NumMap();
+  /** state.volumeBlocks as it moves (with the live overlay); written out with each checkpoint. */
+  private readonly volumeBlocks = new NumMap();
   /** Snapshots and clones, linked to the volumes they read through to. */
   private readonly tree: VolumeTree;
   /** Content hash -> block id, in memory (hash-index.ts), rebuilt from the datamap at open. */
@@ -383,6 +390,9 @@ export class DedupStore {
     this.indexFile = fs.realpathSync(path.join(dir, 'index', 'data.mdb'));
     this.writer = new IndexWriter(dir);
     for (const id of state.zeroRef ?? []) this.zeroRef.set(id, 1);
+    if (state.volumeBlocks)
+      for (const [v, n] of Object.entries(state.volumeBlocks)) this.volumeBlocks.set(Number(v), n);
+    else this.countVolumeBlocks();
     this.hashIndex = this.buildHashIndex();
     this.tree = new VolumeTree(state.tree, {
       own: (key) => this.lookupMeta(key),
@@ -415,6 +425,7 @@ export class DedupStore {
         mappedBlocks: 0,
         zeroBlocks: 0,
         collisions: 0,
+        volumeBlocks: {},
         segmentLive: {},
       };
       stateDb.putSync('store', state);
@@ -450,6 +461,11 @@ export class DedupStore {
 
   // ---- volumes ---------------------------------------------------------------------
 
+  /** The store's id for a volume, if it has one yet. */
+  volumeIdIfAny(name: string): number | undefined {
+    return this.state.volumes[name];
+  }
+
   /** The store's id for a volume, allocated on first use. */
   volumeId(name: string): number {
     let id = this.state.volumes[name];
@@ -458,6 +474,17 @@ export class DedupStore {
       this.state.volumes[name] = id;
     }
     return id;
+  }
+
+  /** Each volume's data blocks, from the whole metamap: once, for a store that never counted them. */
+  private countVolumeBlocks(): void {
+    for (const { key, value } of this.metaDb.getRange({}))
+      if (isData(decodeId(value as Buffer))) this.volumeBlocks.add(decodeMetaKey(key as Buffer).volume, 1);
+  }
+
+  /** Blocks the volume's own metamap entries map to data, acknowledged writes included. */
+  volumeDataBlocks(volume: number): number {
+    return this.volumeBlocks.get(volume) ?? 0;
   }
 
   /**
@@ -663,10 +690,12 @@ export class DedupStore {
     if (isData(old)) {
       this.live.addRef(old, -1);
       this.state.mappedBlocks--;
+      this.volumeBlocks.add(metaKeyVolume(key), -1);
     } else if (old === ZERO_BLOCK) this.state.zeroBlocks--;
     if (isData(value)) {
       this.live.addRef(value, 1);
       this.state.mappedBlocks++;
+      this.volumeBlocks.add(metaKeyVolume(key), 1);
     } else if (value === ZERO_BLOCK) this.state.zeroBlocks++;
     this.live.meta.set(key, value);
     this.cache.set(key, value);
@@ -1610,6 +1639,14 @@ export class DedupStore {
   }
 
   /** The state the checkpoint records beside the tables; the writer owns the counters it changes (blocks, bytes, segments). */
+  private volumeBlocksRecord(): Record<string, number> {
+    const out: Record<string, number> = {};
+    this.volumeBlocks.forEach((n, v) => {
+      if (n !== 0) out[v] = n;
+    });
+    return out;
+  }
+
   private ownedState(commitSeq: number, commitToken: string): string {
     const s = this.state;
     return JSON.stringify({
@@ -1623,6 +1660,7 @@ export class DedupStore {
       mappedBlocks: s.mappedBlocks,
       zeroBlocks: s.zeroBlocks,
       collisions: s.collisions,
+      volumeBlocks: this.volumeBlocksRecord(),
       tree: this.tree.toJSON(),
     });
   }

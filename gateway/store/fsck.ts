@@ -54,6 +54,7 @@ export function fsckStore(storeDir: string): FsckReport {
           segmentLive?: Record<string, number>;
           zeroRef?: number[];
           tree?: TreeState;
+          volumeBlocks?: Record<string, number>;
         }
       | undefined;
     if (!state) throw new Error(`${storeDir} holds no dedup store`);
@@ -69,6 +70,7 @@ export function fsckStore(storeDir: string): FsckReport {
     let metaEntries = 0;
     let zeroBlocks = 0;
     let masks = 0;
+    const perVolume = new Map<number, number>(); // volume -> blocks mapped to data
     for (const { key, value } of metaDb.getRange({})) {
       metaEntries++;
       const { volume, lba } = decodeMetaKey(key as Buffer);
@@ -79,7 +81,10 @@ export function fsckStore(storeDir: string): FsckReport {
         masks++;
         if (!state.tree?.links[volume])
           problem(`volume #${volume} block ${lba}: a hole over a parent, but the volume has no parent`);
-      } else refs.set(id, (refs.get(id) ?? 0) + 1);
+      } else {
+        refs.set(id, (refs.get(id) ?? 0) + 1);
+        perVolume.set(volume, (perVolume.get(volume) ?? 0) + 1);
+      }
     }
 
     const live = new Map<number, number>(); // segment -> live record bytes
@@ -148,6 +153,14 @@ export function fsckStore(storeDir: string): FsckReport {
     const mapped = metaEntries - zeroBlocks - masks;
     if (state.mappedBlocks !== mapped)
       problem(`store counts ${state.mappedBlocks} mapped blocks, found ${mapped}`);
+    // Stores from before the per-volume counts have none to check (the gateway counts them at open).
+    if (state.volumeBlocks) {
+      for (const v of new Set([...perVolume.keys(), ...Object.keys(state.volumeBlocks).map(Number)])) {
+        const want = perVolume.get(v) ?? 0;
+        const have = state.volumeBlocks[v] ?? 0;
+        if (want !== have) problem(`volume #${v}: ${have} data blocks counted, ${want} found`);
+      }
+    }
 
     let segmentBytes = 0;
     const segDir = path.join(storeDir, 'segments');

@@ -18,6 +18,7 @@ import type { Logger } from '../util/log';
 import { formatSize } from '../util/size';
 import { CompactionResult, Compactor } from '../store/compactor';
 import { DedupStore, StoreOptions, StoreStats } from '../store/dedup-store';
+import { BLOCK } from '../store/layout';
 import fs from 'node:fs';
 import path from 'node:path';
 import { allocatedBytes, openStack, removeBackingStore } from './backends';
@@ -349,6 +350,14 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
       .sort((a, b) => a.name.localeCompare(b.name));
   }
 
+  /** A dedup volume's allocation is what its own entries map to data (before sharing and lz4). */
+  private allocated(rec: VolumeRecord): number {
+    if (rec.backend !== 'dedup') return allocatedBytes(this.dataDir, rec);
+    const store = this.store();
+    const id = store.volumeIdIfAny(rec.name);
+    return id === undefined ? 0 : store.volumeDataBlocks(id) * BLOCK;
+  }
+
   private describe(v: Volume): VolumeInfo {
     return {
       name: v.record.name,
@@ -356,7 +365,7 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
       backend: v.record.backend,
       readOnly: v.record.readOnly,
       path: v.record.path ?? null,
-      allocatedBytes: allocatedBytes(this.dataDir, v.record),
+      allocatedBytes: this.allocated(v.record),
       clients: v.clients.size,
       created: v.record.created,
       cloneOf: v.record.cloneOf ?? null,

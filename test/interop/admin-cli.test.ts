@@ -86,6 +86,24 @@ describe('volume commands', () => {
     assert.match(r.stdout, /^disk0\s+8 GiB\s+dedup\s+rw/m);
   });
 
+  it("lists a dedup volume's written data as allocated, zeroes and unwritten blocks not", async () => {
+    await json('volume', 'create', 'alloc', '--size', '16M');
+    await check('qemu-io', [
+      '-f',
+      'raw',
+      '-c',
+      'write -P 0x61 0 64k',
+      '-c',
+      'write -z 1M 64k',
+      gw.uri('alloc'),
+    ]);
+    const list = (await json('volume', 'list')) as Array<{ name: string; allocatedBytes: number }>;
+    assert.equal(list.find((v) => v.name === 'alloc')?.allocatedBytes, 65536);
+    const r = await gw.cli('volume', 'list');
+    assert.match(r.stdout, /^alloc\s+16 MiB\s+dedup\s+rw\s+64 KiB/m);
+    await json('volume', 'delete', 'alloc');
+  });
+
   it('reports gateway stats as JSON', async () => {
     const s = (await json('stats')) as { volumes: number; rssBytes: number; listeners: string[] };
     assert.ok(s.volumes >= 1);

@@ -177,6 +177,39 @@ describe('dedup store', () => {
     await closeConsistent(store, dir);
   });
 
+  it("counts each volume's own data blocks through overwrites, zeroes, trims and a reopen", async () => {
+    const { dir, store, dev } = freshVolume();
+    const b = new DedupDevice(store, store.volumeId('b'), 1 << 20);
+    await dev.write(0, Buffer.concat([block(1), block(2), block(3), block(4)]));
+    await b.write(0, block(1)); // shared content counts for both volumes
+    await dev.write(4096, block(5)); // an overwrite: still one block
+    await dev.write(8192, Buffer.alloc(4096)); // zeroes are not data
+    await dev.trim(12288, 4096);
+    const a = store.volumeId('a');
+    assert.equal(store.volumeDataBlocks(a), 2);
+    assert.equal(store.volumeDataBlocks(store.volumeId('b')), 1);
+    await closeConsistent(store, dir);
+    const again = DedupStore.open(dir, silentLogger);
+    assert.equal(again.volumeDataBlocks(a), 2);
+    await again.deleteVolume('a');
+    assert.equal(again.volumeDataBlocks(a), 0);
+    await closeConsistent(again, dir);
+  });
+
+  it('counts the data blocks at open for a store that never recorded them per volume', async () => {
+    const { dir, store, dev } = freshVolume();
+    await dev.write(0, Buffer.concat([block(1), Buffer.alloc(4096), block(2)]));
+    await store.close();
+    const { env, state } = openIndex(dir);
+    const older = { ...(state.get('store') as Record<string, unknown>) };
+    delete older['volumeBlocks'];
+    await state.put('store', older);
+    await env.close();
+    const again = DedupStore.open(dir, silentLogger);
+    assert.equal(again.volumeDataBlocks(again.volumeId('a')), 2);
+    await closeConsistent(again, dir);
+  });
+
   it('keeps flushed writes across a close and reopen', async () => {
     const dir = path.join(tmp, `s${n++}`);
     let store = DedupStore.open(dir, silentLogger);
@@ -331,12 +364,31 @@ describe('fsck', () => {
     await meta.remove(encodeMetaKey(1, 0));
     const entry = decodeDataEntry(Buffer.from(data.get(encodeId(1))!));
     await data.put(encodeId(1), encodeDataEntry({ ...entry, refcount: 0 }));
-    const s = state.get('store') as { mappedBlocks: number; zeroRef?: number[] };
-    await state.put('store', { ...s, mappedBlocks: s.mappedBlocks - 1, zeroRef: [] });
+    const s = state.get('store') as {
+      mappedBlocks: number;
+      zeroRef?: number[];
+      volumeBlocks: Record<string, number>;
+    };
+    await state.put('store', {
+      ...s,
+      mappedBlocks: s.mappedBlocks - 1,
+      zeroRef: [],
+      volumeBlocks: { 1: s.volumeBlocks[1]! - 1 },
+    });
     await env.close();
     const problems = fsckStore(dir).problems;
     assert.equal(problems.length, 1, problems.join('\n'));
     assert.match(problems[0]!, /block 1: no references, and not queued for deletion/);
+  });
+
+  it('reports a volume whose counted data blocks disagree with its metamap', async () => {
+    const dir = await storeWithBlocks();
+    const { env, state } = openIndex(dir);
+    const s = state.get('store') as { volumeBlocks: Record<string, number> };
+    assert.deepEqual(s.volumeBlocks, { 1: 4 });
+    await state.put('store', { ...s, volumeBlocks: { 1: 3 } });
+    await env.close();
+    assert.deepEqual(fsckStore(dir).problems, ['volume #1: 3 data blocks counted, 4 found']);
   });
 
   it('reports a datamap entry with an impossible length and goes on checking the rest', async () => {
