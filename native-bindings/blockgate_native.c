@@ -535,8 +535,9 @@ static napi_value js_decode_record(napi_env env, napi_callback_info info) {
  *
  * With a file descriptor and offset as two more arguments, the job first preads all of
  * rec from the file: the event loop then neither copies the run out of the page cache
- * nor waits for a disk. A failed or short read rejects with the errno (EIO for end of
- * file) and decodes nothing.
+ * nor waits for a disk. A failed read rejects with the errno and decodes nothing; bytes
+ * past the end of the file read as zeroes (their records fail as missing headers, each
+ * on its own, as a damaged record does).
  */
 #define DECODE_ARGS 6
 typedef struct {
@@ -558,9 +559,14 @@ static void decode_execute(napi_env env, void *arg) {
   for (size_t done = 0; j->fd >= 0 && done < j->rec_len;) {
     ssize_t n = pread(j->fd, j->rec + done, j->rec_len - done, (off_t)(j->file_offset + (int64_t)done));
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      j->read_error = n < 0 ? errno : EIO;
+    if (n < 0) {
+      j->read_error = errno;
       return;
+    }
+    if (n == 0) {
+      /* A file cut short: its missing records fail their checks one by one below. */
+      memset(j->rec + done, 0, j->rec_len - done);
+      break;
     }
     done += (size_t)n;
   }

@@ -60,7 +60,8 @@ export interface NativeBindings {
    * record's own header). `status[k]` gets record k's code. Offsets are checked before
    * the job starts (RangeError); nothing may touch the arguments until it settles.
    * With `fd` and `fileOffset`, the job first reads all of `rec` from that file; a failed
-   * or short read rejects with an Error carrying `code` (EIO for end of file).
+   * read rejects with an Error carrying `code`, and bytes past the end of the file read
+   * as zeroes (the records there fail their checks one by one).
    */
   decodeRecords(
     secret: Buffer,
