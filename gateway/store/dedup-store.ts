@@ -1638,7 +1638,7 @@ export class DedupStore {
     };
   }
 
-  /** The state the checkpoint records beside the tables; the writer owns the counters it changes (blocks, bytes, segments). */
+  /** The per-volume data block counts as the state record keeps them (no zero entries). */
   private volumeBlocksRecord(): Record<string, number> {
     const out: Record<string, number> = {};
     this.volumeBlocks.forEach((n, v) => {
@@ -1647,6 +1647,7 @@ export class DedupStore {
     return out;
   }
 
+  /** The state the checkpoint records beside the tables; the writer owns the counters it changes (blocks, bytes, segments). */
   private ownedState(commitSeq: number, commitToken: string): string {
     const s = this.state;
     return JSON.stringify({
