@@ -278,6 +278,35 @@ describe('dedup store', () => {
     await store.close();
   });
 
+  it('names the block where a long read runs past a segment cut short, and serves the blocks before it', async () => {
+    const dir = path.join(tmp, `s${n++}`);
+    let store = DedupStore.open(dir, silentLogger);
+    let dev = new DedupDevice(store, store.volumeId('a'), 4 << 20);
+    const data = Buffer.alloc(80 * 4096);
+    for (let b = 0; b < 80; b++) data.write(`block ${b} `.repeat(300), b * 4096);
+    await dev.write(0, data);
+    await dev.flush();
+    await store.close();
+    // The file ends inside block 70's record (its lz4 payload starts with that text): 70 to 79 are gone.
+    const seg = path.join(dir, 'segments', fs.readdirSync(path.join(dir, 'segments'))[0]!);
+    fs.truncateSync(seg, fs.readFileSync(seg).indexOf('block 70 ') + 4);
+    const errors: string[] = [];
+    const log = { ...silentLogger, error: (m: string) => void errors.push(m), child: () => log };
+    store = DedupStore.open(dir, log);
+    dev = new DedupDevice(store, store.volumeId('a'), 4 << 20);
+    await assert.rejects(dev.read(0, Buffer.alloc(80 * 4096)), { code: 'EIO' });
+    // The read's first damaged block is named (as for a corrupted record), not a bare EIO.
+    assert.ok(
+      errors.some((m) => /volume a block 70: /.test(m)),
+      errors.join('\n'),
+    );
+    assert.ok(!errors.some((m) => /volume a block 69: /.test(m)), errors.join('\n'));
+    const before = Buffer.alloc(70 * 4096);
+    await dev.read(0, before);
+    assert.ok(before.equals(data.subarray(0, 70 * 4096)));
+    await store.close();
+  });
+
   it('answers EIO for a block whose datamap entry was corrupted, and serves the others', async () => {
     const dir = path.join(tmp, `s${n++}`);
     let store = DedupStore.open(dir, silentLogger);
