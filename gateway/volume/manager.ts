@@ -306,10 +306,6 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
       const vol = this.volume(name);
       checkSize(size);
       if (vol.record.readOnly) throw new InvalidArgumentError(`volume '${name}' is read-only`);
-      if (vol.mirrors.length > 0)
-        throw new InvalidArgumentError(
-          `volume '${name}' has replicas: remove them, resize, and add them again (resizes are not mirrored yet)`,
-        );
       if (size < vol.device.size && vol.clients.size > 0) {
         throw new VolumeBusyError(
           `cannot shrink volume '${name}' while ${vol.clients.size} client(s) are connected`,
@@ -323,6 +319,7 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
       vol.record = { ...vol.record, size };
       this.catalog.save(this.records());
       this.log.info(`volume ${name} resized to ${formatSize(size)}`);
+      if (vol.mirrors.length > 0) this.restartMirrors(vol);
       return this.describe(vol);
     });
   }
@@ -627,6 +624,20 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
     });
   }
 
+  /**
+   * After a resize: every mirror starts again at the new size. Its replica resizes its
+   * copy when the new link names it, and the sync (all chunks: the activity log was
+   * sized for the old volume) goes hash-first, so only blocks the replica lacks travel.
+   */
+  private restartMirrors(vol: Volume): void {
+    for (const m of vol.mirrors) m.close(true);
+    const configs = vol.record.replicas ?? [];
+    // The DR replica first, as replica add put it.
+    const ordered = [...configs.filter((r) => r.dr), ...configs.filter((r) => !r.dr)];
+    vol.mirrors = ordered.map((r) => this.startMirror(vol.record, r));
+    this.log.info(`volume ${vol.record.name}: ${ordered.length} replica(s) resyncing at the new size`);
+  }
+
   /** `replica list`: each replica's state, lag and sync progress; on a replica, whose copy it is. */
   replicaList(name: string): ReplicaListing {
     const vol = this.volume(name);
@@ -690,11 +701,7 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
             );
           }
           if (generation < here) throw new SupersededError(name, here);
-          if (existing.device.size !== size)
-            throw new LinkProtocolError(
-              'ERR_LINK_UNKNOWN_VOLUME',
-              `replica of ${name} here is ${existing.device.size} bytes, the primary's ${size}`,
-            );
+          if (existing.device.size !== size) await this.followResize(existing, primary, generation, size);
           // A copy imported from a seed is that seed until its first mirror: only then may
           // the primary send just what changed since the export (replica add --seeded).
           const from = existing.record.seededFrom;
@@ -725,6 +732,31 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
         return { store, volumeId: store.volumeId(name), seeded };
       }),
     );
+  }
+
+  /**
+   * A replica copy whose primary now names another size: the primary was resized, and
+   * the copy follows, if it is that primary's at this generation (anything else is not
+   * this copy's primary talking) and no client would see it shrink under them.
+   */
+  private async followResize(vol: Volume, primary: string, generation: number, size: number): Promise<void> {
+    const name = vol.record.name;
+    const was = vol.device.size;
+    if (vol.record.replicaOf !== primary || generationOf(vol.record) !== generation)
+      throw new LinkProtocolError(
+        'ERR_LINK_UNKNOWN_VOLUME',
+        `replica of ${name} here is ${was} bytes, the primary's ${size}`,
+      );
+    if (size < was && vol.clients.size > 0)
+      throw new LinkProtocolError(
+        'ERR_LINK_UNKNOWN_VOLUME',
+        `replica of ${name} here cannot shrink to ${size} bytes while ${vol.clients.size} client(s) read it`,
+      );
+    checkSize(size);
+    await vol.device.resize(size);
+    vol.record = { ...vol.record, size };
+    this.catalog.save(this.records());
+    this.log.info(`volume ${name}: replica copy resized to ${formatSize(size)}, as its primary was`);
   }
 
   mirrorRefusal(name: string, generation: number): LinkProtocolError | null {
