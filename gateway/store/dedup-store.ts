@@ -4,6 +4,7 @@
 //   datamap   block id -> segment record, refcount   LMDB "data"
 //   hash      keyed XXH3-128 -> block id             LMDB "hash"
 //   segments  append-only files of lz4 records       segments.ts
+//   reads     metamap -> datamap -> record, checked  block-reader.ts
 //
 // Crash safety: changes collect in an Overlay. A checkpoint (FLUSH, FUA, a
 // timer, or a full overlay) freezes it, makes the segment files durable,
@@ -25,9 +26,6 @@ import type { Logger } from '../util/log';
 import {
   BlockHasher,
   CorruptBlockError,
-  decodeRecord,
-  decodeError,
-  decodeRecordAt,
   decodeRecordInto,
   encodeRecord,
   encodeRecordInto,
@@ -56,7 +54,8 @@ import {
 } from './layout';
 import { HOLE, Overlay } from './overlay';
 import { KIND_DATA, KIND_ZERO } from '../../protocol/replication/block-kinds';
-import { META_PAGE, MetaCache, MetaPage, packPlace, pageKey, placeOffset, placeSegment } from './meta-cache';
+import { META_PAGE, MetaCache, MetaPage, pageKey } from './meta-cache';
+import { BlockReader } from './block-reader';
 import { SegmentFiles } from './segments';
 import { RecentRecords } from './recent-records';
 import { PendingRecords } from './pending-records';
@@ -245,50 +244,6 @@ export interface StoreStats {
   hashIndexBytes: number;
 }
 
-/**
- * Runs of at least this many records are read and decoded on the libuv pool, in one
- * job (decodeRecords with the segment's descriptor): below it the hand-off costs more
- * than the copy and the decoding it moves off the event loop.
- */
-const POOL_DECODE_MIN = 64;
-
-/** Where a record header holds its block's hash. */
-const RECORD_HASH_AT = 24;
-
-/**
- * Remembers where a block's record was found, once a read has checked it against
- * the datamap: its contents hashed as the datamap says, and so does its header,
- * which later reads from this place check the contents against.
- */
-function notePlace(
-  page: MetaPage,
-  i: number,
-  entry: { segment: number; offset: number; storedLength: number; hash: Buffer | null },
-  rec: Buffer,
-  recAt = 0,
-): void {
-  if (!entry.hash) return;
-  const at = recAt + RECORD_HASH_AT;
-  if (rec.compare(entry.hash, 0, 16, at, at + 16) !== 0) return;
-  page.places[i] = packPlace(entry.segment, entry.offset);
-  page.lengths[i] = entry.storedLength;
-}
-
-/** A block of a multi-block read, where its record is. */
-interface RunItem {
-  /** Byte offset in the read. */
-  at: number;
-  id: number;
-  segment: number;
-  offset: number;
-  storedLength: number;
-  /** The datamap's hash; null for a place the page remembered (the header's hash). */
-  hash: Buffer | null;
-  page: MetaPage | undefined;
-  /** The block's index in its page. */
-  i: number;
-}
-
 function stateOf(id: number): BlockState {
   return id === HOLE || id === MASK_BLOCK ? 'hole' : id === ZERO_BLOCK ? 'zero' : 'data';
 }
@@ -368,6 +323,8 @@ export class DedupStore {
   private readonly tree: VolumeTree;
   /** Content hash -> block id, in memory (hash-index.ts), rebuilt from the datamap at open. */
   private readonly hashIndex: HashIndex;
+  /** The read path (block-reader.ts), reading through this store's maps and overlays. */
+  private readonly reader: BlockReader;
 
   private constructor(
     readonly dir: string,
@@ -387,6 +344,19 @@ export class DedupStore {
   ) {
     this.pool = Number.isFinite(poolMinBlocks) ? new BlockPool(state.secret) : null;
     this.hasher = new BlockHasher(Buffer.from(state.secret, 'base64'));
+    this.reader = new BlockReader({
+      segments,
+      hasher: this.hasher,
+      pending: this.pending,
+      log,
+      cacheEnabled: () => this.cache.enabled,
+      linked: (volume) => this.tree.linked(volume),
+      metaPage: (key) => this.metaPage(key),
+      resolveMeta: (volume, lba) => this.resolveMeta(volume, lba),
+      lookupData: (id) => this.lookupData(id),
+      blockIds: (volume, lba, count) => this.blockIds(volume, lba, count),
+      volumeName: (volume) => this.volumeName(volume),
+    });
     this.indexFile = fs.realpathSync(path.join(dir, 'index', 'data.mdb'));
     this.writer = new IndexWriter(dir);
     for (const id of state.zeroRef ?? []) this.zeroRef.set(id, 1);
@@ -748,233 +718,25 @@ export class DedupStore {
   }
 
   /** The block's 4 KiB, or null where it reads as zeroes. EIO if its stored copy is damaged. */
-  async readBlock(volume: number, lba: number): Promise<Buffer | null> {
+  readBlock(volume: number, lba: number): Promise<Buffer | null> {
     this.foregroundOps++;
-    const id = this.resolveMeta(volume, lba);
-    if (id === undefined || id === ZERO_BLOCK) return null;
-    try {
-      return await this.readStored(id);
-    } catch (err) {
-      throw this.damaged(volume, lba, err);
-    }
+    return this.reader.readBlock(volume, lba);
   }
 
-  /**
-   * One whole block into `into`. Settles at once when its record is in the page
-   * cache, the common case: no promise chain, no allocation.
-   */
+  /** One whole block into `into`; settles at once when its record is in the page cache. */
   readBlockInto(volume: number, lba: number, into: Buffer): Promise<void> {
     this.foregroundOps++;
-    const key = metaKey(volume, lba);
-    // A linked volume's pages hold its own entries only: it reads through its parent.
-    const page = this.tree.linked(volume) ? undefined : this.metaPage(key);
-    const i = key % META_PAGE;
-    const id = page ? page.ids[i]! : (this.resolveMeta(volume, lba) ?? HOLE);
-    if (id === HOLE || id === ZERO_BLOCK) {
-      into.fill(0);
-      return RESOLVED;
-    }
-    if (page && page.places[i] !== 0 && this.readPlaced(page, i, id, into)) return RESOLVED;
-    const entry = this.pending.has(id) ? undefined : this.lookupData(id);
-    if (entry && entry.storedLength <= BLOCK) {
-      const rec = this.recordScratch.subarray(0, RECORD_HEADER + entry.storedLength);
-      try {
-        if (this.segments.readCached(entry.segment, entry.offset, rec)) {
-          decodeRecordInto(rec, id, entry.hash, this.hasher, into);
-          if (page) notePlace(page, i, entry, rec);
-          return RESOLVED;
-        }
-      } catch (err) {
-        return Promise.reject(this.damaged(volume, lba, err));
-      }
-    }
-    return this.readBlock(volume, lba).then((block) => {
-      if (block) block.copy(into);
-      else into.fill(0);
-    });
+    return this.reader.readBlockInto(volume, lba, into);
   }
 
-  /**
-   * A block from the record place its page remembers, when the page cache holds it.
-   * False sends the read the long way, which reports damage: a place is a hint, and
-   * a record that fails here is read again from where the datamap says.
-   */
-  private readPlaced(page: MetaPage, i: number, id: number, into: Buffer): boolean {
-    const place = page.places[i]!;
-    const rec = this.recordScratch.subarray(0, RECORD_HEADER + page.lengths[i]!);
-    try {
-      if (!this.segments.readCached(placeSegment(place), placeOffset(place), rec)) return false;
-      // The header's hash was the datamap's when the place was noted (notePlace).
-      decodeRecordInto(rec, id, rec, this.hasher, into, RECORD_HASH_AT);
-      return true;
-    } catch {
-      page.places[i] = 0;
-      return false;
-    }
-  }
-
-  /** A damaged record becomes EIO for its block, with a log line naming it; other errors pass. */
-  private damaged(volume: number, lba: number, err: unknown): unknown {
-    if (!(err instanceof CorruptBlockError)) return err;
-    this.log.error(`volume ${this.volumeName(volume)} block ${lba}: ${err.message}`);
-    return new BlockError('EIO', `block ${lba} is damaged: ${err.message}`);
+  /** `count` whole blocks from `lba` into `into` (block-reader.ts). */
+  readBlocks(volume: number, lba: number, count: number, into: Buffer): Promise<void> {
+    this.foregroundOps++;
+    return this.reader.readBlocks(volume, lba, count, into);
   }
 
   private volumeName(volume: number): string {
     return Object.entries(this.state.volumes).find(([, id]) => id === volume)?.[0] ?? `#${volume}`;
-  }
-
-  /**
-   * Reads `count` whole blocks from `lba` into `into` (count * 4 KiB): the metamap's
-   * pages (or one range scan), and one pread for each run of records lying next to
-   * each other in a segment (blocks written together sit together), each decoded
-   * straight into place.
-   */
-  async readBlocks(volume: number, lba: number, count: number, into: Buffer): Promise<void> {
-    this.foregroundOps++;
-    const runs: RunItem[][] = [];
-    const singles: Promise<void>[] = [];
-    let run: RunItem[] = [];
-    let runEnd = -1;
-    let runSegment = -1;
-    const ids = this.cache.enabled && !this.tree.linked(volume) ? null : this.blockIds(volume, lba, count);
-    for (let b = 0; b < count; b++) {
-      const key = metaKey(volume, lba + b);
-      const page = ids ? undefined : this.metaPage(key);
-      const i = key % META_PAGE;
-      const id = page ? page.ids[i]! : (ids![b] ?? HOLE);
-      const at = b * BLOCK;
-      if (id === HOLE || id === ZERO_BLOCK) {
-        into.fill(0, at, at + BLOCK);
-        continue;
-      }
-      let item: RunItem;
-      const place = page ? page.places[i]! : 0;
-      if (page && place !== 0) {
-        const segment = placeSegment(place);
-        const offset = placeOffset(place);
-        item = { at, id, segment, offset, storedLength: page.lengths[i]!, hash: null, page, i };
-      } else {
-        const entry = this.pending.has(id) ? undefined : this.lookupData(id);
-        if (!entry) {
-          // Rare: in flight to its segment, or missing (reported by the single-block path).
-          singles.push(this.readBlockInto(volume, lba + b, into.subarray(at, at + BLOCK)));
-          continue;
-        }
-        const { segment, offset, storedLength, hash } = entry;
-        item = { at, id, segment, offset, storedLength, hash, page, i };
-      }
-      // A record next to the last one joins the run, and so does the same record again
-      // (a block repeated through the volume is read once).
-      const last = run[run.length - 1];
-      const follows = item.offset === runEnd || item.offset === last?.offset;
-      if (item.segment === runSegment && follows && run.length < 256) run.push(item);
-      else {
-        if (run.length) runs.push(run);
-        run = [item];
-        runSegment = item.segment;
-        runEnd = -1;
-      }
-      runEnd = Math.max(runEnd, item.offset + RECORD_HEADER + item.storedLength);
-    }
-    if (run.length) runs.push(run);
-    await settleAll([...singles, ...runs.map((r) => this.readRun(volume, lba, r, into))]);
-  }
-
-  /**
-   * One pread for a run of neighbouring records, each decoded into its place in `into`.
-   * A long run is read and decoded in one pool job; a short one is read (inline when
-   * cached) and decoded here.
-   */
-  private async readRun(volume: number, lba: number, run: RunItem[], into: Buffer): Promise<void> {
-    const first = run[0]!;
-    const last = run[run.length - 1]!;
-    const length = last.offset + RECORD_HEADER + last.storedLength - first.offset;
-    const pooled = length >= sharedBufferPool.minSize;
-    const buf = pooled ? sharedBufferPool.acquire(length) : Buffer.allocUnsafe(length);
-    const retries: Promise<void>[] = [];
-    let failure: unknown;
-    try {
-      let status: Int32Array | null = null;
-      try {
-        if (run.length >= POOL_DECODE_MIN) status = await this.readDecoded(buf, run, into);
-        else await this.segments.read(first.segment, first.offset, length, buf);
-      } catch (err) {
-        // A run of remembered places only: the segment may have gone since; read the long way.
-        if (run.every((item) => item.hash === null)) return await this.rereadRun(volume, lba, run, into);
-        throw err;
-      }
-      for (let k = 0; k < run.length; k++) {
-        const item = run[k]!;
-        const { at, id, page, i } = item;
-        const recAt = item.offset - first.offset;
-        try {
-          if (status) {
-            if (status[k] !== 0) throw decodeError(status[k]!, id, buf, recAt);
-            if (item.hash !== null && page) notePlace(page, i, item, buf, recAt);
-          } else if (item.hash === null)
-            decodeRecordAt(buf, recAt, id, buf, recAt + RECORD_HASH_AT, this.hasher, into, at);
-          else {
-            decodeRecordAt(buf, recAt, id, item.hash, 0, this.hasher, into, at);
-            if (page) notePlace(page, i, item, buf, recAt);
-          }
-        } catch (err) {
-          if (item.hash !== null) {
-            // The read fails, once the rest of the run (retries included) is done with `into`.
-            failure ??= this.damaged(volume, lba + at / BLOCK, err);
-            continue;
-          }
-          // A remembered place that no longer holds the block: forget it, read the long way.
-          page!.places[i] = 0;
-          retries.push(this.readBlockInto(volume, lba + at / BLOCK, into.subarray(at, at + BLOCK)));
-        }
-      }
-    } finally {
-      if (pooled) sharedBufferPool.release(buf);
-    }
-    await settleAll(retries);
-    if (failure !== undefined) throw failure;
-  }
-
-  /**
-   * Reads a run's records into `buf` and decodes them into `into`, both in one libuv
-   * pool job: the event loop neither copies the run nor waits for the pool twice.
-   * A status per record (0: good).
-   */
-  private async readDecoded(buf: Buffer, run: RunItem[], into: Buffer): Promise<Int32Array> {
-    const base = run[0]!.offset;
-    const items = new Float64Array(run.length * 4);
-    const hashes = Buffer.allocUnsafe(run.length * 16);
-    for (let k = 0; k < run.length; k++) {
-      const item = run[k]!;
-      items[4 * k] = item.offset - base;
-      items[4 * k + 1] = item.id;
-      items[4 * k + 2] = item.at;
-      if (item.hash === null) items[4 * k + 3] = -1;
-      else {
-        item.hash.copy(hashes, 16 * k);
-        items[4 * k + 3] = 16 * k;
-      }
-    }
-    const status = new Int32Array(run.length);
-    await this.segments.readWith(run[0]!.segment, base, (fd) =>
-      this.hasher.decodeMany(buf, items, hashes, into, status, { fd, offset: base }),
-    );
-    return status;
-  }
-
-  private async rereadRun(
-    volume: number,
-    lba: number,
-    run: Array<{ at: number; page: MetaPage | undefined; i: number }>,
-    into: Buffer,
-  ): Promise<void> {
-    await settleAll(
-      run.map(({ at, page, i }) => {
-        if (page) page.places[i] = 0;
-        return this.readBlockInto(volume, lba + at / BLOCK, into.subarray(at, at + BLOCK));
-      }),
-    );
   }
 
   /** Block ids of `count` blocks from `lba` (undefined: hole) without the cache: one range scan, then the overlays. */
@@ -999,15 +761,6 @@ export class DedupStore {
       }
     }
     return ids;
-  }
-
-  private async readStored(id: number): Promise<Buffer> {
-    const entry = this.lookupData(id);
-    if (!entry) throw new CorruptBlockError(`block ${id} has no datamap entry`);
-    const rec =
-      this.pending.get(id)?.record ??
-      (await this.segments.read(entry.segment, entry.offset, RECORD_HEADER + entry.storedLength));
-    return decodeRecord(rec, id, entry.hash, this.hasher);
   }
 
   /**
