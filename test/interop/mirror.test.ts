@@ -14,6 +14,7 @@ import { createVolume, MiB, scratchDir, writeRandomFile } from '../helpers/fixtu
 import { check, run } from '../helpers/run';
 import { openIndex } from '../../gateway/store/index-db';
 import { TcpProxy } from '../helpers/tcp-proxy';
+import { RawClient } from '../helpers/raw-client';
 
 const dir = scratchDir('blockgate-mirror-');
 const keyFile = path.join(dir, 'cluster.key');
@@ -413,6 +414,32 @@ describe('mirrored volumes', () => {
     const after = await check('nbdinfo', ['--size', replica.uri('rs')]);
     assert.equal(after.stdout.trim(), String(8 * MiB));
     await identical(primary.uri('rs'), replica.uri('rs'));
+  });
+
+  it('does not shrink a replica copy under its readers, and follows once they leave', async () => {
+    await createVolume(primary, 'rk', '16M');
+    assert.equal((await primary.cli('replica', 'add', 'rk', '--to', to)).code, 0);
+    await waitForState(primary, 'rk', 'in-sync');
+    const reader = await RawClient.connect(replica.socket);
+    await reader.go('rk');
+    try {
+      assert.equal((await primary.cli('volume', 'resize', 'rk', '--size', '8M')).code, 0);
+      const deadline = Date.now() + 20_000;
+      let l = await replicaList(primary, 'rk');
+      while (!/cannot shrink/.test(l.replicas[0]?.lastError ?? '') && Date.now() < deadline) {
+        await new Promise((r) => setTimeout(r, 200));
+        l = await replicaList(primary, 'rk');
+      }
+      assert.match(l.replicas[0]?.lastError ?? '', /cannot shrink to 8388608 bytes while 1 client/);
+      assert.notEqual(l.replicas[0]?.state, 'in-sync');
+      const size = await check('nbdinfo', ['--size', replica.uri('rk')]);
+      assert.equal(size.stdout.trim(), String(16 * MiB));
+    } finally {
+      reader.disconnect();
+    }
+    await waitForState(primary, 'rk', 'in-sync', true);
+    const size = await check('nbdinfo', ['--size', replica.uri('rk')]);
+    assert.equal(size.stdout.trim(), String(8 * MiB));
   });
 
   it('removes a replica: writes stop following, its copy stays', async () => {
