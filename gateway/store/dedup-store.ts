@@ -200,6 +200,7 @@ interface StoreState {
   volumes: Record<string, number>;
   uniqueBlocks: number;
   storedBytes: number;
+  /** Written with each checkpoint (the sum of volumeBlocks), for fsck; counted from volumeBlocks. */
   mappedBlocks: number;
   zeroBlocks: number;
   collisions: number;
@@ -271,7 +272,6 @@ export class DedupStore {
    * lose them, so nothing commits until a restart opens the store at what the index holds.
    */
   private indexFailure: BlockError | null = null;
-  /** Records whose segment write is still in flight, by block id. */
   /** Client reads and writes served so far: the compactor slows down while it moves. */
   foregroundOps = 0;
   /**
@@ -455,6 +455,13 @@ export class DedupStore {
   /** Blocks the volume's own metamap entries map to data, acknowledged writes included. */
   volumeDataBlocks(volume: number): number {
     return this.volumeBlocks.get(volume) ?? 0;
+  }
+
+  /** Blocks mapped to data across all volumes (the state record's mappedBlocks). */
+  private mappedBlocks(): number {
+    let total = 0;
+    this.volumeBlocks.forEach((n) => (total += n));
+    return total;
   }
 
   /**
@@ -659,12 +666,10 @@ export class DedupStore {
     if (this.tree.anySnapshots) this.tree.preserve(metaKeyVolume(key), metaKeyLba(key));
     if (isData(old)) {
       this.live.addRef(old, -1);
-      this.state.mappedBlocks--;
       this.volumeBlocks.add(metaKeyVolume(key), -1);
     } else if (old === ZERO_BLOCK) this.state.zeroBlocks--;
     if (isData(value)) {
       this.live.addRef(value, 1);
-      this.state.mappedBlocks++;
       this.volumeBlocks.add(metaKeyVolume(key), 1);
     } else if (value === ZERO_BLOCK) this.state.zeroBlocks++;
     this.live.meta.set(key, value);
@@ -1411,7 +1416,7 @@ export class DedupStore {
       nextBlockId: s.nextBlockId,
       nextVolumeId: s.nextVolumeId,
       volumes: s.volumes,
-      mappedBlocks: s.mappedBlocks,
+      mappedBlocks: this.mappedBlocks(),
       zeroBlocks: s.zeroBlocks,
       collisions: s.collisions,
       volumeBlocks: this.volumeBlocksRecord(),
@@ -1496,9 +1501,10 @@ export class DedupStore {
     }
     const indexFileBytes = fs.statSync(path.join(this.dir, 'index', 'data.mdb')).size;
     const uniqueBytes = s.uniqueBlocks * BLOCK;
-    const logicalBytes = s.mappedBlocks * BLOCK;
+    const mappedBlocks = this.mappedBlocks();
+    const logicalBytes = mappedBlocks * BLOCK;
     return {
-      mappedBlocks: s.mappedBlocks,
+      mappedBlocks,
       zeroBlocks: s.zeroBlocks,
       uniqueBlocks: s.uniqueBlocks,
       logicalBytes,
