@@ -10,6 +10,7 @@ import { commandTable } from './control/commands';
 import { NbdServer } from './nbd/server';
 import { formatListenAddress, ListenAddress } from './nbd/listen-address';
 import { DataDirLock } from './util/data-lock';
+import { reexecWithHeapFlags } from './util/heap-flags';
 import { createLogger } from './util/log';
 import { VolumeManager } from './volume/manager';
 import { MaterializePolicy } from './volume/materialize-policy';
@@ -51,7 +52,10 @@ const HEAP_MMAP_THRESHOLD = 8 * 1024 * 1024;
 const HEAP_TRIM_THRESHOLD = 64 * 1024 * 1024;
 
 export async function serve(opts: ServeOptions): Promise<void> {
+  // First, before anything is opened or locked: this may start the process over.
+  const heapNote = reexecWithHeapFlags();
   const log = createLogger();
+  if (heapNote) log.warn(heapNote);
   if (!native.keepHeapMemory(HEAP_MMAP_THRESHOLD, HEAP_TRIM_THRESHOLD))
     log.debug('the C library keeps its own heap policy (not glibc)');
   fs.mkdirSync(opts.dataDir, { recursive: true, mode: 0o700 });

@@ -59,6 +59,10 @@ static const char *errno_code(int err) {
   case EDQUOT: return "EDQUOT";
   case EROFS: return "EROFS";
   case EISDIR: return "EISDIR";
+  case ENOENT: return "ENOENT";
+  case EACCES: return "EACCES";
+  case ENOEXEC: return "ENOEXEC";
+  case E2BIG: return "E2BIG";
   default: return "EUNKNOWN";
   }
 }
@@ -832,6 +836,69 @@ static napi_value js_peer_credentials(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/* Reads string argv[i] into a malloc'd buffer (NULL and a TypeError thrown if it is not a string). */
+static char *dup_string(napi_env env, napi_value v) {
+  size_t len = 0;
+  char *out;
+  if (napi_get_value_string_utf8(env, v, NULL, 0, &len) != napi_ok) {
+    napi_throw_type_error(env, NULL, "expected a string");
+    return NULL;
+  }
+  out = malloc(len + 1);
+  if (!out) {
+    napi_throw_error(env, "ENOMEM", "out of memory");
+    return NULL;
+  }
+  napi_get_value_string_utf8(env, v, out, len + 1, &len);
+  return out;
+}
+
+/*
+ * reexec(path, args): execv(path, args), the process id kept. Returns only on failure,
+ * by throwing the errno error. libuv opens stdio close-on-exec and non-blocking; the
+ * new program gets them as a shell would give them (inherited, blocking), which is
+ * also the state Node would have restored on its way out.
+ */
+static napi_value js_reexec(napi_env env, napi_callback_info info) {
+  napi_value argv[2], item;
+  uint32_t n = 0, i;
+  bool is_array = false;
+  char *path, **args;
+  int err;
+  if (!get_args(env, info, 2, argv)) return NULL;
+  if (napi_is_array(env, argv[1], &is_array) != napi_ok || !is_array ||
+      napi_get_array_length(env, argv[1], &n) != napi_ok || n == 0) {
+    napi_throw_type_error(env, NULL, "args must be a non-empty array of strings");
+    return NULL;
+  }
+  path = dup_string(env, argv[0]);
+  if (!path) return NULL;
+  args = calloc((size_t)n + 1, sizeof *args);
+  if (!args) {
+    free(path);
+    napi_throw_error(env, "ENOMEM", "out of memory");
+    return NULL;
+  }
+  for (i = 0; i < n; i++) {
+    if (napi_get_element(env, argv[1], i, &item) != napi_ok || !(args[i] = dup_string(env, item))) break;
+  }
+  if (i == n) {
+    for (int fd = 0; fd <= 2; fd++) {
+      int fl = fcntl(fd, F_GETFD);
+      if (fl >= 0) fcntl(fd, F_SETFD, fl & ~FD_CLOEXEC);
+      fl = fcntl(fd, F_GETFL);
+      if (fl >= 0) fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+    }
+    execv(path, args);
+    err = errno;
+    napi_throw(env, make_errno_error(env, err, "execv"));
+  }
+  for (i = 0; i < n; i++) free(args[i]);
+  free(args);
+  free(path);
+  return NULL;
+}
+
 static napi_value set_int(napi_env env, napi_value obj, const char *name, int64_t value) {
   napi_value v;
   CHECK(napi_create_int64(env, value, &v));
@@ -857,6 +924,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"keepHeapMemory", NULL, js_keep_heap_memory, NULL, NULL, NULL, napi_enumerable, NULL},
       {"blockDeviceSize", NULL, js_block_device_size, NULL, NULL, NULL, napi_enumerable, NULL},
       {"peerCredentials", NULL, js_peer_credentials, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"reexec", NULL, js_reexec, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
   if (!set_int(env, exports, "FALLOC_FL_KEEP_SIZE", FALLOC_FL_KEEP_SIZE)) return NULL;

@@ -89,6 +89,11 @@ export interface NativeBindings {
   willNeed(fd: number, offset: number, length: number): void;
   blockDeviceSize(fd: number): number;
   peerCredentials(fd: number): { pid: number; uid: number; gid: number };
+  /**
+   * execv(path, args): this process becomes that program, with the same process id and
+   * the same stdio. Returns only by throwing (an Error with `code`, e.g. ENOENT).
+   */
+  reexec(path: string, args: string[]): never;
   readonly FALLOC_FL_KEEP_SIZE: number;
   readonly FALLOC_FL_PUNCH_HOLE: number;
   readonly FALLOC_FL_ZERO_RANGE: number;

@@ -4,7 +4,9 @@
 
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import fs from 'node:fs';
 import { describe, it } from 'node:test';
+import { HEAP_FLAGS } from '../../gateway/util/heap-flags';
 import { Cmd } from '../../protocol/nbd/constants';
 import { BIN, Gateway } from '../helpers/gateway';
 import { RawClient } from '../helpers/raw-client';
@@ -29,6 +31,18 @@ describe('gateway lifecycle', () => {
       } finally {
         await again.stop();
       }
+    } finally {
+      await gw.destroy();
+    }
+  });
+
+  it('runs with its heap flags, under the process id it was started with', async () => {
+    const gw = await Gateway.start();
+    try {
+      const cmdline = fs.readFileSync(`/proc/${gw.proc.pid}/cmdline`, 'utf8').split('\0');
+      for (const flag of HEAP_FLAGS) assert.ok(cmdline.includes(flag), `${flag} in ${cmdline.join(' ')}`);
+      assert.ok(cmdline.includes('serve'));
+      await check('nbdinfo', ['--size', gw.uri()]);
     } finally {
       await gw.destroy();
     }
