@@ -836,7 +836,7 @@ static napi_value js_peer_credentials(napi_env env, napi_callback_info info) {
   return result;
 }
 
-/* Reads string argv[i] into a malloc'd buffer (NULL and a TypeError thrown if it is not a string). */
+/* A string argument, copied into a malloc'd buffer (NULL, with a TypeError thrown, if it is not one). */
 static char *dup_string(napi_env env, napi_value v) {
   size_t len = 0;
   char *out;
@@ -855,16 +855,16 @@ static char *dup_string(napi_env env, napi_value v) {
 
 /*
  * reexec(path, args): execv(path, args), the process id kept. Returns only on failure,
- * by throwing the errno error. libuv opens stdio close-on-exec and non-blocking; the
- * new program gets them as a shell would give them (inherited, blocking), which is
- * also the state Node would have restored on its way out.
+ * by throwing the errno error, with everything as it was. libuv opens stdio
+ * close-on-exec, so that flag is cleared for the new program to inherit fds 0-2 as a
+ * shell would hand them on; their other flags (shared with the parent) are left alone.
  */
 static napi_value js_reexec(napi_env env, napi_callback_info info) {
   napi_value argv[2], item;
   uint32_t n = 0, i;
   bool is_array = false;
   char *path, **args;
-  int err;
+  int err, fd, fdflags[3];
   if (!get_args(env, info, 2, argv)) return NULL;
   if (napi_is_array(env, argv[1], &is_array) != napi_ok || !is_array ||
       napi_get_array_length(env, argv[1], &n) != napi_ok || n == 0) {
@@ -880,17 +880,21 @@ static napi_value js_reexec(napi_env env, napi_callback_info info) {
     return NULL;
   }
   for (i = 0; i < n; i++) {
-    if (napi_get_element(env, argv[1], i, &item) != napi_ok || !(args[i] = dup_string(env, item))) break;
+    if (napi_get_element(env, argv[1], i, &item) != napi_ok) {
+      napi_throw_type_error(env, NULL, "args must be a non-empty array of strings");
+      break;
+    }
+    if (!(args[i] = dup_string(env, item))) break;
   }
   if (i == n) {
-    for (int fd = 0; fd <= 2; fd++) {
-      int fl = fcntl(fd, F_GETFD);
-      if (fl >= 0) fcntl(fd, F_SETFD, fl & ~FD_CLOEXEC);
-      fl = fcntl(fd, F_GETFL);
-      if (fl >= 0) fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+    for (fd = 0; fd <= 2; fd++) {
+      fdflags[fd] = fcntl(fd, F_GETFD);
+      if (fdflags[fd] >= 0) fcntl(fd, F_SETFD, fdflags[fd] & ~FD_CLOEXEC);
     }
     execv(path, args);
     err = errno;
+    for (fd = 0; fd <= 2; fd++)
+      if (fdflags[fd] >= 0) fcntl(fd, F_SETFD, fdflags[fd]);
     napi_throw(env, make_errno_error(env, err, "execv"));
   }
   for (i = 0; i < n; i++) free(args[i]);

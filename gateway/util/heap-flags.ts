@@ -1,8 +1,9 @@
-// The V8 heap settings the gateway process runs with. Node takes them only on
-// its own command line (NODE_OPTIONS refuses them, and V8 reads them once, as
-// the heap is made), so `serve` executes itself again with them: execv keeps
-// the process id, so a supervisor's or a test's signal still reaches the
-// gateway, and the stdio stays as it was.
+// The V8 heap settings the gateway process runs with. V8 reads them once, as
+// the heap is made (v8.setFlagsFromString is too late by then), and Node
+// takes --initial-old-space-size only on its own command line (NODE_OPTIONS
+// refuses it), so `serve` executes itself again with them: execv keeps the
+// process id, so a supervisor's or a test's signal still reaches the gateway,
+// and the stdio stays as it was.
 //
 // Why: the gateway's live JS heap is small (about 10 MiB) while its young
 // generation grows to 16 MiB, and V8 starts a full mark whenever the old
@@ -17,6 +18,12 @@ import { native } from '../../native-bindings';
 /** Flags the gateway adds to Node's when they are not given (by name) already. */
 export const HEAP_FLAGS: readonly string[] = ['--initial-old-space-size=64'];
 
+/**
+ * Set in the environment across the exec: a second start that still lacks the flags
+ * (a Node that drops them from execArgv) runs on instead of executing itself forever.
+ */
+export const REEXEC_MARK = 'BLOCKGATE_HEAP_REEXEC';
+
 function flagName(arg: string): string {
   const eq = arg.indexOf('=');
   return (eq < 0 ? arg : arg.slice(0, eq)).replace(/_/g, '-');
@@ -29,16 +36,40 @@ export function missingHeapFlags(execArgv: readonly string[]): string[] {
 }
 
 /**
- * Executes this process again with the missing heap flags; returns only when none are
- * missing (null) or the exec failed (why, for the log: the gateway runs on without them).
+ * Why this process must not execute itself again, or null. Under the inspector a new
+ * process would drop the debugger's session (and --inspect-brk stop twice); a child
+ * forked with an IPC channel would lose the channel (Node removes NODE_CHANNEL_FD).
+ */
+export function reexecBlocker(
+  execArgv: readonly string[],
+  env: NodeJS.ProcessEnv,
+  hasChannel: boolean,
+): string | null {
+  if (env[REEXEC_MARK] !== undefined) return 'they were lost across the re-execution';
+  if (execArgv.some((a) => a.startsWith('--inspect'))) return 'not re-executing under the inspector';
+  if (hasChannel) return 'not re-executing a process started with an IPC channel';
+  return null;
+}
+
+/**
+ * Executes this process again with the missing heap flags. Returns null when none are
+ * missing; else, when it may not or the exec failed, why (for the log: the gateway
+ * runs on with V8's defaults).
  */
 export function reexecWithHeapFlags(): string | null {
   const missing = missingHeapFlags(process.execArgv);
+  const blocker = reexecBlocker(process.execArgv, process.env, process.channel !== undefined);
+  // Not handed on to whatever this gateway starts.
+  delete process.env[REEXEC_MARK];
   if (missing.length === 0) return null;
+  const without = `running without ${missing.join(' ')}`;
+  if (blocker) return `${without}: ${blocker}`;
   const args = [process.execPath, ...process.execArgv, ...missing, ...process.argv.slice(1)];
+  process.env[REEXEC_MARK] = '1';
   try {
     return native.reexec(process.execPath, args);
   } catch (err) {
-    return `running with V8's default heap settings: ${(err as Error).message}`;
+    delete process.env[REEXEC_MARK];
+    return `${without}: ${(err as Error).message}`;
   }
 }

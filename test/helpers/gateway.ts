@@ -19,6 +19,8 @@ export interface GatewayOptions {
   env?: NodeJS.ProcessEnv;
   /** More `serve` arguments. */
   args?: string[];
+  /** Node's own options, before the script. */
+  nodeArgs?: string[];
 }
 
 /** Log lines shown when a gateway exits on its own (a crash a test did not cause). */
@@ -51,10 +53,14 @@ export class Gateway {
     const dataDir = opts.dataDir ?? fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-test-'));
     const socket = path.join(dataDir, 'nbd.sock');
     const listen = [`unix:${socket}`, ...(opts.listen ?? [])].flatMap((a) => ['--listen', a]);
-    const proc = spawn(process.execPath, [BIN, 'serve', '--data', dataDir, ...listen, ...(opts.args ?? [])], {
-      env: { ...process.env, ...opts.env },
-      stdio: ['ignore', 'ignore', 'pipe'],
-    });
+    const proc = spawn(
+      process.execPath,
+      [...(opts.nodeArgs ?? []), BIN, 'serve', '--data', dataDir, ...listen, ...(opts.args ?? [])],
+      {
+        env: { ...process.env, ...opts.env },
+        stdio: ['ignore', 'ignore', 'pipe'],
+      },
+    );
     const gw = new Gateway(dataDir, socket, proc);
     await gw.waitForLog(/ ready: /, 15_000);
     return gw;

@@ -40,8 +40,25 @@ describe('gateway lifecycle', () => {
     const gw = await Gateway.start();
     try {
       const cmdline = fs.readFileSync(`/proc/${gw.proc.pid}/cmdline`, 'utf8').split('\0');
-      for (const flag of HEAP_FLAGS) assert.ok(cmdline.includes(flag), `${flag} in ${cmdline.join(' ')}`);
-      assert.ok(cmdline.includes('serve'));
+      for (const flag of HEAP_FLAGS) {
+        const at = cmdline.indexOf(flag);
+        assert.ok(at > 0 && at < cmdline.indexOf(BIN), `${flag} given to node in ${cmdline.join(' ')}`);
+      }
+      assert.doesNotMatch(gw.log, /running without/);
+      await check('nbdinfo', ['--size', gw.uri()]);
+    } finally {
+      await gw.destroy();
+    }
+  });
+
+  it("keeps the operator's own value of a heap flag", async () => {
+    const gw = await Gateway.start({ nodeArgs: ['--initial-old-space-size=32'] });
+    try {
+      const cmdline = fs.readFileSync(`/proc/${gw.proc.pid}/cmdline`, 'utf8').split('\0');
+      assert.deepEqual(
+        cmdline.filter((a) => a.startsWith('--initial-old-space-size')),
+        ['--initial-old-space-size=32'],
+      );
       await check('nbdinfo', ['--size', gw.uri()]);
     } finally {
       await gw.destroy();
