@@ -31,6 +31,8 @@ export interface ServeOptions {
   clusterKeyFile?: string;
   /** A sync replica silent for this long drops to behind (default 10 s). */
   mirrorTimeoutMs?: number;
+  /** Unacknowledged client data a replica may trail by before writes wait for it (default 64 MiB). */
+  mirrorBufferBytes?: number;
   /** Materialize dedup volumes whose cold sequential reads take more reads per MiB than this. */
   materializeAbove?: number;
   /** How often the materialize policy looks (default 10 min). */
@@ -85,6 +87,7 @@ export async function serve(opts: ServeOptions): Promise<void> {
     {
       ...(me ? { link: me } : {}),
       ...(opts.mirrorTimeoutMs !== undefined ? { mirrorTimeoutMs: opts.mirrorTimeoutMs } : {}),
+      ...(opts.mirrorBufferBytes !== undefined ? { mirrorBufferBytes: opts.mirrorBufferBytes } : {}),
     },
   );
   const nbd = new NbdServer(volumes, log.child('nbd'));

@@ -25,7 +25,7 @@ const USAGE = `usage:
   blockgate serve [--data DIR] [--listen ADDR]... [--admin PATH] [--hash-pool SIZE|off]
                   [--meta-cache SIZE|off]
                   [--cluster-key FILE [--replication-listen HOST:PORT]] [--mirror-timeout SEC]
-                  [--materialize-above READS [--materialize-every SEC]]
+                  [--mirror-buffer SIZE] [--materialize-above READS [--materialize-every SEC]]
   blockgate [--admin PATH | --data DIR] COMMAND ...
 commands:
   volume create NAME --size SIZE [--backend dedup|raw|memory] [--read-only] [--path FILE|DEVICE]
@@ -89,6 +89,7 @@ const SPEC = {
     'replication-listen',
     'cluster-key',
     'mirror-timeout',
+    'mirror-buffer',
     'mode',
     'max-rate',
     'materialize-above',
@@ -466,6 +467,7 @@ async function main(argv: string[]): Promise<void> {
         'replication-listen',
         'cluster-key',
         'mirror-timeout',
+        'mirror-buffer',
         'materialize-above',
         'materialize-every',
       ]);
@@ -503,6 +505,16 @@ async function main(argv: string[]): Promise<void> {
         if (!(sec > 0 && sec <= 3600)) throw new UsageError('--mirror-timeout takes seconds, from 0 to 3600');
         mirrorTimeoutMs = Math.round(sec * 1000);
       }
+      const mirrorBuffer = p.values.get('mirror-buffer');
+      let mirrorBufferBytes: number | undefined;
+      if (mirrorBuffer !== undefined) {
+        try {
+          mirrorBufferBytes = parseSize(mirrorBuffer);
+        } catch (err) {
+          throw new UsageError(`--mirror-buffer: ${(err as Error).message}`);
+        }
+        if (mirrorBufferBytes < 4096) throw new UsageError('--mirror-buffer takes a size of at least 4K');
+      }
       return serve({
         dataDir,
         listen,
@@ -514,6 +526,7 @@ async function main(argv: string[]): Promise<void> {
         ...(replication ? { replicationListen: replication } : {}),
         ...(clusterKeyFile !== undefined ? { clusterKeyFile } : {}),
         ...(mirrorTimeoutMs !== undefined ? { mirrorTimeoutMs } : {}),
+        ...(mirrorBufferBytes !== undefined ? { mirrorBufferBytes } : {}),
         ...materializeOptions(p),
       });
     }

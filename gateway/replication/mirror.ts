@@ -56,6 +56,13 @@ const AL_COOL_MS = 10_000;
 export interface MirrorOptions {
   /** A sync replica that has not acknowledged for this long drops to behind (writes go on). */
   timeoutMs: number;
+  /**
+   * Client data (bytes of blocks) sent to the replica and not acknowledged yet, at most:
+   * past it an async replica's writers wait for their batch as sync ones do (DRBD's
+   * on-congestion block), so a replica slower than the volume bounds this gateway's
+   * memory instead of growing it; a stalled one still drops to behind after timeoutMs.
+   */
+  bufferBytes: number;
   /** The volume's generation here: the replica refuses it if its own copy has a newer one. */
   generation: number;
   /** The replica's copy has a newer generation (it was promoted): this volume is stale here. */
@@ -171,6 +178,8 @@ export class Mirror {
   private readonly touched: Float64Array;
   /** Sync batches sent and not yet acknowledged (the window counts these only). */
   private resyncInflight = 0;
+  /** Blocks of clients' changes in batches sent or filling, not acknowledged yet (see bufferBytes). */
+  private unackedBlocks = 0;
   private pumpTimer: NodeJS.Timeout | null = null;
   private settledAt = 0;
   private tokens = 0;
@@ -271,7 +280,8 @@ export class Mirror {
     batch.ranges.push(range);
     batch.blocks += range.kinds.length;
     batch.durable ||= durable;
-    if (this.mode === 'async') return Promise.resolve();
+    this.unackedBlocks += range.kinds.length;
+    if (this.mode === 'async' && this.unackedBlocks * 4096 <= this.opts.bufferBytes) return Promise.resolve();
     return waitFor(batch);
   }
 
@@ -493,6 +503,11 @@ export class Mirror {
     return this.filling;
   }
 
+  /** A batch acknowledged, or given up on: its blocks no longer count against the buffer. */
+  private settled(batch: Batch): void {
+    if (!batch.resync) this.unackedBlocks -= batch.blocks;
+  }
+
   private sendFilling(): void {
     const batch = this.filling;
     if (!batch) return;
@@ -503,6 +518,7 @@ export class Mirror {
   private send(batch: Batch): void {
     const link = this.link;
     if (!link || (this.state !== 'in-sync' && this.state !== 'syncing')) {
+      this.settled(batch);
       for (const r of batch.ranges) this.markDirty(r.lba, r.kinds.length);
       for (const w of batch.waiters) w();
       return;
@@ -690,6 +706,7 @@ export class Mirror {
     this.state = this.closed ? 'connecting' : 'behind';
     this.resyncInflight = 0;
     for (const b of this.inflight.splice(0)) {
+      this.settled(b);
       for (const r of b.ranges) this.markDirty(r.lba, r.kinds.length);
       for (const w of b.waiters) w();
     }
@@ -751,6 +768,7 @@ export class Mirror {
       if (!head || head.seq !== f.ack.seq)
         throw new LinkProtocolError('ERR_LINK_UNEXPECTED', `ack for batch ${f.ack.seq} out of order`);
       this.inflight.shift();
+      this.settled(head);
       if (head.resync) this.resyncInflight--;
       this.lastAckAt = Date.now();
       if (head.durable) this.volatile = [];
@@ -780,6 +798,7 @@ export class Mirror {
         for (const w of this.filling.waiters) w(err);
         this.filling = null;
       }
+      this.unackedBlocks = 0;
       this.close();
       this.state = 'superseded';
       this.opts.onSuperseded(link.peerId, f.superseded.generation);

@@ -73,9 +73,12 @@ export interface ReplicationOptions {
   link?: LinkIdentity;
   /** A sync replica silent for this long drops to behind. */
   mirrorTimeoutMs?: number;
+  /** Unacknowledged client data a replica may trail by before writes wait for it (MirrorOptions.bufferBytes). */
+  mirrorBufferBytes?: number;
 }
 
 const DEFAULT_MIRROR_TIMEOUT_MS = 10_000;
+const DEFAULT_MIRROR_BUFFER_BYTES = 64 * 2 ** 20;
 /** replica add --cutover: bytes the replica may still lack when writes are held for the switch. */
 const DEFAULT_CUTOVER_THRESHOLD = 64 * 2 ** 20;
 /** How long writes may be held while the replica catches up the rest and promotes itself. */
@@ -450,6 +453,7 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
       this.log.child('mirror'),
       {
         timeoutMs: this.replication.mirrorTimeoutMs ?? DEFAULT_MIRROR_TIMEOUT_MS,
+        bufferBytes: this.replication.mirrorBufferBytes ?? DEFAULT_MIRROR_BUFFER_BYTES,
         generation: generationOf(rec),
         maxRate: r.maxRate ?? 0,
         dr: r.dr === true,

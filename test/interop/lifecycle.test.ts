@@ -89,6 +89,17 @@ describe('gateway lifecycle', () => {
     assert.match(r.stderr, /--listen: 'nowhere' is not HOST:PORT or unix:PATH/);
   });
 
+  it('refuses a --mirror-buffer that is not a size of at least 4K with a usage error', async () => {
+    for (const [value, message] of [
+      ['abc', /--mirror-buffer: invalid size 'abc'/],
+      ['1', /--mirror-buffer takes a size of at least 4K/],
+    ] as const) {
+      const r = await run(process.execPath, [BIN, 'serve', '--data', '/tmp/x', '--mirror-buffer', value]);
+      assert.equal(r.code, 2, r.stderr);
+      assert.match(r.stderr, message);
+    }
+  });
+
   it('finishes in-flight requests and exits 0 on SIGTERM under load', async () => {
     const gw = await Gateway.start();
     try {

@@ -331,6 +331,37 @@ describe('mirrored volumes', () => {
     }
   });
 
+  it('makes async writers wait once the replica trails by --mirror-buffer, then drops it to behind', async () => {
+    const small = await Gateway.start({
+      args: ['--cluster-key', keyFile, '--mirror-timeout', '2', '--mirror-buffer', '256K'],
+    });
+    const proxy = await TcpProxy.start({ host: '127.0.0.1', port: replicationPort(replica) });
+    try {
+      await createVolume(small, 'b1', '16M');
+      const add = await small.cli('replica', 'add', 'b1', '--to', `127.0.0.1:${proxy.port}`);
+      assert.equal(add.code, 0, add.stderr);
+      await waitForState(small, 'b1', 'in-sync', true);
+
+      proxy.stall();
+      // Within the buffer: answered at once, as async writes are.
+      const within = await check('qemu-io', ['-f', 'raw', '-c', 'write -P 0x61 0 128k', small.uri('b1')]);
+      assert.ok(opSeconds(within.stdout) < 1, within.stdout);
+      // Past it: the writer waits for the stalled replica, until the 2 s timeout drops it.
+      const past = await check('qemu-io', ['-f', 'raw', '-c', 'write -P 0x62 1M 1M', small.uri('b1')], {
+        timeoutMs: 30_000,
+      });
+      assert.ok(opSeconds(past.stdout) >= 1, past.stdout);
+      assert.notEqual((await replicaList(small, 'b1')).replicas[0]!.state, 'in-sync');
+
+      proxy.resume();
+      await waitForState(small, 'b1', 'in-sync', true);
+      await identical(small.uri('b1'), replica.uri('b1'));
+    } finally {
+      await small.destroy();
+      await proxy.close();
+    }
+  });
+
   it('throttles the initial sync to --max-rate, and lists a --dr replica first', async () => {
     await createVolume(primary, 't1', '16M');
     const data = path.join(dir, 't1.bin');
