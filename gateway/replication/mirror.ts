@@ -180,6 +180,9 @@ export class Mirror {
   private resyncInflight = 0;
   /** Blocks of clients' changes in batches sent or filling, not acknowledged yet (see bufferBytes). */
   private unackedBlocks = 0;
+  /** Async writers held back by bufferBytes, each released once (acknowledgement or suspendBackpressure). */
+  private readonly held = new Set<() => void>();
+  private backpressureOff = 0;
   private pumpTimer: NodeJS.Timeout | null = null;
   private settledAt = 0;
   private tokens = 0;
@@ -281,8 +284,33 @@ export class Mirror {
     batch.blocks += range.kinds.length;
     batch.durable ||= durable;
     this.unackedBlocks += range.kinds.length;
-    if (this.mode === 'async' && this.unackedBlocks * 4096 <= this.opts.bufferBytes) return Promise.resolve();
-    return waitFor(batch);
+    if (this.mode === 'sync') return waitFor(batch);
+    if (this.backpressureOff > 0 || this.unackedBlocks * 4096 <= this.opts.bufferBytes)
+      return Promise.resolve();
+    return new Promise((resolve) => {
+      const release = (): void => {
+        if (this.held.delete(release)) resolve();
+      };
+      this.held.add(release);
+      batch.waiters.push(release);
+    });
+  }
+
+  /**
+   * Lets the async writers held back by bufferBytes go, and holds none until the returned
+   * function is called. A snapshot's or a cutover's barrier waits for the writes in
+   * flight; those are applied here already, and a congested replica must not keep the
+   * barrier from closing.
+   */
+  suspendBackpressure(): () => void {
+    this.backpressureOff++;
+    for (const release of [...this.held]) release();
+    let resumed = false;
+    return () => {
+      if (resumed) return;
+      resumed = true;
+      this.backpressureOff--;
+    };
   }
 
   /**

@@ -576,7 +576,14 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
     await this.exclusive(async () => {
       const vol = this.volumes.get(name);
       if (!vol || !vol.mirrors.includes(mirror)) return;
-      const release = vol.barrier ? await vol.barrier.pause(CUTOVER_BARRIER_MS) : () => undefined;
+      // As for a snapshot (snapshots.ts): writers held back by --mirror-buffer must not keep the barrier open.
+      const resumes = vol.mirrors.map((m) => m.suspendBackpressure());
+      let release: () => void;
+      try {
+        release = vol.barrier ? await vol.barrier.pause(CUTOVER_BARRIER_MS) : () => undefined;
+      } finally {
+        for (const r of resumes) r();
+      }
       vol.changingRole = 'demote';
       try {
         const peer = mirror.status().peer ?? 'unknown';

@@ -122,10 +122,15 @@ export class Snapshots {
       throw new VolumeBusyError(
         `volume '${volume}' is waiting for its replicas' first answer since the gateway started; try again`,
       );
+    // Async writers held back by a congested replica (--mirror-buffer) are applied here
+    // already: they must not keep the barrier from closing.
+    const resumes = vol.mirrors.map((m) => m.suspendBackpressure());
+    const resume = (): void => resumes.forEach((r) => r());
     if (vol.barrier) {
       try {
         release = await vol.barrier.pause(BARRIER_TIMEOUT_MS);
       } catch (err) {
+        resume();
         if (err instanceof BarrierBusyError)
           throw new VolumeBusyError(`volume '${volume}' could not be paused for a snapshot: ${err.message}`);
         throw err;
@@ -140,6 +145,7 @@ export class Snapshots {
       throw new BackendError(`snapshot ${name}: ${(err as Error).message}`);
     } finally {
       release();
+      resume();
     }
     const barrierMs = Number(process.hrtime.bigint() - started) / 1e6;
     // The store commits the snapshot before the catalog names it: a crash between the

@@ -333,7 +333,7 @@ describe('mirrored volumes', () => {
 
   it('makes async writers wait once the replica trails by --mirror-buffer, then drops it to behind', async () => {
     const small = await Gateway.start({
-      args: ['--cluster-key', keyFile, '--mirror-timeout', '2', '--mirror-buffer', '256K'],
+      args: ['--cluster-key', keyFile, '--mirror-timeout', '6', '--mirror-buffer', '256K'],
     });
     const proxy = await TcpProxy.start({ host: '127.0.0.1', port: replicationPort(replica) });
     try {
@@ -346,11 +346,23 @@ describe('mirrored volumes', () => {
       // Within the buffer: answered at once, as async writes are.
       const within = await check('qemu-io', ['-f', 'raw', '-c', 'write -P 0x61 0 128k', small.uri('b1')]);
       assert.ok(opSeconds(within.stdout) < 1, within.stdout);
-      // Past it: the writer waits for the stalled replica, until the 2 s timeout drops it.
-      const past = await check('qemu-io', ['-f', 'raw', '-c', 'write -P 0x62 1M 1M', small.uri('b1')], {
+      // Past it: the writer waits for the stalled replica...
+      const t0 = Date.now();
+      const past = check('qemu-io', ['-f', 'raw', '-c', 'write -P 0x62 1M 1M', small.uri('b1')], {
         timeoutMs: 30_000,
       });
-      assert.ok(opSeconds(past.stdout) >= 1, past.stdout);
+      const settled = past.then(() => Date.now() - t0);
+      await new Promise((r) => setTimeout(r, 1000));
+      assert.equal(await Promise.race([settled, Promise.resolve(-1)]), -1, 'held past the buffer');
+      // ...but a snapshot's barrier lets it go rather than wait for the replica.
+      const snap = await small.cli('snapshot', 'create', 'b1', 'held');
+      assert.equal(snap.code, 0, snap.stderr);
+      assert.ok((await settled) < 5000, 'released by the snapshot, before the 6 s timeout');
+      // Held again afterwards, until the timeout drops the replica to behind.
+      const again = await check('qemu-io', ['-f', 'raw', '-c', 'write -P 0x63 2M 1M', small.uri('b1')], {
+        timeoutMs: 30_000,
+      });
+      assert.ok(opSeconds(again.stdout) >= 1, again.stdout);
       assert.notEqual((await replicaList(small, 'b1')).replicas[0]!.state, 'in-sync');
 
       proxy.resume();
