@@ -209,6 +209,15 @@ async function replicaCommand(p: Parsed): Promise<void> {
   }
 }
 
+/** A serve option's SIZE; a malformed one is a usage error naming the option. */
+function sizeOption(name: string, value: string): number {
+  try {
+    return parseSize(value);
+  } catch (err) {
+    throw new UsageError(`--${name}: ${(err as Error).message}`);
+  }
+}
+
 /** serve's --materialize-above READS and --materialize-every SEC. */
 function materializeOptions(p: Parsed): { materializeAbove?: number; materializeEveryMs?: number } {
   const above = p.values.get('materialize-above');
@@ -508,20 +517,16 @@ async function main(argv: string[]): Promise<void> {
       const mirrorBuffer = p.values.get('mirror-buffer');
       let mirrorBufferBytes: number | undefined;
       if (mirrorBuffer !== undefined) {
-        try {
-          mirrorBufferBytes = parseSize(mirrorBuffer);
-        } catch (err) {
-          throw new UsageError(`--mirror-buffer: ${(err as Error).message}`);
-        }
+        mirrorBufferBytes = sizeOption('mirror-buffer', mirrorBuffer);
         if (mirrorBufferBytes < 4096) throw new UsageError('--mirror-buffer takes a size of at least 4K');
       }
       return serve({
         dataDir,
         listen,
         adminPath: p.values.get('admin') ?? path.join(dataDir, 'admin.sock'),
-        ...(pool !== undefined ? { hashPoolMin: pool === 'off' ? null : parseSize(pool) } : {}),
+        ...(pool !== undefined ? { hashPoolMin: pool === 'off' ? null : sizeOption('hash-pool', pool) } : {}),
         ...(metaCache !== undefined
-          ? { metaCacheBytes: metaCache === 'off' ? 0 : parseSize(metaCache) }
+          ? { metaCacheBytes: metaCache === 'off' ? 0 : sizeOption('meta-cache', metaCache) }
           : {}),
         ...(replication ? { replicationListen: replication } : {}),
         ...(clusterKeyFile !== undefined ? { clusterKeyFile } : {}),

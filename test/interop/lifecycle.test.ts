@@ -89,12 +89,14 @@ describe('gateway lifecycle', () => {
     assert.match(r.stderr, /--listen: 'nowhere' is not HOST:PORT or unix:PATH/);
   });
 
-  it('refuses a --mirror-buffer that is not a size of at least 4K with a usage error', async () => {
-    for (const [value, message] of [
-      ['abc', /--mirror-buffer: invalid size 'abc'/],
-      ['1', /--mirror-buffer takes a size of at least 4K/],
+  it('refuses a malformed size option of serve with a usage error naming it', async () => {
+    for (const [option, value, message] of [
+      ['--mirror-buffer', 'abc', /--mirror-buffer: invalid size 'abc'/],
+      ['--mirror-buffer', '1', /--mirror-buffer takes a size of at least 4K/],
+      ['--hash-pool', '12Q', /--hash-pool: invalid size '12Q'/],
+      ['--meta-cache', 'lots', /--meta-cache: invalid size 'lots'/],
     ] as const) {
-      const r = await run(process.execPath, [BIN, 'serve', '--data', '/tmp/x', '--mirror-buffer', value]);
+      const r = await run(process.execPath, [BIN, 'serve', '--data', '/tmp/x', option, value]);
       assert.equal(r.code, 2, r.stderr);
       assert.match(r.stderr, message);
     }
