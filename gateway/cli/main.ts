@@ -186,7 +186,7 @@ async function replicaCommand(p: Parsed): Promise<void> {
                   x.replicas.map((m) => [
                     m.to,
                     m.dr ? `${m.mode} DR` : m.mode,
-                    m.state,
+                    m.heldWriters ? `${m.state} (writes held: ${m.heldWriters})` : m.state,
                     bytes(m.lagBytes),
                     m.lagSeconds.toFixed(1),
                     m.sync.totalChunks

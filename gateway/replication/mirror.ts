@@ -126,6 +126,8 @@ export interface MirrorStatus {
   lagBytes: number;
   /** Age of the oldest unacknowledged batch, in seconds (0 when there is none). */
   lagSeconds: number;
+  /** Async writers waiting now because the replica trails by more than --mirror-buffer. */
+  heldWriters: number;
   lastAckAt: string | null;
   /** Chunks of the volume the current sync still has to send, and how many it had. */
   sync: { remainingChunks: number; totalChunks: number };
@@ -260,6 +262,7 @@ export class Mirror {
       peer: this.peer,
       lagBytes: (this.dirty.size * CHUNK_BLOCKS + unacked) * 4096,
       lagSeconds: oldest ? Math.max(0, Date.now() - oldest.sentAt) / 1000 : 0,
+      heldWriters: this.held.size,
       lastAckAt: this.lastAckAt === null ? null : new Date(this.lastAckAt).toISOString(),
       sync: { remainingChunks: this.dirty.size, totalChunks: this.syncTotal },
       sentBytes: this.sentBytes + (this.link?.bytesOut ?? 0),

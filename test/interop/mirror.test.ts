@@ -27,6 +27,7 @@ interface ReplicaList {
     mode: string;
     state: string;
     lagBytes: number;
+    heldWriters: number;
     sentBytes: number;
     lastError: string | null;
   }>;
@@ -354,6 +355,9 @@ describe('mirrored volumes', () => {
       const settled = past.then(() => Date.now() - t0);
       await new Promise((r) => setTimeout(r, 1000));
       assert.equal(await Promise.race([settled, Promise.resolve(-1)]), -1, 'held past the buffer');
+      assert.equal((await replicaList(small, 'b1')).replicas[0]!.heldWriters, 1);
+      const table = await small.cli('replica', 'list', 'b1');
+      assert.match(table.stdout, /in-sync \(writes held: 1\)/);
       // ...but a snapshot's barrier lets it go rather than wait for the replica.
       const snap = await small.cli('snapshot', 'create', 'b1', 'held');
       assert.equal(snap.code, 0, snap.stderr);
