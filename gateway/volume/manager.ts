@@ -576,14 +576,7 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
     await this.exclusive(async () => {
       const vol = this.volumes.get(name);
       if (!vol || !vol.mirrors.includes(mirror)) return;
-      // As for a snapshot (snapshots.ts): writers held back by --mirror-buffer must not keep the barrier open.
-      const resumes = vol.mirrors.map((m) => m.suspendBackpressure());
-      let release: () => void;
-      try {
-        release = vol.barrier ? await vol.barrier.pause(CUTOVER_BARRIER_MS) : () => undefined;
-      } finally {
-        for (const r of resumes) r();
-      }
+      const release = await vol.holdWrites(CUTOVER_BARRIER_MS);
       vol.changingRole = 'demote';
       try {
         const peer = mirror.status().peer ?? 'unknown';

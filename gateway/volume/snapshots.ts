@@ -113,7 +113,7 @@ export class Snapshots {
     const name = snapshotExportName(volume, snap);
     const size = vol.device.size;
     const started = process.hrtime.bigint();
-    let release: () => void = () => undefined;
+    let release: () => void;
     // Writes a restarted primary holds for its replicas' first answer (mirror.ts) count as
     // in flight at the barrier: the answers come first, within the barrier's own bound (this
     // runs in the admin queue, which the replica's answer may need on its side).
@@ -122,19 +122,12 @@ export class Snapshots {
       throw new VolumeBusyError(
         `volume '${volume}' is waiting for its replicas' first answer since the gateway started; try again`,
       );
-    // Async writers held back by a congested replica (--mirror-buffer) are applied here
-    // already: they must not keep the barrier from closing.
-    const resumes = vol.mirrors.map((m) => m.suspendBackpressure());
-    const resume = (): void => resumes.forEach((r) => r());
-    if (vol.barrier) {
-      try {
-        release = await vol.barrier.pause(BARRIER_TIMEOUT_MS);
-      } catch (err) {
-        resume();
-        if (err instanceof BarrierBusyError)
-          throw new VolumeBusyError(`volume '${volume}' could not be paused for a snapshot: ${err.message}`);
-        throw err;
-      }
+    try {
+      release = await vol.holdWrites(BARRIER_TIMEOUT_MS);
+    } catch (err) {
+      if (err instanceof BarrierBusyError)
+        throw new VolumeBusyError(`volume '${volume}' could not be paused for a snapshot: ${err.message}`);
+      throw err;
     }
     let mirroredTo: string[] = [];
     try {
@@ -145,7 +138,6 @@ export class Snapshots {
       throw new BackendError(`snapshot ${name}: ${(err as Error).message}`);
     } finally {
       release();
-      resume();
     }
     const barrierMs = Number(process.hrtime.bigint() - started) / 1e6;
     // The store commits the snapshot before the catalog names it: a crash between the

@@ -19,6 +19,27 @@ export class Volume implements NbdExport {
     /** The top of a writable dedup volume's stack: holds writes for a snapshot. */
     readonly barrier: BarrierLayer | null = null,
   ) {}
+  /**
+   * Holds new writes and waits (at most `timeoutMs`, else BarrierBusyError) for those in
+   * flight, for a snapshot or a cutover; resolves with the release. Async writers held
+   * back by a congested replica (--mirror-buffer) are applied here already and go at
+   * once: a slow replica must not keep the barrier from closing.
+   */
+  async holdWrites(timeoutMs: number): Promise<() => void> {
+    const resumes = this.mirrors.map((m) => m.suspendBackpressure());
+    const resume = (): void => resumes.forEach((r) => r());
+    try {
+      const release = this.barrier ? await this.barrier.pause(timeoutMs) : () => undefined;
+      return () => {
+        release();
+        resume();
+      };
+    } catch (err) {
+      resume();
+      throw err;
+    }
+  }
+
   get name(): string {
     return this.record.name;
   }
