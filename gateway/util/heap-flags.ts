@@ -37,8 +37,11 @@ export function missingHeapFlags(execArgv: readonly string[]): string[] {
 
 /**
  * Why this process must not execute itself again, or null. Under the inspector a new
- * process would drop the debugger's session (and --inspect-brk stop twice); a child
- * forked with an IPC channel would lose the channel (Node removes NODE_CHANNEL_FD).
+ * process would drop the debugger's session (and --inspect-brk stop twice). Under
+ * --cpu-prof or --prof, V8's sampler signals the main thread with SIGPROF: one pending
+ * at the exec survives it while the handler does not, and kills the new program
+ * ("Profiling timer expired", seen 2026-11-26). A child forked with an IPC channel
+ * would lose the channel (Node removes NODE_CHANNEL_FD).
  */
 export function reexecBlocker(
   execArgv: readonly string[],
@@ -46,7 +49,11 @@ export function reexecBlocker(
   hasChannel: boolean,
 ): string | null {
   if (env[REEXEC_MARK] !== undefined) return 'they were lost across the re-execution';
-  if (execArgv.some((a) => a.startsWith('--inspect'))) return 'not re-executing under the inspector';
+  // NODE_OPTIONS holds flags too (not in execArgv), and may set either.
+  const flags = [...execArgv, ...(env.NODE_OPTIONS ?? '').split(/\s+/)];
+  if (flags.some((a) => a.startsWith('--inspect'))) return 'not re-executing under the inspector';
+  if (flags.some((a) => a === '--prof' || a === '--cpu-prof'))
+    return 'not re-executing under a CPU profiler (give node the flags to profile with them)';
   if (hasChannel) return 'not re-executing a process started with an IPC channel';
   return null;
 }

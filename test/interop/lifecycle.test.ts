@@ -5,6 +5,8 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { describe, it } from 'node:test';
 import { HEAP_FLAGS } from '../../gateway/util/heap-flags';
 import { Cmd } from '../../protocol/nbd/constants';
@@ -62,6 +64,29 @@ describe('gateway lifecycle', () => {
       await check('nbdinfo', ['--size', gw.uri()]);
     } finally {
       await gw.destroy();
+    }
+  });
+
+  it('runs under --cpu-prof without executing itself again, and writes its profile on SIGTERM', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bg-prof-'));
+    try {
+      const gw = await Gateway.start({ nodeArgs: ['--cpu-prof', `--cpu-prof-dir=${dir}`] });
+      try {
+        assert.match(
+          gw.log,
+          /running without --initial-old-space-size=64: not re-executing under a CPU profiler/,
+        );
+        await check('nbdinfo', ['--size', gw.uri()]);
+        assert.deepEqual(await gw.stop(), { code: 0, signal: null });
+      } finally {
+        await gw.destroy();
+      }
+      assert.ok(
+        fs.readdirSync(dir).some((f) => f.endsWith('.cpuprofile')),
+        'a profile was written',
+      );
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
     }
   });
 

@@ -26,6 +26,17 @@ describe('heap flags of the gateway process', () => {
     assert.match(reexecBlocker([], {}, true) ?? '', /IPC channel/);
   });
 
+  it('does not execute itself again under a CPU profiler, from the command line or NODE_OPTIONS', () => {
+    assert.match(reexecBlocker(['--cpu-prof'], {}, false) ?? '', /CPU profiler/);
+    assert.match(reexecBlocker(['--prof'], {}, false) ?? '', /CPU profiler/);
+    assert.match(
+      reexecBlocker([], { NODE_OPTIONS: '--max-old-space-size=512 --cpu-prof' }, false) ?? '',
+      /CPU profiler/,
+    );
+    assert.match(reexecBlocker([], { NODE_OPTIONS: '--inspect' }, false) ?? '', /inspector/);
+    assert.equal(reexecBlocker(['--cpu-prof-dir=/tmp'], { NODE_OPTIONS: '' }, false), null);
+  });
+
   it('reports a failed exec as an error with its code, and leaves stdio as it was', () => {
     const before = [0, 1, 2].map(fdFlags);
     assert.throws(
