@@ -111,12 +111,14 @@ export class Link {
   bytesOut = 0;
 
   send(frame: Frame): boolean {
-    const [prefix, body] = encodeFrameParts(frame);
-    this.bytesOut += prefix.length + body.length;
-    // Corked: the two go to the kernel in one writev.
+    const parts = encodeFrameParts(frame);
+    // Corked: the parts go to the kernel in one writev.
     this.socket.cork();
-    this.socket.write(prefix);
-    const more = this.socket.write(body);
+    let more = true;
+    for (const p of parts) {
+      this.bytesOut += p.length;
+      more = this.socket.write(p);
+    }
     this.socket.uncork();
     return more;
   }

@@ -7,7 +7,8 @@ import { ByteQueue } from '../nbd/byte-queue';
 import { CID_BYTES, KIND_DATA } from './block-kinds';
 import { LinkProtocolError } from './errors';
 
-export const LINK_VERSION = 1;
+// 2: block payloads as a table and one run of bytes (link.proto's Blocks), not a message each.
+export const LINK_VERSION = 2;
 const LENGTH_BYTES = 4;
 
 // Compiled to dist/protocol/replication: the .proto stays in the source tree.
@@ -15,6 +16,20 @@ const root = protobuf.loadSync(
   path.join(__dirname, '..', '..', '..', 'protocol', 'replication', 'link.proto'),
 );
 const FrameType = root.lookupType('blockgate.replication.Frame');
+const BatchType = root.lookupType('blockgate.replication.Batch');
+const BlocksType = root.lookupType('blockgate.replication.Blocks');
+
+/** A block table entry: ordinal, then length with the LZ4 bit (link.proto, above Blocks). */
+const TABLE_ENTRY = 8;
+const LZ4_BIT = 0x80000000;
+const MAX_PAYLOAD = 0x7fffffff;
+
+// Tags (field number << 3 | 2, length-delimited) of the fields written by hand: a
+// frame's batch or blocks, and its block_data after the rest of the message.
+const TAG_FRAME_BATCH = (8 << 3) | 2;
+const TAG_FRAME_BLOCKS = (10 << 3) | 2;
+const TAG_BATCH_DATA = (6 << 3) | 2;
+const TAG_BLOCKS_DATA = (4 << 3) | 2;
 
 export interface Hello {
   version: number;
@@ -85,19 +100,95 @@ export function frameKind(f: Frame): FrameKind {
 
 /** The frame with its length prefix, ready for the socket. */
 export function encodeFrame(frame: Frame): Buffer {
-  const [prefix, body] = encodeFrameParts(frame);
-  return Buffer.concat([prefix, body]);
+  return Buffer.concat(encodeFrameParts(frame));
 }
 
 /**
- * The frame's length prefix and body, for a socket write of both without copying
- * the body (a batch's block payloads) into one buffer first.
+ * The frame's bytes in parts, the length prefix in the first, for one corked socket
+ * write. A frame carrying blocks is two parts: everything up to the block data, then
+ * the payloads in one buffer (protobufjs would copy them once more, one field at a time).
  */
-export function encodeFrameParts(frame: Frame): [Buffer, Uint8Array] {
-  const body = FrameType.encode(FrameType.create(frame)).finish();
+export function encodeFrameParts(frame: Frame): Buffer[] {
+  if ('batch' in frame && frame.batch.blocks?.length) {
+    const { blocks, ...rest } = frame.batch;
+    return withBlocks(TAG_FRAME_BATCH, BatchType, rest, TAG_BATCH_DATA, blocks);
+  }
+  if ('blocks' in frame && frame.blocks.blocks.length)
+    return withBlocks(
+      TAG_FRAME_BLOCKS,
+      BlocksType,
+      { seq: frame.blocks.seq },
+      TAG_BLOCKS_DATA,
+      frame.blocks.blocks,
+    );
+  const plain =
+    'batch' in frame
+      ? { batch: { ...frame.batch, blocks: undefined } }
+      : 'blocks' in frame
+        ? { blocks: { seq: frame.blocks.seq } }
+        : frame;
+  const body = FrameType.encode(FrameType.create(plain)).finish();
   const prefix = Buffer.allocUnsafe(LENGTH_BYTES);
   prefix.writeUInt32BE(body.length, 0);
-  return [prefix, body];
+  return [prefix, Buffer.from(body.buffer, body.byteOffset, body.byteLength)];
+}
+
+function varintBytes(n: number): number {
+  let bytes = 1;
+  while (n >= 0x80) {
+    n = Math.floor(n / 0x80);
+    bytes++;
+  }
+  return bytes;
+}
+
+function writeVarint(buf: Buffer, at: number, n: number): number {
+  while (n >= 0x80) {
+    buf[at++] = (n & 0x7f) | 0x80;
+    n = Math.floor(n / 0x80);
+  }
+  buf[at++] = n;
+  return at;
+}
+
+/**
+ * A batch or blocks frame: the message without its block data through protobufjs, the
+ * frame's field and the data field's tag and length by hand, then the payloads.
+ */
+function withBlocks(
+  frameTag: number,
+  type: protobuf.Type,
+  fields: object,
+  dataTag: number,
+  blocks: WireBlock[],
+): Buffer[] {
+  const table = Buffer.allocUnsafe(blocks.length * TABLE_ENTRY);
+  let dataBytes = 0;
+  for (let i = 0; i < blocks.length; i++) {
+    const b = blocks[i]!;
+    if (b.payload.length > MAX_PAYLOAD) throw new RangeError(`block payload of ${b.payload.length} bytes`);
+    table.writeUInt32LE(b.ordinal, i * TABLE_ENTRY);
+    table.writeUInt32LE((b.lz4 ? LZ4_BIT : 0) + b.payload.length, i * TABLE_ENTRY + 4);
+    dataBytes += b.payload.length;
+  }
+  const head = type.encode(type.create({ ...fields, blockTable: table })).finish();
+  const inner = head.length + 1 + varintBytes(dataBytes) + dataBytes;
+  const body = 1 + varintBytes(inner) + inner;
+  const first = Buffer.allocUnsafe(LENGTH_BYTES + body - dataBytes);
+  first.writeUInt32BE(body, 0);
+  first[LENGTH_BYTES] = frameTag;
+  let at = writeVarint(first, LENGTH_BYTES + 1, inner);
+  first.set(head, at);
+  at += head.length;
+  first[at++] = dataTag;
+  writeVarint(first, at, dataBytes);
+  const data = Buffer.allocUnsafe(dataBytes);
+  let off = 0;
+  for (const b of blocks) {
+    data.set(b.payload, off);
+    off += b.payload.length;
+  }
+  return [first, data];
 }
 
 /**
@@ -215,7 +306,7 @@ export function decodeFrameBody(bytes: Uint8Array): Frame {
           seq: toNumber(b['seq'] ?? 0),
           extents,
           durable: (b['durable'] as boolean) ?? false,
-          blocks: wireBlocks(b['blocks']),
+          blocks: tableBlocks(b),
         },
       };
     }
@@ -233,7 +324,7 @@ export function decodeFrameBody(bytes: Uint8Array): Frame {
       return {
         blocks: {
           seq: toNumber(b['seq'] ?? 0),
-          blocks: wireBlocks(b['blocks']),
+          blocks: tableBlocks(b),
         },
       };
     }
@@ -293,10 +384,33 @@ export class FrameReader {
   }
 }
 
-function wireBlocks(v: unknown): WireBlock[] {
-  return ((v as Array<Record<string, unknown>> | undefined) ?? []).map((k) => ({
-    ordinal: (k['ordinal'] as number) ?? 0,
-    lz4: (k['lz4'] as boolean) ?? false,
-    payload: viewOf(k['payload']),
-  }));
+/** A message's block table and data as blocks whose payloads are views of the data. */
+function tableBlocks(m: Record<string, unknown>): WireBlock[] {
+  const table = viewOf(m['blockTable']);
+  const data = viewOf(m['blockData']);
+  if (table.length % TABLE_ENTRY !== 0)
+    throw new LinkProtocolError('ERR_LINK_MALFORMED', `block table of ${table.length} bytes`);
+  const blocks: WireBlock[] = new Array<WireBlock>(table.length / TABLE_ENTRY);
+  let at = 0;
+  for (let i = 0; i < blocks.length; i++) {
+    const word = table.readUInt32LE(i * TABLE_ENTRY + 4);
+    const length = word & MAX_PAYLOAD;
+    if (at + length > data.length)
+      throw new LinkProtocolError(
+        'ERR_LINK_MALFORMED',
+        `block table entry ${i} runs past the ${data.length} bytes of block data`,
+      );
+    blocks[i] = {
+      ordinal: table.readUInt32LE(i * TABLE_ENTRY),
+      lz4: word >= LZ4_BIT,
+      payload: data.subarray(at, at + length),
+    };
+    at += length;
+  }
+  if (at !== data.length)
+    throw new LinkProtocolError(
+      'ERR_LINK_MALFORMED',
+      `${data.length - at} bytes of block data beyond the block table`,
+    );
+  return blocks;
 }

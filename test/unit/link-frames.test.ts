@@ -77,6 +77,76 @@ describe('replication link frames', () => {
     assert.ok(view.every((b) => b === 0x33));
   });
 
+  it('round-trip a batch of many blocks, its lengths past one varint byte, split anywhere', () => {
+    const blocks = Array.from({ length: 300 }, (_, i) => ({
+      ordinal: i * 3,
+      lz4: i % 2 === 0,
+      payload: Buffer.alloc(1000 + i * 10, i),
+    }));
+    const frame: Frame = {
+      batch: {
+        seq: 2 ** 40,
+        durable: false,
+        extents: [{ lba: 5, kinds: Buffer.from([1]), cids: Buffer.alloc(0) }],
+        blocks,
+      },
+    };
+    const wire = encodeFrame(frame);
+    for (const cut of [1, 5, 7, 300, 4096, wire.length - 1]) {
+      const got = readAll(new FrameReader(1 << 20), [wire.subarray(0, cut), wire.subarray(cut)]);
+      assert.deepEqual(got, [frame]);
+    }
+  });
+
+  // Frame{blocks: Blocks{seq: 1, block_table, block_data}} written by hand (every length < 128).
+  const blocksBody = (table: Buffer, data: Buffer): Buffer => {
+    const inner = Buffer.concat([
+      Buffer.from([0x08, 0x01, 0x1a, table.length]),
+      table,
+      Buffer.from([0x22, data.length]),
+      data,
+    ]);
+    return Buffer.concat([Buffer.from([0x52, inner.length]), inner]);
+  };
+  const entry = (ordinal: number, word: number): Buffer => {
+    const e = Buffer.alloc(8);
+    e.writeUInt32LE(ordinal, 0);
+    e.writeUInt32LE(word, 4);
+    return e;
+  };
+  const malformed = (body: Buffer, message: RegExp) =>
+    assert.throws(
+      () => decodeFrameBody(body),
+      (e: unknown) =>
+        e instanceof LinkProtocolError && e.code === 'ERR_LINK_MALFORMED' && message.test(e.message),
+    );
+
+  it('decode a hand-written block table: ordinal, length and the LZ4 bit', () => {
+    const data = Buffer.from('abcdefgh');
+    const got = decodeFrameBody(blocksBody(Buffer.concat([entry(4, 0x80000003), entry(9, 5)]), data));
+    assert.deepEqual(got, {
+      blocks: {
+        seq: 1,
+        blocks: [
+          { ordinal: 4, lz4: true, payload: Buffer.from('abc') },
+          { ordinal: 9, lz4: false, payload: Buffer.from('defgh') },
+        ],
+      },
+    });
+  });
+
+  it('refuse a block table entry that runs past the block data', () => {
+    malformed(blocksBody(entry(0, 10), Buffer.alloc(5)), /runs past the 5 bytes of block data/);
+  });
+
+  it('refuse block data the table does not account for', () => {
+    malformed(blocksBody(entry(0, 3), Buffer.alloc(5)), /2 bytes of block data beyond the block table/);
+  });
+
+  it('refuse a block table that is not whole entries', () => {
+    malformed(blocksBody(Buffer.alloc(7), Buffer.alloc(0)), /block table of 7 bytes/);
+  });
+
   it('refuse a frame longer than the limit from its length alone', () => {
     const reader = new FrameReader(1024);
     const header = Buffer.alloc(4);
