@@ -16,6 +16,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { HEAP_FLAGS } from '../gateway/util/heap-flags';
 import { formatSize, parseSize } from '../gateway/util/size';
 
 const ROOT = path.resolve(__dirname, '..', '..');
@@ -373,7 +374,9 @@ async function startGateway(
   if (ctx.opts.cpuProf) {
     fs.mkdirSync(PROFILE_DIR, { recursive: true });
     const file = `${name}-${ctx.stamp}-${path.basename(ctx.dir).slice(name.length + 1)}.cpuprofile`;
-    nodeArgs.push('--cpu-prof', `--cpu-prof-dir=${PROFILE_DIR}`, `--cpu-prof-name=${file}`);
+    // Under a profiler `serve` does not execute itself again with its heap flags
+    // (heap-flags.ts): given here, the profile is of the heap it runs with.
+    nodeArgs.push(...HEAP_FLAGS, '--cpu-prof', `--cpu-prof-dir=${PROFILE_DIR}`, `--cpu-prof-name=${file}`);
     profile = path.join(PROFILE_DIR, file);
   }
   const args = [...nodeArgs, BIN, 'serve', '--data', dataDir, '--listen', `unix:${socket}`, ...serveArgs];
