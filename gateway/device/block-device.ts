@@ -55,4 +55,9 @@ export interface BlockDevice {
   blockStatus(offset: number, length: number): Promise<Extent[]>;
   resize(size: number): Promise<void>;
   close(): Promise<void>;
+  /**
+   * Bytes the device holds for its data where only it knows (a memory device's pages);
+   * absent where the volume manager finds out from the storage itself.
+   */
+  allocatedBytes?(): number | undefined;
 }

@@ -40,4 +40,7 @@ export class Layer implements BlockDevice {
   close(): Promise<void> {
     return this.next.close();
   }
+  allocatedBytes(): number | undefined {
+    return this.next.allocatedBytes?.();
+  }
 }

@@ -111,4 +111,8 @@ export class MemoryDevice implements BlockDevice {
   async close(): Promise<void> {
     this.pages.clear();
   }
+
+  allocatedBytes(): number {
+    return this.pages.size * PAGE;
+  }
 }

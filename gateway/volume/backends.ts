@@ -43,11 +43,15 @@ export function openStack(dataDir: string, rec: VolumeRecord, store: () => Dedup
   return rec.readOnly ? new ReadOnlyLayer(device) : device;
 }
 
-/** Bytes a volume really occupies on this gateway's disk. */
-export function allocatedBytes(dataDir: string, rec: VolumeRecord): number {
-  if (rec.backend !== 'raw' || rec.path !== undefined) return 0;
+/**
+ * Bytes a raw volume really occupies: its file's blocks (sparse files count only what
+ * is written), and the whole size of a block device the operator gave (provisioned).
+ */
+export function allocatedBytes(dataDir: string, rec: VolumeRecord, size: number): number {
+  if (rec.backend !== 'raw') return 0;
   try {
-    return fs.statSync(volumeFile(dataDir, rec.name)).blocks * 512;
+    const st = fs.statSync(rec.path ?? volumeFile(dataDir, rec.name));
+    return st.isBlockDevice() ? size : st.blocks * 512;
   } catch {
     return 0;
   }

@@ -350,9 +350,14 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
       .sort((a, b) => a.name.localeCompare(b.name));
   }
 
-  /** A dedup volume's allocation is what its own entries map to data (before sharing and lz4). */
-  private allocated(rec: VolumeRecord): number {
-    if (rec.backend !== 'dedup') return allocatedBytes(this.dataDir, rec);
+  /**
+   * A dedup volume's allocation is what its own entries map to data (before sharing and
+   * lz4); a memory volume's, its pages; a raw one's, its file's.
+   */
+  private allocated(v: Volume): number {
+    const rec = v.record;
+    if (rec.backend === 'memory') return v.device.allocatedBytes?.() ?? 0;
+    if (rec.backend !== 'dedup') return allocatedBytes(this.dataDir, rec, v.device.size);
     const store = this.store();
     const id = store.volumeIdIfAny(rec.name);
     return id === undefined ? 0 : store.volumeDataBlocks(id) * BLOCK;
@@ -365,7 +370,7 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
       backend: v.record.backend,
       readOnly: v.record.readOnly,
       path: v.record.path ?? null,
-      allocatedBytes: this.allocated(v.record),
+      allocatedBytes: this.allocated(v),
       clients: v.clients.size,
       created: v.record.created,
       cloneOf: v.record.cloneOf ?? null,

@@ -86,22 +86,45 @@ describe('volume commands', () => {
     assert.match(r.stdout, /^disk0\s+8 GiB\s+dedup\s+rw/m);
   });
 
+  const allocatedOf = async (name: string): Promise<number | undefined> =>
+    ((await json('volume', 'list')) as Array<{ name: string; allocatedBytes: number }>).find(
+      (v) => v.name === name,
+    )?.allocatedBytes;
+  const qemuIo = (uri: string, ...commands: string[]): Promise<unknown> =>
+    check('qemu-io', ['-f', 'raw', ...commands.flatMap((c) => ['-c', c]), uri]);
+
   it("lists a dedup volume's written data as allocated, zeroes and unwritten blocks not", async () => {
     await json('volume', 'create', 'alloc', '--size', '16M');
-    await check('qemu-io', [
-      '-f',
-      'raw',
-      '-c',
-      'write -P 0x61 0 64k',
-      '-c',
-      'write -z 1M 64k',
-      gw.uri('alloc'),
-    ]);
-    const list = (await json('volume', 'list')) as Array<{ name: string; allocatedBytes: number }>;
-    assert.equal(list.find((v) => v.name === 'alloc')?.allocatedBytes, 65536);
+    await qemuIo(gw.uri('alloc'), 'write -P 0x61 0 64k', 'write -z 1M 64k');
+    assert.equal(await allocatedOf('alloc'), 65536);
     const r = await gw.cli('volume', 'list');
     assert.match(r.stdout, /^alloc\s+16 MiB\s+dedup\s+rw\s+64 KiB/m);
     await json('volume', 'delete', 'alloc');
+  });
+
+  it("lists a memory volume's written 64 KiB pages as allocated, and a discarded page no more", async () => {
+    await json('volume', 'create', 'mem', '--size', '16M', '--backend', 'memory');
+    await qemuIo(gw.uri('mem'), 'write -P 0x61 0 64k', 'write -P 0x62 1M 4k');
+    assert.equal(await allocatedOf('mem'), 2 * 65536);
+    await qemuIo(gw.uri('mem'), 'discard 0 64k');
+    assert.equal(await allocatedOf('mem'), 65536);
+    await json('volume', 'delete', 'mem');
+  });
+
+  it("lists a raw volume on the operator's own sparse file by the file's written blocks", async () => {
+    const file = path.join(gw.dataDir, 'operator.img');
+    fs.writeFileSync(file, '');
+    fs.truncateSync(file, 16 << 20);
+    try {
+      await json('volume', 'create', 'ext', '--size', '16M', '--backend', 'raw', '--path', file);
+      assert.equal(await allocatedOf('ext'), 0);
+      await qemuIo(gw.uri('ext'), 'write -P 0x61 4M 1M');
+      assert.equal(await allocatedOf('ext'), fs.statSync(file).blocks * 512);
+      assert.ok((await allocatedOf('ext'))! >= 1 << 20);
+      await json('volume', 'delete', 'ext');
+    } finally {
+      fs.rmSync(file, { force: true });
+    }
   });
 
   it('reports gateway stats as JSON', async () => {
