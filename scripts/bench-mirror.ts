@@ -13,6 +13,10 @@
 //               resync against the changed data, for a 1 GiB and a 4 GiB
 //               volume.
 //
+// `--rounds N` runs the three throughput configurations N times, alternating,
+// and reports medians: one run of each is at the mercy of this machine's spread
+// (±15-30% from one run to the next).
+//
 // A measurement, not a test: exits 0 whatever the figures, 1 if a run failed.
 // Writes bench/results/mirror-latest.md.
 
@@ -29,42 +33,81 @@ const ROOT = path.resolve(__dirname, '..', '..');
 const RESULTS = path.join(ROOT, 'bench', 'results');
 
 const quick = process.argv.includes('--quick');
+const roundsAt = process.argv.indexOf('--rounds');
+const ROUNDS = roundsAt < 0 ? 1 : Number(process.argv[roundsAt + 1]);
+if (!Number.isInteger(ROUNDS) || ROUNDS < 1 || ROUNDS > 9) {
+  process.stderr.write('bench mirror: --rounds takes a whole number from 1 to 9\n');
+  process.exit(2);
+}
 const RUNTIME = quick ? 3 : 10;
 const RAMP = quick ? 0 : 2;
 
 const timed = ['--time_based', `--runtime=${RUNTIME}`, `--ramp_time=${RAMP}`];
 
-async function throughput(tmp: string): Promise<string[]> {
-  const rows: Array<{ config: string; iops: number; mbps: number }> = [];
-  for (const config of ['none', 'async', 'sync']) {
-    const pair = await startPair(path.join(tmp, `tp-${config}`));
-    try {
-      pair.primary.cli('volume', 'create', 'bench', '--size', '2G');
-      if (config !== 'none') {
-        pair.primary.cli('replica', 'add', 'bench', '--to', pair.to, '--mode', config);
-        await inSync(pair.primary, 'bench');
-      }
-      const uri = pair.primary.uri('bench');
-      process.stderr.write(`mirror bench: ${config}: 4k randwrite\n`);
-      const r4k = fio(uri, 'randwrite', '4k', 32, timed);
-      process.stderr.write(`mirror bench: ${config}: 1M write\n`);
-      const r1m = fio(uri, 'write', '1M', 8, timed);
-      rows.push({ config, iops: r4k.iops, mbps: r1m.mbps });
-    } finally {
-      await stopPair(pair);
+const CONFIGS = ['none', 'async', 'sync'] as const;
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const mid = s.length >> 1;
+  return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
+}
+
+async function throughputRun(
+  tmp: string,
+  config: string,
+  round: number,
+): Promise<{ iops: number; mbps: number }> {
+  const pair = await startPair(path.join(tmp, `tp-${config}-${round}`));
+  try {
+    pair.primary.cli('volume', 'create', 'bench', '--size', '2G');
+    if (config !== 'none') {
+      pair.primary.cli('replica', 'add', 'bench', '--to', pair.to, '--mode', config);
+      await inSync(pair.primary, 'bench');
     }
+    const uri = pair.primary.uri('bench');
+    const tag = ROUNDS > 1 ? ` (round ${round + 1} of ${ROUNDS})` : '';
+    process.stderr.write(`mirror bench: ${config}: 4k randwrite${tag}\n`);
+    const r4k = fio(uri, 'randwrite', '4k', 32, timed);
+    process.stderr.write(`mirror bench: ${config}: 1M write${tag}\n`);
+    const r1m = fio(uri, 'write', '1M', 8, timed);
+    return { iops: r4k.iops, mbps: r1m.mbps };
+  } finally {
+    await stopPair(pair);
   }
+}
+
+async function throughput(tmp: string): Promise<string[]> {
+  const runs = new Map<string, Array<{ iops: number; mbps: number }>>(CONFIGS.map((c) => [c, []]));
+  for (let round = 0; round < ROUNDS; round++)
+    for (const config of CONFIGS) runs.get(config)!.push(await throughputRun(tmp, config, round));
+  const rows = CONFIGS.map((config) => {
+    const rs = runs.get(config)!;
+    return { config, iops: median(rs.map((r) => r.iops)), mbps: median(rs.map((r) => r.mbps)), rs };
+  });
   const none = rows[0]!;
+  const each = (xs: number[], digits: (x: number) => string): string =>
+    ROUNDS > 1 ? ` (${xs.map(digits).join(' / ')})` : '';
+  const iopsText = (x: number): string => Math.round(x).toLocaleString('en');
+  const mbpsText = (x: number): string => x.toFixed(0);
   return [
     '## Throughput: no replica, one async, one sync (loopback)',
     '',
-    `fio nbd engine, one connection, ${RUNTIME} s after ${RAMP} s ramp, 1 GiB working set on a 2 GiB dedup volume, fresh half-compressible data.`,
+    `fio nbd engine, one connection, ${RUNTIME} s after ${RAMP} s ramp, 1 GiB working set on a 2 GiB dedup volume, fresh half-compressible data.` +
+      (ROUNDS > 1
+        ? ` ${ROUNDS} rounds of the three, alternating: medians, each round's figure in brackets; ratios of medians.`
+        : ''),
     '',
     '| replica | 4k randwrite QD32 (IOPS) | ratio | 1M seq write QD8 (MB/s) | ratio |',
     '| --- | ---: | ---: | ---: | ---: |',
     ...rows.map(
       (r) =>
-        `| ${r.config} | ${Math.round(r.iops).toLocaleString('en')} | ${(r.iops / none.iops).toFixed(2)}× | ${r.mbps.toFixed(0)} | ${(r.mbps / none.mbps).toFixed(2)}× |`,
+        `| ${r.config} | ${iopsText(r.iops)}${each(
+          r.rs.map((x) => x.iops),
+          iopsText,
+        )} | ${(r.iops / none.iops).toFixed(2)}× | ${mbpsText(r.mbps)}${each(
+          r.rs.map((x) => x.mbps),
+          mbpsText,
+        )} | ${(r.mbps / none.mbps).toFixed(2)}× |`,
     ),
     '',
     `Targets (issue 4): sync ≥ 0.5× no-replica 4k IOPS: ${rows[2]!.iops / none.iops >= 0.5 ? 'PASS' : 'FAIL'}; sync ≥ 0.6× its 1M throughput: ${rows[2]!.mbps / none.mbps >= 0.6 ? 'PASS' : 'FAIL'}.`,
