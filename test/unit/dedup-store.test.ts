@@ -704,3 +704,27 @@ describe('space reclamation', () => {
     await closeConsistent(store, dir);
   });
 });
+
+// A mirror's activity log forgets a chunk only once its last change is older than
+// durableAsOf (mirror.ts, settleLog): after a crash the store reopens at its last
+// commit, and a chunk forgotten too early would not be resent to its replicas.
+describe('durableAsOf, the point the store is durable up to', () => {
+  it('moves past a write only once a checkpoint holding it commits, not when the commit fails', async () => {
+    const { dir, store, dev } = freshVolume('d');
+    const opened = store.durableAsOf;
+    await dev.write(0, block(0x31));
+    const written = performance.now();
+    assert.ok(store.durableAsOf < written, 'nothing committed since the write');
+
+    const writer = (store as unknown as { writer: { commit(r: unknown): Promise<unknown> } }).writer;
+    const commit = writer.commit.bind(writer);
+    writer.commit = () => Promise.reject(new Error('injected commit refusal'));
+    await assert.rejects(store.flush(), /injected commit refusal/);
+    assert.equal(store.durableAsOf, opened, 'a refused commit makes nothing durable');
+
+    writer.commit = commit;
+    await store.flush();
+    assert.ok(store.durableAsOf >= written, 'the committed checkpoint froze after the write');
+    await closeConsistent(store, dir);
+  });
+});
