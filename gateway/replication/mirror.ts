@@ -27,6 +27,7 @@ import type { BlockSource, CapturedRange, DedupStore } from '../store/dedup-stor
 import { META_PAGE } from '../store/meta-cache';
 import { recordPayload } from '../store/block-codec';
 import { ActivityLog } from './activity-log';
+import { maySettle } from './settle';
 import { connectLink, Link, LinkIdentity } from './link';
 
 export type MirrorMode = 'sync' | 'async';
@@ -356,17 +357,13 @@ export class Mirror {
     for (const b of this.inflight) for (const r of b.ranges) cover(r.lba, r.kinds.length);
     for (const r of this.filling?.ranges ?? []) cover(r.lba, r.kinds.length);
     for (const r of this.volatile) cover(r.lba, r.count);
-    // Only chunks left alone for a while: a hot chunk unmarked between two writes would
-    // make its next write wait for a durable mark (DRBD keeps its hot extents for this).
+    // Only chunks left alone for a while (DRBD keeps its hot extents for this), and none
+    // whose last change is in this store's memory only (settle.ts).
     const cool = performance.now() - AL_COOL_MS;
-    // Nor while the chunk's last change is in this store's memory only: after a crash it
-    // would reopen without it while the replica keeps it, and an unmarked chunk is not resent.
     const durable = this.store.durableAsOf;
-    for (let c = 0; c < busy.length; c++) {
-      if (busy[c] || this.active[c] || this.dirty.has(c) || this.touched[c]! > cool) continue;
-      if (this.touched[c]! >= durable) continue;
-      if (this.al.marked(c)) this.al.unmark(c);
-    }
+    const activity = { busy, active: this.active, touched: this.touched, dirty: this.dirty };
+    for (let c = 0; c < busy.length; c++)
+      if (maySettle(c, activity, cool, durable) && this.al.marked(c)) this.al.unmark(c);
     this.al.saveLazily();
   }
 
