@@ -257,6 +257,14 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
         throw new BackendError(`cannot create volume '${opts.name}': ${toBlockError(err, 'open').message}`);
       }
       const device = vol.device;
+      // An operator's file or device keeps its own size: a --size that differs is a mistake
+      // to tell about, not one to follow silently.
+      if (opts.path !== undefined && opts.size !== undefined && opts.size !== device.size) {
+        await device.close();
+        throw new InvalidArgumentError(
+          `--size ${formatSize(opts.size)} differs from the ${formatSize(device.size)} of ${opts.path}; leave it out to use the whole of it`,
+        );
+      }
       record.size = device.size;
       this.volumes.set(record.name, vol);
       try {

@@ -127,6 +127,27 @@ describe('volume commands', () => {
     }
   });
 
+  it("refuses a --size that differs from the operator's file, and creates nothing", async () => {
+    const file = path.join(gw.dataDir, 'longer.img');
+    fs.writeFileSync(file, Buffer.alloc(8 << 20, 0x5a));
+    try {
+      const r = await gw.cli('volume', 'create', 'short', '--size', '1M', '--backend', 'raw', '--path', file);
+      assert.notEqual(r.code, 0);
+      assert.match(r.stderr, /--size 1 MiB differs from the 8 MiB of .*longer\.img; leave it out/);
+      assert.equal(await allocatedOf('short'), undefined);
+      const ok = await gw.cli('volume', 'create', 'whole', '--backend', 'raw', '--path', file, '--json');
+      assert.equal(ok.code, 0, ok.stderr);
+      assert.equal((JSON.parse(ok.stdout) as { size: number }).size, 8 << 20);
+      await json('volume', 'delete', 'whole');
+      assert.ok(
+        fs.readFileSync(file).every((x) => x === 0x5a),
+        "the operator's file is untouched",
+      );
+    } finally {
+      fs.rmSync(file, { force: true });
+    }
+  });
+
   it('reports gateway stats as JSON', async () => {
     const s = (await json('stats')) as { volumes: number; rssBytes: number; listeners: string[] };
     assert.ok(s.volumes >= 1);
