@@ -121,13 +121,9 @@ export function encodeFrameParts(frame: Frame): Buffer[] {
       TAG_BLOCKS_DATA,
       frame.blocks.blocks,
     );
-  const plain =
-    'batch' in frame
-      ? { batch: { ...frame.batch, blocks: undefined } }
-      : 'blocks' in frame
-        ? { blocks: { seq: frame.blocks.seq } }
-        : frame;
-  const body = FrameType.encode(FrameType.create(plain)).finish();
+  // An empty `blocks` list is no field of Batch or Blocks (version 1's are reserved):
+  // protobufjs encodes only the fields the schema has.
+  const body = FrameType.encode(FrameType.create(frame)).finish();
   const prefix = Buffer.allocUnsafe(LENGTH_BYTES);
   prefix.writeUInt32BE(body.length, 0);
   return [prefix, Buffer.from(body.buffer, body.byteOffset, body.byteLength)];

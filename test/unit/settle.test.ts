@@ -38,32 +38,9 @@ describe('when an activity log may forget a chunk', () => {
   });
 
   it('keeps a chunk with changes under way, in a batch, or owed by the sync', () => {
-    assert.equal(
-      maySettle(
-        0,
-        chunk(50, (a) => (a.active[0] = 1)),
-        COOL,
-        DURABLE,
-      ),
-      false,
-    );
-    assert.equal(
-      maySettle(
-        0,
-        chunk(50, (a) => (a.busy[0] = 1)),
-        COOL,
-        DURABLE,
-      ),
-      false,
-    );
-    assert.equal(
-      maySettle(
-        0,
-        chunk(50, (a) => a.dirtySet.add(0)),
-        COOL,
-        DURABLE,
-      ),
-      false,
-    );
+    const settles = (a: ChunkActivity): boolean => maySettle(0, a, COOL, DURABLE);
+    assert.equal(settles(chunk(50, (a) => (a.active[0] = 1))), false);
+    assert.equal(settles(chunk(50, (a) => (a.busy[0] = 1))), false);
+    assert.equal(settles(chunk(50, (a) => a.dirtySet.add(0))), false);
   });
 });
