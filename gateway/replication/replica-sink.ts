@@ -8,8 +8,6 @@
 import { LinkProtocolError } from '../../protocol/replication/errors';
 import { Extent, Frame, KIND_DATA, WireBlock } from '../../protocol/replication/frames';
 import type { DedupStore, MirroredBlock } from '../store/dedup-store';
-import { unpackPayload } from '../store/block-codec';
-import { BLOCK } from '../store/layout';
 import type { Logger } from '../util/log';
 import type { Link } from './link';
 
@@ -302,13 +300,8 @@ export class ReplicaSink {
     const provided = new Map<number, MirroredBlock>();
     let blocks = [...batch.inline, ...(await batch.fetched)];
     for (let round = 0; ; round++) {
-      // One allocation for the round's decoded blocks: a 4 KiB Buffer each is past Node's
-      // pooled sizes, and was most of what the replica allocated.
-      const slab = Buffer.allocUnsafe(blocks.length * BLOCK);
-      blocks.forEach((b, k) => {
-        const out = slab.subarray(k * BLOCK, (k + 1) * BLOCK);
-        provided.set(b.ordinal, { block: decodeWireBlock(b, out), payload: b.payload, lz4: b.lz4 });
-      });
+      // Decoded and checked by applyMirrored, for the blocks this replica still lacks.
+      for (const b of blocks) provided.set(b.ordinal, b);
       // Checked in the tick the batch applies: closed (a newer link took over) or promoted here since.
       if (this.closed) return;
       const refusal = this.volumes.mirrorRefusal(this.target!.name, this.target!.generation);
@@ -392,13 +385,4 @@ function cidsOf(extents: Extent[]): string[] {
   for (const e of extents)
     for (let at = 0; at < e.cids.length; at += 16) out.push(e.cids.toString('latin1', at, at + 16));
   return out;
-}
-
-/** A block's 4 KiB from the wire; the content-id check comes after (applyMirrored). */
-function decodeWireBlock(b: WireBlock, out: Buffer): Buffer {
-  try {
-    return unpackPayload(b.lz4, b.payload, out);
-  } catch (err) {
-    throw new LinkProtocolError('ERR_LINK_BAD_BLOCK', `block ${b.ordinal}: ${(err as Error).message}`);
-  }
 }

@@ -18,6 +18,7 @@ import {
 } from '../../protocol/seed/bundle';
 import { KIND_DATA, KIND_ZERO } from '../../protocol/replication/block-kinds';
 import { CorruptBlockError, unpackPayload } from '../store/block-codec';
+import { BLOCK } from '../store/layout';
 import type { DedupStore, MirroredBlock } from '../store/dedup-store';
 import { ShardSet } from './shard-reader';
 
@@ -81,6 +82,7 @@ export async function importSeed(
     let nextLba = 0;
     let blocks = 0;
     const counted: SeedEnd = { blocks: 0, dataBlocks: 0, uniqueBlocks: 0, chunks: 0 };
+    const scratch = Buffer.allocUnsafe(BLOCK);
 
     const apply = async (run: MetaRun, payloads: Map<string, MirroredBlock>): Promise<void> => {
       const provided = new Map<number, MirroredBlock>();
@@ -126,13 +128,14 @@ export async function importSeed(
         if (!meta) throw new SeedFormatError(`BLOCKS chunk at stream offset ${c.at} without its META`);
         const payloads = new Map<string, MirroredBlock>();
         for (const b of decodeBlocks(c.payload)) {
-          let block: Buffer;
+          // Every payload is checked, also those of blocks this gateway holds already
+          // (applyMirrored decodes only the ones it stores): a damaged bundle says so.
           try {
-            block = unpackPayload(b.lz4, b.payload);
+            unpackPayload(b.lz4, b.payload, scratch);
           } catch (err) {
             throw new SeedFormatError(`BLOCKS chunk at stream offset ${c.at}: ${(err as Error).message}`);
           }
-          payloads.set(b.cid.toString('latin1'), { block, payload: b.payload, lz4: b.lz4 });
+          payloads.set(b.cid.toString('latin1'), { payload: b.payload, lz4: b.lz4 });
           counted.uniqueBlocks++;
         }
         await apply(meta, payloads);

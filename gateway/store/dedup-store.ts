@@ -31,6 +31,7 @@ import {
   encodeRecordInto,
   isZeroBlock,
   recordPayload,
+  unpackPayload,
   unpackRecordInto,
   writeRecordInto,
 } from './block-codec';
@@ -113,9 +114,11 @@ export function contentDomain(secret: Buffer): Buffer {
   return crypto.createHmac('sha256', secret).update('blockgate-content-domain-v1').digest().subarray(0, 16);
 }
 
-/** A block a replica received: its 4 KiB, and the payload as stored on the primary (lz4 or raw). */
+/**
+ * A block a replica received: the payload as stored on the primary (lz4 or raw).
+ * applyMirrored decodes it to check it against its content id, and stores it as it came.
+ */
 export interface MirroredBlock {
-  block: Buffer;
   payload: Buffer;
   lz4: boolean;
 }
@@ -1664,6 +1667,12 @@ export class DedupStore {
     const kinds = Buffer.alloc(count);
     const cids: Buffer[] = [];
     const sources: BlockSource[] = [];
+    // Records still in memory, copied out below into one buffer: they live in pooled
+    // slabs and a ring that are reused, while the capture lives until the replica has
+    // acknowledged it. A Buffer each cost more than the copying (Node's pool hands out
+    // 8 KiB at a time: an ArrayBuffer every third record of a 1 MiB write).
+    const held: Array<Buffer | undefined> = [];
+    let heldBytes = 0;
     for (let b = 0; b < count; b++) {
       const id = this.resolveMeta(volume, lba + b);
       if (id === undefined) continue; // a hole: KIND_HOLE, already 0
@@ -1675,14 +1684,28 @@ export class DedupStore {
       if (!entry) throw new CorruptBlockError(`block ${id} has no datamap entry`);
       kinds[b] = KIND_DATA;
       cids.push(entry.hash);
+      const rec = this.pending.get(id)?.record ?? this.recent.view(id);
+      held.push(rec);
+      if (rec) heldBytes += rec.length;
       sources.push({
         id,
         hash: entry.hash,
         segment: entry.segment,
         offset: entry.offset,
         storedLength: entry.storedLength,
-        record: this.pendingCopy(id) ?? this.recent.copyOf(id),
+        record: undefined,
       });
+    }
+    if (heldBytes) {
+      const copies = Buffer.allocUnsafe(heldBytes);
+      let at = 0;
+      for (let k = 0; k < sources.length; k++) {
+        const rec = held[k];
+        if (!rec) continue;
+        rec.copy(copies, at);
+        sources[k]!.record = copies.subarray(at, at + rec.length);
+        at += rec.length;
+      }
     }
     return { lba, kinds, cids: Buffer.concat(cids), sources };
   }
@@ -1728,7 +1751,8 @@ export class DedupStore {
   /**
    * Applies a mirrored batch in one tick, so neither a reader nor a checkpoint (and so
    * neither a crash) ever sees part of it. `blocks` holds the bytes sent for the
-   * ordinals the replica lacked, checked against their content ids here. Returns the
+   * ordinals the replica lacked, decoded and checked against their content ids here
+   * (CorruptBlockError for a payload that fails either). Returns the
    * ordinals still missing (a block released since the replica said it had it: ask
    * again, nothing applied), or the completion of the new blocks' segment write.
    */
@@ -1758,7 +1782,15 @@ export class DedupStore {
         const block = blocks.get(ordinal);
         if (known) known.ordinals.push(ordinal);
         else if (block) {
-          if (!this.hasher.matches(block.block, cid))
+          // Decoded into one scratch block and dropped: only its hash is needed, and a
+          // batch's worth of decoded blocks (1 MiB) was written and read back cold.
+          let decoded: Buffer;
+          try {
+            decoded = unpackPayload(block.lz4, block.payload, this.mirrorScratch);
+          } catch (err) {
+            throw new CorruptBlockError(`mirrored block ${ordinal}: ${(err as Error).message}`);
+          }
+          if (!this.hasher.matches(decoded, cid))
             throw new CorruptBlockError(`mirrored block ${ordinal} does not match its content id`);
           fresh.set(hk, { block, hash: Buffer.from(cid), ordinals: [ordinal] });
         } else missing.push(ordinal);

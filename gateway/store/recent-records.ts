@@ -5,7 +5,7 @@
 //
 // A ring of fixed slots in one buffer allocated once: the write path copies each
 // record in, and nothing is allocated per block. What leaves is a copy, since the
-// slot is reused while its reader may still be sending it.
+// slot is reused while its reader may still be sending it (callers copy a view).
 
 import { NumMap } from './num-map';
 
@@ -43,11 +43,11 @@ export class RecentRecords {
     this.slots.set(id, slot);
   }
 
-  /** A copy of the record kept for `id`, if it is still kept. */
-  copyOf(id: number): Buffer | undefined {
+  /** The record kept for `id` (a view of its slot, valid until the next add), if it is still kept. */
+  view(id: number): Buffer | undefined {
     const slot = this.slots.get(id);
     if (slot === undefined) return undefined;
     const at = slot * this.slotBytes;
-    return Buffer.from(this.slab.subarray(at, at + this.lengths[slot]!));
+    return this.slab.subarray(at, at + this.lengths[slot]!);
   }
 }

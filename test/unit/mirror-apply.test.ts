@@ -39,7 +39,7 @@ function batch(data: Buffer[]): {
       cids: Buffer.concat(data.map((b) => hasher.hash(b))),
     },
   ];
-  const provided = new Map(data.map((b, i) => [i, { block: b, payload: b, lz4: false }]));
+  const provided = new Map(data.map((b, i) => [i, { payload: b, lz4: false }]));
   return { ranges, provided };
 }
 
@@ -93,7 +93,7 @@ describe('applying mirrored batches', () => {
     assert.deepEqual(store.missingContent(ranges), [0, 2]);
     const vol = store.volumeId('m');
     assert.deepEqual(store.applyMirrored(vol, ranges, new Map()), { missing: [0, 2] });
-    const some = new Map([0, 2].map((i) => [i, { block: data[i]!, payload: data[i]!, lz4: false }]));
+    const some = new Map([0, 2].map((i) => [i, { payload: data[i]!, lz4: false }]));
     const r = store.applyMirrored(vol, ranges, some);
     assert.ok('written' in r);
     await r.written;
@@ -111,12 +111,31 @@ describe('applying mirrored batches', () => {
     const data = blocks(2);
     const { ranges } = batch(data);
     const wrong = new Map([
-      [0, { block: data[0]!, payload: data[0]!, lz4: false }],
-      [1, { block: data[0]!, payload: data[0]!, lz4: false }],
+      [0, { payload: data[0]!, lz4: false }],
+      [1, { payload: data[0]!, lz4: false }],
     ]);
     assert.throws(() => store.applyMirrored(vol, ranges, wrong), /does not match its content id/);
     const got = Buffer.alloc(2 * 4096, 1);
     await new DedupDevice(store, vol, 2 * 4096).read(0, got);
+    assert.ok(got.every((b) => b === 0));
+    await store.close();
+  });
+
+  it('refuses an lz4 payload that does not decode to a block, changing nothing', async () => {
+    const dir = path.join(tmp, `s${n++}`);
+    const store = DedupStore.open(dir, silentLogger, { secretSeed: seed });
+    const vol = store.volumeId('m');
+    const data = blocks(1);
+    const { ranges } = batch(data);
+    // A literal-only lz4 sequence of 16 bytes: well formed, but not 4 KiB.
+    const short = Buffer.concat([Buffer.of(0xf0, 1), Buffer.alloc(16, 7)]);
+    const bad = new Map([[0, { payload: short, lz4: true }]]);
+    assert.throws(
+      () => store.applyMirrored(vol, ranges, bad),
+      /mirrored block 0: lz4 payload does not decode/,
+    );
+    const got = Buffer.alloc(4096, 1);
+    await new DedupDevice(store, vol, 4096).read(0, got);
     assert.ok(got.every((b) => b === 0));
     await store.close();
   });
