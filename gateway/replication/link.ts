@@ -14,6 +14,10 @@ import {
   frameKind,
   LINK_VERSION,
 } from '../../protocol/replication/frames';
+import { sharedLookup } from '../util/shared-lookup';
+
+/** Every outgoing link's name lookups: one in flight per host name (shared-lookup.ts). */
+const hostLookup = sharedLookup();
 
 /** Nothing bigger is read from a peer that has not authenticated. */
 const PRE_AUTH_LIMIT = 64 * 1024;
@@ -231,7 +235,7 @@ export function connectLink(
   timeoutMs = HANDSHAKE_TIMEOUT_MS,
 ): Promise<Link> {
   return new Promise((resolve, reject) => {
-    const socket = net.connect({ host, port, noDelay: true });
+    const socket = net.connect({ host, port, noDelay: true, lookup: hostLookup });
     const timer = setTimeout(() => {
       socket.destroy();
       reject(new Error(`no connection to ${host}:${port} within ${timeoutMs} ms`));

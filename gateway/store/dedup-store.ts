@@ -1902,6 +1902,7 @@ export class DedupStore {
     await this.writer.close();
     await this.pool?.close();
     await this.env.close();
+    await this.segments.settleEarlySync();
     this.segments.close();
   }
 }

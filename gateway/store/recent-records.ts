@@ -4,8 +4,9 @@
 // to every sync write.
 //
 // A ring of fixed slots in one buffer allocated once: the write path copies each
-// record in, and nothing is allocated per block. What leaves is a copy, since the
-// slot is reused while its reader may still be sending it (callers copy a view).
+// record in, and nothing is allocated per block. What leaves is a view of its slot,
+// which the next add() may reuse: a caller copies it before anything else is written
+// (captureRange copies a whole range's into one buffer).
 
 import { NumMap } from './num-map';
 

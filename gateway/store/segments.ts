@@ -50,7 +50,8 @@ export class SegmentFiles {
   private newFiles = false;
   /** Bytes appended since the last sync (checkpoint or early) began. */
   private unsynced = 0;
-  private earlySyncing = false;
+  /** The early fdatasync in flight (at most one); it settles without rejecting. */
+  private earlySync: Promise<void> | null = null;
   private closed = false;
 
   constructor(readonly dir: string) {
@@ -290,6 +291,10 @@ export class SegmentFiles {
         await syncDirectory(this.dir).catch((err: unknown) => {
           throw this.failSync(toBlockError(err, `fsync ${this.dir}`));
         });
+      // Linux tells one fdatasync of a file about a writeback error, not every caller: an
+      // early sync running beside the ones above may have taken the error they needed.
+      await this.settleEarlySync();
+      if (this.syncFailure) throw this.syncFailure;
     } catch (err) {
       for (const n of dirty) this.dirty.add(n);
       if (newFiles) this.newFiles = true;
@@ -304,13 +309,28 @@ export class SegmentFiles {
    * checkpoint's would.
    */
   private syncEarly(s: Segment): void {
-    if (this.earlySyncing || this.syncFailure) return;
-    this.earlySyncing = true;
+    if (this.earlySync || this.syncFailure) return;
     this.unsynced = 0;
-    fs.fdatasync(s.fd, (err) => {
-      this.earlySyncing = false;
-      if (err && !this.closed) this.failSync(toBlockError(err, 'fdatasync segment (early)'));
+    // Held like a read, so that removing the segment meanwhile cannot close the descriptor
+    // under it (and hand its number to another file).
+    const done = this.holding(
+      s,
+      () =>
+        new Promise<void>((resolve) =>
+          fs.fdatasync(s.fd, (err) => {
+            if (err && !this.closed) this.failSync(toBlockError(err, 'fdatasync segment (early)'));
+            resolve();
+          }),
+        ),
+    ).finally(() => {
+      if (this.earlySync === done) this.earlySync = null;
     });
+    this.earlySync = done;
+  }
+
+  /** Waits until no early sync is in flight (one started meanwhile included). */
+  async settleEarlySync(): Promise<void> {
+    while (this.earlySync) await this.earlySync;
   }
 
   /** Whether syncing has failed for good (see syncFailure). */

@@ -13,17 +13,25 @@ const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-segments-'));
 after(() => fs.rmSync(tmp, { recursive: true, force: true }));
 let n = 0;
 
-/** Replaces fs.fdatasync while `run` goes on; `answer` decides each call's outcome. */
+/** An EIO as fdatasync reports a lost writeback. */
+function eio(): NodeJS.ErrnoException {
+  return Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO', errno: -5 });
+}
+
+/**
+ * Replaces fs.fdatasync while `run` goes on; `answer` decides each call's outcome (an
+ * error reported after `delay` ms, or the real call).
+ */
 async function withFdatasync(
-  answer: () => NodeJS.ErrnoException | null,
+  answer: (call: number) => NodeJS.ErrnoException | null,
   run: (calls: () => number) => Promise<void>,
+  delay = 0,
 ): Promise<void> {
   const real = fs.fdatasync;
   let calls = 0;
   fs.fdatasync = ((fd: number, cb: (err: NodeJS.ErrnoException | null) => void) => {
-    calls++;
-    const err = answer();
-    if (err) setImmediate(() => cb(err));
+    const err = answer(++calls);
+    if (err) setTimeout(() => cb(err), delay);
     else real(fd, cb);
   }) as typeof fs.fdatasync;
   try {
@@ -40,8 +48,8 @@ async function appendMiB(segments: SegmentFiles, mib: number): Promise<void> {
   await Promise.all(written);
 }
 
-/** Lets the fdatasync callbacks queued by setImmediate run. */
-const turn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
+/** Lets the fdatasync callbacks queued by setTimeout(0) run. */
+const turn = (): Promise<void> => new Promise((resolve) => setTimeout(resolve, 5));
 
 describe('segment syncing', () => {
   it('starts an fdatasync in the background once 16 MiB are appended unsynced', async () => {
@@ -61,15 +69,28 @@ describe('segment syncing', () => {
 
   it('fails every later sync when a background fdatasync reports a writeback error', async () => {
     const segments = new SegmentFiles(path.join(tmp, `s${n++}`));
+    await withFdatasync(eio, async () => {
+      await appendMiB(segments, 16);
+      await turn();
+    });
+    assert.match(segments.failed?.message ?? '', /fdatasync segment \(early\)/);
+    await assert.rejects(segments.sync(), /fdatasync segment \(early\)/);
+    segments.close();
+  });
+
+  it("fails a checkpoint's sync when an early one beside it took the writeback error", async () => {
+    const segments = new SegmentFiles(path.join(tmp, `s${n++}`));
+    // The early sync learns of the error (a moment later); the checkpoint's, asking after
+    // it, is told nothing, as Linux tells only one caller.
     await withFdatasync(
-      () => Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO', errno: -5 }),
-      async () => {
+      (call) => (call === 1 ? eio() : null),
+      async (calls) => {
         await appendMiB(segments, 16);
-        await turn();
+        assert.equal(calls(), 1);
+        await assert.rejects(segments.sync(), /fdatasync segment \(early\)/);
       },
+      20,
     );
-    assert.equal(segments.failed?.code, 'EIO');
-    await assert.rejects(segments.sync(), (err: Error & { code?: string }) => err.code === 'EIO');
     segments.close();
   });
 });
