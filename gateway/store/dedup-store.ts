@@ -407,7 +407,7 @@ export class DedupStore {
     // Stores written before the hash index moved to memory kept it as an LMDB tree:
     // emptied once, so nothing pays for keeping it.
     if (!opts.readOnly && hashDb.getKeysCount() > 0) hashDb.clearSync();
-    const segments = new SegmentFiles(path.join(dir, 'segments'));
+    const segments = new SegmentFiles(path.join(dir, 'segments'), (err) => log.error(err.message));
     const poolMin = opts.readOnly
       ? null
       : opts.hashPoolMin === undefined

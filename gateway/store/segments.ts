@@ -54,7 +54,11 @@ export class SegmentFiles {
   private earlySync: Promise<void> | null = null;
   private closed = false;
 
-  constructor(readonly dir: string) {
+  constructor(
+    readonly dir: string,
+    /** Told once, as syncing fails for good (the store logs it at once; writes learn of it later). */
+    private readonly onSyncFailure: (err: BlockError) => void = () => undefined,
+  ) {
     fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
     const existing = this.list();
     this.current = existing.length ? existing[existing.length - 1]! + 1 : 1;
@@ -339,12 +343,15 @@ export class SegmentFiles {
   }
 
   private failSync(err: BlockError): BlockError {
-    this.syncFailure ??= new BlockError(
-      'EIO',
-      `${err.message}; writes since the last checkpoint may not be on disk, and this store takes no ` +
-        'more until the gateway restarts (it then opens at its last durable checkpoint)',
-      { cause: err },
-    );
+    if (!this.syncFailure) {
+      this.syncFailure = new BlockError(
+        'EIO',
+        `${err.message}; writes since the last checkpoint may not be on disk, and this store takes no ` +
+          'more until the gateway restarts (it then opens at its last durable checkpoint)',
+        { cause: err },
+      );
+      this.onSyncFailure(this.syncFailure);
+    }
     return this.syncFailure;
   }
 

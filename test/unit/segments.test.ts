@@ -68,12 +68,14 @@ describe('segment syncing', () => {
   });
 
   it('fails every later sync when a background fdatasync reports a writeback error', async () => {
-    const segments = new SegmentFiles(path.join(tmp, `s${n++}`));
+    const told: string[] = [];
+    const segments = new SegmentFiles(path.join(tmp, `s${n++}`), (err) => told.push(err.message));
     await withFdatasync(eio, async () => {
       await appendMiB(segments, 16);
       await turn();
     });
     assert.match(segments.failed?.message ?? '', /fdatasync segment \(early\)/);
+    assert.equal(told.length, 1, 'the failure is reported once, as it happens');
     await assert.rejects(segments.sync(), /fdatasync segment \(early\)/);
     segments.close();
   });
