@@ -1,5 +1,5 @@
-// Gathers the preads or pwrites issued in one tick of the event loop and
-// sends them to the thread pool as a single native job. Per-request pool
+// Gathers the preads issued in one tick of the event loop, or the pwrites of one
+// loop iteration, and sends them to the thread pool as a single native job. Per-request pool
 // round trips capped the raw backend near 50k IOPS; per-batch ones do not.
 
 import os from 'node:os';
@@ -44,7 +44,13 @@ export class IoBatcher {
       if (this.buffers.length >= MAX_BATCH || this.bytes >= MAX_BATCH_BYTES) this.submit();
       else if (!this.scheduled) {
         this.scheduled = true;
-        queueMicrotask(this.flush);
+        // Writes wait for the end of the loop's poll phase: every socket read in it (a
+        // replica applies a batch per frame, each in its own tick) adds to one job, and a
+        // pool thread woken costs ~10 µs here. A sync 4k mirror pair, four alternating
+        // rounds: 10.2k -> 10.8k IOPS, 6-18% less CPU a write. Reads are waited on, so
+        // they go at the end of their tick.
+        if (this.write) setImmediate(this.flush);
+        else queueMicrotask(this.flush);
       }
     });
   }
