@@ -1667,11 +1667,10 @@ export class DedupStore {
     const kinds = Buffer.alloc(count);
     const cids: Buffer[] = [];
     const sources: BlockSource[] = [];
-    // Records still in memory, copied out below into one buffer: they live in pooled
-    // slabs and a ring that are reused, while the capture lives until the replica has
-    // acknowledged it. A Buffer each cost more than the copying (Node's pool hands out
-    // 8 KiB at a time: an ArrayBuffer every third record of a 1 MiB write).
-    const held: Array<Buffer | undefined> = [];
+    // Records still in memory are views at first (of pooled slabs and a ring that are
+    // reused, while the capture lives until the replica has acknowledged it), copied out
+    // below into one buffer. A Buffer each cost more than the copying (Node's pool hands
+    // out 8 KiB at a time: an ArrayBuffer every third record of a 1 MiB write).
     let heldBytes = 0;
     for (let b = 0; b < count; b++) {
       const id = this.resolveMeta(volume, lba + b);
@@ -1684,27 +1683,25 @@ export class DedupStore {
       if (!entry) throw new CorruptBlockError(`block ${id} has no datamap entry`);
       kinds[b] = KIND_DATA;
       cids.push(entry.hash);
-      const rec = this.pending.get(id)?.record ?? this.recent.view(id);
-      held.push(rec);
-      if (rec) heldBytes += rec.length;
+      const record = this.pending.get(id)?.record ?? this.recent.view(id);
+      if (record) heldBytes += record.length;
       sources.push({
         id,
         hash: entry.hash,
         segment: entry.segment,
         offset: entry.offset,
         storedLength: entry.storedLength,
-        record: undefined,
+        record,
       });
     }
     if (heldBytes) {
       const copies = Buffer.allocUnsafe(heldBytes);
       let at = 0;
-      for (let k = 0; k < sources.length; k++) {
-        const rec = held[k];
-        if (!rec) continue;
-        rec.copy(copies, at);
-        sources[k]!.record = copies.subarray(at, at + rec.length);
-        at += rec.length;
+      for (const src of sources) {
+        if (!src.record) continue;
+        const length = src.record.copy(copies, at);
+        src.record = copies.subarray(at, at + length);
+        at += length;
       }
     }
     return { lba, kinds, cids: Buffer.concat(cids), sources };

@@ -104,40 +104,35 @@ describe('applying mirrored batches', () => {
     await store.close();
   });
 
-  it('refuses a block whose bytes do not match its content id, changing nothing', async () => {
-    const dir = path.join(tmp, `s${n++}`);
-    const store = DedupStore.open(dir, silentLogger, { secretSeed: seed });
+  /** applyMirrored of `data` with these payloads throws `error`, and the volume stays unwritten. */
+  async function refusedChangingNothing(
+    data: Buffer[],
+    provided: Map<number, MirroredBlock>,
+    error: RegExp,
+  ): Promise<void> {
+    const store = DedupStore.open(path.join(tmp, `s${n++}`), silentLogger, { secretSeed: seed });
     const vol = store.volumeId('m');
+    assert.throws(() => store.applyMirrored(vol, batch(data).ranges, provided), error);
+    const got = Buffer.alloc(data.length * 4096, 1);
+    await new DedupDevice(store, vol, data.length * 4096).read(0, got);
+    assert.ok(got.every((b) => b === 0));
+    await store.close();
+  }
+
+  it('refuses a block whose bytes do not match its content id, changing nothing', async () => {
     const data = blocks(2);
-    const { ranges } = batch(data);
     const wrong = new Map([
       [0, { payload: data[0]!, lz4: false }],
       [1, { payload: data[0]!, lz4: false }],
     ]);
-    assert.throws(() => store.applyMirrored(vol, ranges, wrong), /does not match its content id/);
-    const got = Buffer.alloc(2 * 4096, 1);
-    await new DedupDevice(store, vol, 2 * 4096).read(0, got);
-    assert.ok(got.every((b) => b === 0));
-    await store.close();
+    await refusedChangingNothing(data, wrong, /does not match its content id/);
   });
 
   it('refuses an lz4 payload that does not decode to a block, changing nothing', async () => {
-    const dir = path.join(tmp, `s${n++}`);
-    const store = DedupStore.open(dir, silentLogger, { secretSeed: seed });
-    const vol = store.volumeId('m');
-    const data = blocks(1);
-    const { ranges } = batch(data);
     // A literal-only lz4 sequence of 16 bytes: well formed, but not 4 KiB.
     const short = Buffer.concat([Buffer.of(0xf0, 1), Buffer.alloc(16, 7)]);
     const bad = new Map([[0, { payload: short, lz4: true }]]);
-    assert.throws(
-      () => store.applyMirrored(vol, ranges, bad),
-      /mirrored block 0: lz4 payload does not decode/,
-    );
-    const got = Buffer.alloc(4096, 1);
-    await new DedupDevice(store, vol, 4096).read(0, got);
-    assert.ok(got.every((b) => b === 0));
-    await store.close();
+    await refusedChangingNothing(blocks(1), bad, /mirrored block 0: lz4 payload does not decode/);
   });
 
   it('takes its own copy of a block a client write still has in flight, and keeps it when that write fails', async () => {
