@@ -124,6 +124,13 @@ export interface MirroredBlock {
 }
 
 /** Where a mirrored block's bytes are on the primary, for when the replica asks for them. */
+/** A block a mirrored batch brings that this store lacks, and the ordinals that carry it. */
+interface FreshMirrored {
+  block: MirroredBlock;
+  hash: Buffer;
+  ordinals: number[];
+}
+
 export interface BlockSource {
   id: number;
   hash: Buffer;
@@ -1764,18 +1771,28 @@ export class DedupStore {
     this.refuseAfterFailure();
     const ids: number[] = [];
     const missing: number[] = [];
-    /** New blocks by content id, with the ordinals that carry them (a batch may repeat one). */
-    const fresh = new Map<string, { block: MirroredBlock; hash: Buffer; ordinals: number[] }>();
+    /** New blocks, with the ordinals that carry them (a batch may repeat one). */
+    const fresh: FreshMirrored[] = [];
+    // Indexes into `fresh` by hash prefix, as storeInto's (this never awaits either): a
+    // string key per block cost an allocation each and fed the scavenger.
+    const local = this.requestHashes;
+    local.clear();
     let ordinal = 0;
     for (const r of ranges) {
       for (let at = 0; at < r.cids.length; at += 16, ordinal++) {
         const cid = r.cids.subarray(at, at + 16);
-        const hk = cid.toString('latin1');
         let have = this.lookupHash(cid);
         if (have !== undefined && this.unsettledBlock(have, owner)) have = undefined;
         ids.push(have ?? -1);
         if (have !== undefined) continue;
-        const known = fresh.get(hk);
+        const prefix = cid.readUIntLE(0, 6);
+        const seen = local.get(prefix);
+        const known =
+          seen === undefined
+            ? undefined
+            : fresh[seen]!.hash.equals(cid)
+              ? fresh[seen]
+              : fresh.find((f) => f.hash.equals(cid)); // two content ids, one prefix: rare
         const block = blocks.get(ordinal);
         if (known) known.ordinals.push(ordinal);
         else if (block) {
@@ -1789,7 +1806,8 @@ export class DedupStore {
           }
           if (!this.hasher.matches(decoded, cid))
             throw new CorruptBlockError(`mirrored block ${ordinal} does not match its content id`);
-          fresh.set(hk, { block, hash: Buffer.from(cid), ordinals: [ordinal] });
+          if (seen === undefined) local.set(prefix, fresh.length);
+          fresh.push({ block, hash: Buffer.from(cid), ordinals: [ordinal] });
         } else missing.push(ordinal);
       }
     }
@@ -1815,18 +1833,18 @@ export class DedupStore {
     volume: number,
     ranges: Array<{ lba: number; kinds: Buffer; cids: Buffer }>,
     ids: number[],
-    fresh: Map<string, { block: MirroredBlock; hash: Buffer; ordinals: number[] }>,
+    fresh: FreshMirrored[],
     owner: object,
   ): Promise<void> {
     let written: Promise<void> = RESOLVED;
     const placedIds = new Set<number>();
-    if (fresh.size) {
+    if (fresh.length) {
       // Pooled, as storeBatch's: a fresh MiB per batch cost page faults, and V8 counts
       // external memory towards its next full mark. Released once the write settles.
-      const slab = sharedBufferPool.acquire(fresh.size * (RECORD_HEADER + BLOCK));
+      const slab = sharedBufferPool.acquire(fresh.length * (RECORD_HEADER + BLOCK));
       let used = 0;
       const placed: Array<{ id: number; at: number; length: number; hash: Buffer }> = [];
-      for (const f of fresh.values()) {
+      for (const f of fresh) {
         const id = this.state.nextBlockId++;
         // Stored as it came: the payload was checked (decoded and hashed) above.
         const length = writeRecordInto(id, f.hash, f.block.payload, f.block.lz4, slab, used);

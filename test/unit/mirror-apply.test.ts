@@ -104,6 +104,28 @@ describe('applying mirrored batches', () => {
     await store.close();
   });
 
+  it('stores a block a batch carries at several ordinals once, and maps every ordinal to it', async () => {
+    const { dir, store } = openStore();
+    const [a, b] = blocks(2);
+    const data = [a!, b!, a!, a!, b!];
+    const { ranges } = batch(data);
+    // Only the first ordinal of each content brings the bytes, as a primary sends them.
+    const provided = new Map([
+      [0, { payload: a!, lz4: false }],
+      [1, { payload: b!, lz4: false }],
+    ]);
+    const vol = store.volumeId('m');
+    const r = store.applyMirrored(vol, ranges, provided);
+    assert.ok('written' in r);
+    await r.written;
+    const got = Buffer.alloc(data.length * 4096);
+    await new DedupDevice(store, vol, data.length * 4096).read(0, got);
+    assert.ok(got.equals(Buffer.concat(data)));
+    assert.equal((await store.stats()).uniqueBlocks, 2);
+    await store.close();
+    assert.deepEqual(fsckStore(dir).problems, []);
+  });
+
   /** applyMirrored of `data` with these payloads throws `error`, and the volume stays unwritten. */
   async function refusedChangingNothing(
     data: Buffer[],
