@@ -911,8 +911,8 @@ export class DedupStore {
   }
 
   /** Keeps a copy of a freshly written record for mirrors (recent-records.ts). */
-  private remember(id: number, record: Buffer): void {
-    this.recent.add(id, record);
+  private remember(id: number, record: Buffer, at?: number, length?: number): void {
+    this.recent.add(id, record, at, length);
   }
 
   /**
@@ -1219,12 +1219,11 @@ export class DedupStore {
     this.undoable.add(repeats);
     try {
       for (const f of fresh) {
-        const rec = records.subarray(f.at, f.at + f.length);
         this.live.newData.set(f.id, {
           segment,
           offset: offset + f.at,
           storedLength: f.length - RECORD_HEADER,
-          flags: rec.readUInt16BE(4),
+          flags: records.readUInt16BE(f.at + 4),
           hash: f.hash,
         });
         if (f.indexed) this.hashIndex.set(f.hash, f.id);
@@ -1235,7 +1234,8 @@ export class DedupStore {
       }
       for (const r of repeats) r.old = this.setMeta(r.key, r.of.id);
       await written;
-      for (const f of fresh) this.remember(f.id, records.subarray(f.at, f.at + f.length));
+      // Copied from the slab in place: a view per block was an allocation per block.
+      for (const f of fresh) this.remember(f.id, records, f.at, f.length);
     } catch (err) {
       for (const f of fresh) this.unstore(f.key, f.id, f.hash, f.old);
       for (const r of repeats)

@@ -29,17 +29,17 @@ export class RecentRecords {
     this.slots = new NumMap(capacity * 2);
   }
 
-  /** Keeps a copy of `record`, evicting the oldest one kept. */
-  add(id: number, record: Buffer): void {
-    if (record.length > this.slotBytes) return;
+  /** Keeps a copy of the record at src[at..at+length] (all of src by default), evicting the oldest one kept. */
+  add(id: number, src: Buffer, at = 0, length = src.length - at): void {
+    if (length > this.slotBytes) return;
     const earlier = this.slots.get(id);
     if (earlier !== undefined) this.ids[earlier] = -1;
     const slot = this.next;
     this.next = (slot + 1) % this.capacity;
     const evicted = this.ids[slot]!;
     if (evicted >= 0) this.slots.delete(evicted);
-    record.copy(this.slab, slot * this.slotBytes);
-    this.lengths[slot] = record.length;
+    src.copy(this.slab, slot * this.slotBytes, at, at + length);
+    this.lengths[slot] = length;
     this.ids[slot] = id;
     this.slots.set(id, slot);
   }
