@@ -123,7 +123,6 @@ export interface MirroredBlock {
   lz4: boolean;
 }
 
-/** Where a mirrored block's bytes are on the primary, for when the replica asks for them. */
 /** A block a mirrored batch brings that this store lacks, and the ordinals that carry it. */
 interface FreshMirrored {
   block: MirroredBlock;
@@ -131,6 +130,7 @@ interface FreshMirrored {
   ordinals: number[];
 }
 
+/** Where a mirrored block's bytes are on the primary, for when the replica asks for them. */
 export interface BlockSource {
   id: number;
   hash: Buffer;
