@@ -43,6 +43,27 @@ function batch(data: Buffer[]): {
   return { ranges, provided };
 }
 
+/**
+ * Applies `ranges` to a new volume with only ordinals 0 and 1 bringing bytes (a and b), as a
+ * primary sends a batch that repeats them; returns the volume once the batch is written.
+ */
+async function appliedWithFirstTwo(
+  store: DedupStore,
+  ranges: Array<{ lba: number; kinds: Buffer; cids: Buffer }>,
+  a: Buffer,
+  b: Buffer,
+): Promise<number> {
+  const provided = new Map([
+    [0, { payload: a, lz4: false }],
+    [1, { payload: b, lz4: false }],
+  ]);
+  const vol = store.volumeId('m');
+  const r = store.applyMirrored(vol, ranges, provided);
+  assert.ok('written' in r);
+  await r.written;
+  return vol;
+}
+
 /** Holds the store's next segment append's acknowledgement (its bytes are written) until `now` fails it. */
 function failNextAppend(store: DedupStore): { now: (err: Error) => void } {
   const segments = store.segments;
@@ -109,15 +130,7 @@ describe('applying mirrored batches', () => {
     const [a, b] = blocks(2);
     const data = [a!, b!, a!, a!, b!];
     const { ranges } = batch(data);
-    // Only the first ordinal of each content brings the bytes, as a primary sends them.
-    const provided = new Map([
-      [0, { payload: a!, lz4: false }],
-      [1, { payload: b!, lz4: false }],
-    ]);
-    const vol = store.volumeId('m');
-    const r = store.applyMirrored(vol, ranges, provided);
-    assert.ok('written' in r);
-    await r.written;
+    const vol = await appliedWithFirstTwo(store, ranges, a!, b!);
     const got = Buffer.alloc(data.length * 4096);
     await new DedupDevice(store, vol, data.length * 4096).read(0, got);
     assert.ok(got.equals(Buffer.concat(data)));
@@ -136,14 +149,7 @@ describe('applying mirrored batches', () => {
     const y = Buffer.from(x);
     y[15] = 8;
     const ranges = [{ lba: 0, kinds: Buffer.alloc(5, KIND_DATA), cids: Buffer.concat([x, y, y, x, y]) }];
-    const provided = new Map([
-      [0, { payload: a!, lz4: false }],
-      [1, { payload: b!, lz4: false }],
-    ]);
-    const vol = store.volumeId('m');
-    const r = store.applyMirrored(vol, ranges, provided);
-    assert.ok('written' in r);
-    await r.written;
+    const vol = await appliedWithFirstTwo(store, ranges, a!, b!);
     // Two blocks: one mapped by x's two ordinals, one by y's three.
     const counts = [...(await store.volumeContents(vol)).values()].sort();
     assert.deepEqual(counts, [2, 3]);
