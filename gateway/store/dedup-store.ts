@@ -1857,22 +1857,6 @@ export class DedupStore {
       const appended = this.segments.append(records);
       const starts = Uint32Array.from([...placed.map((p) => p.at), used]);
       const inFlight = this.pending.add(placed[0]!.id, records, starts, appended.written);
-      for (const p of placed) {
-        const rec = records.subarray(p.at, p.at + p.length);
-        this.live.newData.set(p.id, {
-          segment: appended.segment,
-          offset: appended.offset + p.at,
-          storedLength: p.length - RECORD_HEADER,
-          flags: rec.readUInt16BE(4),
-          hash: p.hash,
-        });
-        // A copy taken beside another's block in flight (unsettledBlock) leaves that one
-        // filed: replacing it would send others that count on it to ask for the bytes.
-        const filed = this.hashIndex.get(p.hash);
-        if (filed === undefined || this.releasing.has(filed) || !this.lookupData(filed))
-          this.hashIndex.set(p.hash, p.id);
-        this.mirrorPlaced.set(p.id, owner);
-      }
       const forget = (): void => {
         this.pending.delete(inFlight);
         for (const p of placed) this.mirrorPlaced.delete(p.id);
@@ -1893,6 +1877,29 @@ export class DedupStore {
         for (const p of placed) this.hashIndex.delete(p.hash, p.id);
         throw err;
       });
+      // Settling is arranged before anything below can throw: an error there must not
+      // leave the records registered as in flight (and the slab unreleased) for good.
+      try {
+        for (const p of placed) {
+          this.live.newData.set(p.id, {
+            segment: appended.segment,
+            offset: appended.offset + p.at,
+            storedLength: p.length - RECORD_HEADER,
+            flags: records.readUInt16BE(p.at + 4),
+            hash: p.hash,
+          });
+          // A copy taken beside another's block in flight (unsettledBlock) leaves that one
+          // filed: replacing it would send others that count on it to ask for the bytes.
+          const filed = this.hashIndex.get(p.hash);
+          if (filed === undefined || this.releasing.has(filed) || !this.lookupData(filed))
+            this.hashIndex.set(p.hash, p.id);
+          this.mirrorPlaced.set(p.id, owner);
+        }
+      } catch (err) {
+        // The caller gets this error, not the write's: its failure is handled above.
+        written.catch(() => undefined);
+        throw err;
+      }
     }
     let ordinal = 0;
     for (const r of ranges) {

@@ -157,6 +157,31 @@ describe('applying mirrored batches', () => {
     await store.close();
   });
 
+  it("forgets a batch's records in flight once their write settles, when applying it failed midway", async () => {
+    const { store } = openStore();
+    const internals = store as unknown as {
+      mirrorPlaced: Map<number, object>;
+      pending: { has(id: number): boolean };
+      state: { nextBlockId: number };
+    };
+    // The first block's bookkeeping throws after the segment append has started.
+    const placed = internals.mirrorPlaced;
+    const set = placed.set.bind(placed);
+    placed.set = () => {
+      placed.set = set;
+      throw new Error('injected');
+    };
+    const { ranges, provided } = batch(blocks(2));
+    const first = internals.state.nextBlockId;
+    assert.throws(() => store.applyMirrored(store.volumeId('m'), ranges, provided), /injected/);
+    assert.equal(internals.pending.has(first), true);
+    // Left registered, it would send every later write of its content down the slow path
+    // (wait, then store a copy of its own).
+    for (let i = 0; i < 100 && internals.pending.has(first); i++) await new Promise((r) => setTimeout(r, 20));
+    assert.equal(internals.pending.has(first), false);
+    await store.close();
+  });
+
   /** applyMirrored of `data` with these payloads throws `error`, and the volume stays unwritten. */
   async function refusedChangingNothing(
     data: Buffer[],
