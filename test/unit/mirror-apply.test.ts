@@ -188,7 +188,7 @@ describe('applying mirrored batches', () => {
     provided: Map<number, MirroredBlock>,
     error: RegExp,
   ): Promise<void> {
-    const store = DedupStore.open(path.join(tmp, `s${n++}`), silentLogger, { secretSeed: seed });
+    const { store } = openStore();
     const vol = store.volumeId('m');
     assert.throws(() => store.applyMirrored(vol, batch(data).ranges, provided), error);
     const got = Buffer.alloc(data.length * 4096, 1);
