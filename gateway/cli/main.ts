@@ -718,6 +718,7 @@ async function main(argv: string[]): Promise<void> {
                 ['zero blocks', String(x.dedup.zeroBlocks)],
                 ['collisions', String(x.dedup.collisions)],
                 ['reclaimable', bytes(x.dedup.reclaimableBytes)],
+                ['spare segment files', bytes(x.dedup.spareBytes)],
                 ['index', `${bytes(x.dedup.indexBytes)} (${x.dedup.indexBytesPerBlock} B per stored block)`],
                 ['hash index (memory)', bytes(x.dedup.hashIndexBytes)],
               ] as Array<[string, string]>)

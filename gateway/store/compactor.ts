@@ -44,6 +44,7 @@ MAGIC.writeUInt32BE(RECORD_MAGIC);
 
 export class Compactor {
   private running: Promise<CompactionResult> | null = null;
+  private startedAtLastPass = -1;
   private readonly timer: NodeJS.Timeout | null;
   private readonly opts: CompactorOptions;
 
@@ -80,18 +81,29 @@ export class Compactor {
     // Everything a victim holds must be in the index before its records are judged live
     // or dead: victims are sealed before this flush, so no later write lands in one.
     await this.store.collect();
-    const sealed = segs.list().filter((n) => n < segs.currentSegment);
-    for (const n of sealed) {
+    for (const n of segs.sealed()) {
       const size = segs.size(n);
       const liveBytes = this.store.segmentLiveBytes(n);
       const garbage = size - liveBytes;
       if (garbage <= 0) continue;
+      if (liveBytes === 0) {
+        // Nothing to move: no walk needed.
+        await segs.remove(n);
+        result.segments++;
+        result.freedBytes += size;
+        continue;
+      }
       if (!everything && (garbage < MIN_GARBAGE || liveBytes >= size * this.opts.threshold)) continue;
       const moved = await this.compactSegment(n, size);
+      if (moved === null) continue;
       result.segments++;
       result.movedBytes += moved;
       result.freedBytes += size - moved;
     }
+    // Spares hold disk space: given back when asked to, or once writes have stopped
+    // starting segments (a pass went by without one).
+    if (everything || segs.startedCount === this.startedAtLastPass) await segs.dropSpares();
+    this.startedAtLastPass = segs.startedCount;
     if (result.segments) {
       this.log.info(
         `compaction: ${result.segments} segment(s), moved ${result.movedBytes} bytes, freed ${result.freedBytes} bytes`,
@@ -100,10 +112,23 @@ export class Compactor {
     return result;
   }
 
-  /** Moves the live records out of segment `n`, then deletes it. Returns bytes moved. */
-  private async compactSegment(n: number, size: number): Promise<number> {
+  /**
+   * Moves the live records out of segment `n`, then deletes it. Returns bytes moved,
+   * or null when the segment was gone (its last records died at a commit meanwhile).
+   */
+  private async compactSegment(n: number, size: number): Promise<number | null> {
     const segs = this.store.segments;
-    const fd = fs.openSync(segs.path(n), 'r');
+    // Pinned, it is deleted rather than written over should its last record die meanwhile.
+    segs.pin(n);
+    let fd: number;
+    try {
+      fd = fs.openSync(segs.path(n), 'r');
+    } catch (err) {
+      segs.unpin(n);
+      // Removed since the pass listed it: its records died at a commit meanwhile.
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+      throw err;
+    }
     let moved = 0;
     try {
       let pos = 0;
@@ -158,6 +183,7 @@ export class Compactor {
       }
     } finally {
       fs.closeSync(fd);
+      segs.unpin(n);
     }
     // The moves and the copies' bytes are durable before the only other copy goes.
     await this.store.collect();

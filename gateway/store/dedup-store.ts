@@ -243,6 +243,8 @@ export interface StoreStats {
   storedBytes: number;
   segmentBytes: number;
   reclaimableBytes: number;
+  /** Files of removed segments kept to be written over as new ones (segments.ts). */
+  spareBytes: number;
   dedupRatio: number;
   compressionRatio: number;
   collisions: number;
@@ -1289,6 +1291,8 @@ export class DedupStore {
   private async checkpoint(): Promise<void> {
     if (this.indexFailure) throw this.indexFailure;
     const frozenAt = performance.now();
+    // Every record in a segment sealed by now is in this overlay or an earlier one.
+    const sealedBefore = this.segments.currentSegment;
     const frozen = this.live;
     this.frozen = frozen;
     this.live = this.spare;
@@ -1333,6 +1337,23 @@ export class DedupStore {
       this.releasing.clear();
       frozen.clear();
       this.spare = frozen;
+    }
+    this.retireDeadSegments(sealedBefore);
+  }
+
+  /**
+   * Removes the sealed segments nothing points at any more, at the commit that left
+   * them empty rather than at the compactor's next pass: removed, a segment becomes a
+   * spare, and a rewrite's appends go over the pages of the data it replaced. Only
+   * segments sealed before this checkpoint's freeze: all their records were in its
+   * overlay or an earlier one, so their committed live bytes are all there is.
+   */
+  private retireDeadSegments(sealedBefore: number): void {
+    for (const n of this.segments.sealed()) {
+      if (n >= sealedBefore || this.segmentLiveBytes(n) > 0) continue;
+      this.segments
+        .remove(n)
+        .catch((err: unknown) => this.log.warn(`removing empty segment ${n}: ${(err as Error).message}`));
     }
   }
 
@@ -1522,6 +1543,7 @@ export class DedupStore {
       storedBytes: s.storedBytes,
       segmentBytes,
       reclaimableBytes: Math.max(0, segmentBytes - s.storedBytes),
+      spareBytes: this.segments.spareBytes(),
       dedupRatio: uniqueBytes ? logicalBytes / uniqueBytes : 1,
       compressionRatio: s.storedBytes ? uniqueBytes / s.storedBytes : 1,
       collisions: s.collisions,

@@ -2,6 +2,13 @@
 // a time and starts a fresh one at every open, so bytes written after the
 // last checkpoint of a crashed run are never mistaken for live ones: they sit
 // in an old segment's tail that no index entry points at.
+//
+// A segment nothing points at any more is kept as a spare and written over as
+// a later segment (as PostgreSQL recycles WAL files), so appends land in pages
+// the page cache already holds and blocks the filesystem already allocated.
+// A new page-cache page is the dearest part of an append on a guest whose
+// memory the host backs lazily: on this project's VM, writing 1 GiB into a new
+// file took 2.4 s of system time, over an old one 0.13 s.
 
 import fs from 'node:fs';
 import path from 'node:path';
@@ -17,6 +24,9 @@ export const SEGMENT_LIMIT = 256 * 1024 * 1024;
  * disk writes them back while the index writer commits, not while a checkpoint waits.
  */
 const EARLY_SYNC_BYTES = 16 * 1024 * 1024;
+/** Spare files kept for reuse: disk space held back from the filesystem, so few. */
+const MAX_SPARES = 2;
+const SPARE_NAME = /^(\d{8})\.spare$/;
 
 interface Segment {
   fd: number;
@@ -53,6 +63,16 @@ export class SegmentFiles {
   /** The early fdatasync in flight (at most one); it settles without rejecting. */
   private earlySync: Promise<void> | null = null;
   private closed = false;
+  /** Segment numbers with a file on disk (kept here: listing the directory is a syscall per call). */
+  private readonly onDisk = new Set<number>();
+  /** Files of retired segments, to be written over as new ones. */
+  private readonly spares: string[] = [];
+  /** Segments made from a spare: sealed, they lose the old file's tail. */
+  private readonly recycled = new Set<number>();
+  /** Segments the compactor is walking through a descriptor of its own: not written over. */
+  private readonly pinned = new Set<number>();
+  /** Segment files started so far (new or recycled): the compactor drops spares when idle. */
+  private started = 0;
 
   constructor(
     readonly dir: string,
@@ -61,7 +81,13 @@ export class SegmentFiles {
   ) {
     fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
     const existing = this.list();
+    for (const n of existing) this.onDisk.add(n);
     this.current = existing.length ? existing[existing.length - 1]! + 1 : 1;
+    // A previous run's spares are as good as this run's: their contents are never read.
+    for (const f of fs.readdirSync(dir).filter((f) => SPARE_NAME.test(f))) {
+      if (this.spares.length < MAX_SPARES) this.spares.push(path.join(dir, f));
+      else fs.rmSync(path.join(dir, f), { force: true });
+    }
   }
 
   /** Segment numbers present on disk, ascending. */
@@ -89,17 +115,23 @@ export class SegmentFiles {
           Object.assign(new Error(`ENOENT: segment ${n} was removed`), { code: 'ENOENT' }),
           `open segment ${file}`,
         );
-      let fd: number;
-      try {
-        const flags = fs.constants.O_RDWR | (create ? fs.constants.O_CREAT | fs.constants.O_EXCL : 0);
-        fd = fs.openSync(file, flags, 0o600);
-      } catch (err) {
-        if (!(create && (err as NodeJS.ErrnoException).code === 'EEXIST'))
-          throw toBlockError(err, `open segment ${file}`);
-        fd = fs.openSync(file, fs.constants.O_RDWR);
+      let fd = create ? this.fromSpare(n, file) : -1;
+      if (fd < 0) {
+        try {
+          const flags = fs.constants.O_RDWR | (create ? fs.constants.O_CREAT | fs.constants.O_EXCL : 0);
+          fd = fs.openSync(file, flags, 0o600);
+        } catch (err) {
+          if (!(create && (err as NodeJS.ErrnoException).code === 'EEXIST'))
+            throw toBlockError(err, `open segment ${file}`);
+          fd = fs.openSync(file, fs.constants.O_RDWR);
+        }
       }
       // A new file is durable only once its directory entry is: the next sync sees to it.
-      if (create) this.newFiles = true;
+      if (create) {
+        this.newFiles = true;
+        this.onDisk.add(n);
+        this.started++;
+      }
       s = {
         fd,
         reads: new IoBatcher(fd, false, file),
@@ -113,6 +145,45 @@ export class SegmentFiles {
   }
 
   /**
+   * Gives a spare file segment `n`'s name and opens it; -1 when there is none (or it
+   * cannot be had: the caller then creates a new file). Linked, not renamed, so that
+   * a file of that name, should one exist, is never replaced.
+   */
+  private fromSpare(n: number, file: string): number {
+    const spare = this.spares.pop();
+    if (spare === undefined) return -1;
+    try {
+      fs.linkSync(spare, file);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'EEXIST') this.spares.push(spare);
+      else fs.rm(spare, { force: true }, () => undefined);
+      return -1;
+    }
+    fs.rmSync(spare, { force: true });
+    try {
+      const fd = fs.openSync(file, fs.constants.O_RDWR);
+      this.recycled.add(n);
+      return fd;
+    } catch {
+      fs.rmSync(file, { force: true });
+      return -1;
+    }
+  }
+
+  /**
+   * The current segment is closed for appends. One made from a spare is cut to what
+   * this life wrote, so that its size is its own and no walk meets the old records.
+   */
+  private sealCurrent(): void {
+    const n = this.current;
+    if (!this.recycled.delete(n)) return;
+    const s = this.open.get(n);
+    if (!s) return;
+    const length = this.tail;
+    void this.holding(s, () => new Promise<void>((resolve) => fs.ftruncate(s.fd, length, () => resolve())));
+  }
+
+  /**
    * Reserves room for `record` at the end of the current segment and starts
    * writing it. Returns where it goes and the write's completion.
    */
@@ -122,6 +193,7 @@ export class SegmentFiles {
     const offset = full ? 0 : this.tail;
     // Opened before anything is reserved: a failed open (EMFILE, ENOSPC) throws and leaves
     // no trace, where it used to leave a dirty segment with no file (every sync ENOENT).
+    if (full && this.tail > 0) this.sealCurrent();
     const file = this.segment(segment, true);
     this.current = segment;
     this.tail = offset + record.length;
@@ -232,6 +304,7 @@ export class SegmentFiles {
   /** Seals the current segment: later appends start a new one. */
   roll(): void {
     if (this.tail === 0) return;
+    this.sealCurrent();
     this.current++;
     this.tail = 0;
   }
@@ -253,13 +326,65 @@ export class SegmentFiles {
   async remove(n: number): Promise<void> {
     if (n === this.current) throw new Error(`segment ${n} is still being appended to`);
     this.removed.add(n);
+    this.onDisk.delete(n);
+    this.recycled.delete(n);
     const s = this.open.get(n);
+    let reading = false;
     if (s) {
       this.open.delete(n);
-      if (s.readers > 0) s.closeWhenIdle = true;
+      reading = s.readers > 0;
+      if (reading) s.closeWhenIdle = true;
       else fs.closeSync(s.fd);
     }
+    // Kept as a spare only when nothing can read it again: a read in flight, or the
+    // compactor's walk, would meet the next segment's records being written over it.
+    if (!reading && !this.pinned.has(n) && this.spares.length < MAX_SPARES && !this.closed) {
+      const spare = path.join(this.dir, `${String(n).padStart(8, '0')}.spare`);
+      try {
+        fs.renameSync(this.path(n), spare);
+        this.spares.push(spare);
+        return;
+      } catch {
+        // Gone or not renameable: deleted below like any other.
+      }
+    }
     await fs.promises.rm(this.path(n), { force: true });
+  }
+
+  /** Sealed segments with a file on disk. */
+  sealed(): number[] {
+    return [...this.onDisk].filter((n) => n < this.current);
+  }
+
+  /** Keeps segment `n` from being written over as a spare while the compactor reads it. */
+  pin(n: number): void {
+    this.pinned.add(n);
+  }
+
+  unpin(n: number): void {
+    this.pinned.delete(n);
+  }
+
+  /** Segment files started so far. */
+  get startedCount(): number {
+    return this.started;
+  }
+
+  /** Bytes held in spare files. */
+  spareBytes(): number {
+    return this.spares.reduce((sum, f) => {
+      try {
+        return sum + fs.statSync(f).size;
+      } catch {
+        return sum;
+      }
+    }, 0);
+  }
+
+  /** Deletes the spare files, giving their space back to the filesystem. */
+  async dropSpares(): Promise<void> {
+    const files = this.spares.splice(0);
+    await Promise.all(files.map((f) => fs.promises.rm(f, { force: true })));
   }
 
   /**

@@ -686,6 +686,47 @@ describe('space reclamation', () => {
     assert.ok(!fs.existsSync(path.join(dir, 'segments', segmentFileName(n))));
   });
 
+  it('removes a sealed segment at the commit that leaves it empty, and writes the next one over its file', async () => {
+    const { dir, store, dev } = freshVolume('retire');
+    for (let i = 0; i < 64; i++) await dev.write(i * 4096, unique(i));
+    await store.flush();
+    const first = store.segments.currentSegment;
+    const firstSize = store.segments.size(first);
+    store.segments.roll();
+    // Every block of the first segment loses its last reference: no compaction pass runs.
+    for (let i = 0; i < 64; i++) await dev.write(i * 4096, unique(1000 + i));
+    await store.flush();
+    assert.equal(fs.existsSync(path.join(dir, 'segments', segmentFileName(first))), false);
+    assert.equal(store.segments.spareBytes(), firstSize);
+    store.segments.roll();
+    await dev.write(0, unique(5000));
+    assert.equal(store.segments.spareBytes(), 0);
+    await store.flush();
+    const back = Buffer.alloc(4096);
+    await dev.read(0, back);
+    assert.ok(back.equals(unique(5000)));
+    for (let i = 1; i < 64; i++) {
+      await dev.read(i * 4096, back);
+      assert.ok(back.equals(unique(1000 + i)), `block ${i}`);
+    }
+    await closeConsistent(store, dir);
+  });
+
+  it('keeps a sealed segment that still holds a live block', async () => {
+    const { dir, store, dev } = freshVolume('retire');
+    for (let i = 0; i < 8; i++) await dev.write(i * 4096, unique(i));
+    await store.flush();
+    const first = store.segments.currentSegment;
+    store.segments.roll();
+    for (let i = 1; i < 8; i++) await dev.write(i * 4096, unique(1000 + i));
+    await store.flush();
+    assert.ok(fs.existsSync(path.join(dir, 'segments', segmentFileName(first))));
+    const back = Buffer.alloc(4096);
+    await dev.read(0, back);
+    assert.ok(back.equals(unique(0)));
+    await closeConsistent(store, dir);
+  });
+
   it('frees the space of a volume trimmed whole', async () => {
     const dir = path.join(tmp, `compact${n++}`);
     const store = DedupStore.open(dir, silentLogger);

@@ -1,5 +1,7 @@
 // Segment files' syncing: the early fdatasync that appends start in the background
-// counts like a checkpoint's, since Linux reports a writeback error only once.
+// counts like a checkpoint's, since Linux reports a writeback error only once. And
+// their recycling: a removed segment's file is written over as a later one, unless
+// something may still read it.
 
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -94,5 +96,90 @@ describe('segment syncing', () => {
       20,
     );
     segments.close();
+  });
+});
+
+describe('segment recycling', () => {
+  it('writes a new segment over the file of one removed before', async () => {
+    const segments = new SegmentFiles(path.join(tmp, `s${n++}`));
+    await appendMiB(segments, 3);
+    segments.roll();
+    await segments.remove(1);
+    assert.equal(fs.existsSync(segments.path(1)), false);
+    await appendMiB(segments, 1);
+    assert.equal(segments.currentSegment, 2);
+    // The old file's length: its last two MiB are the old segment's, written over later.
+    assert.equal(segments.size(2), 3 * MiB);
+    const back = await segments.read(2, 0, MiB);
+    assert.ok(back.equals(Buffer.alloc(MiB, 0)));
+    segments.close();
+  });
+
+  it('cuts a recycled segment to what it wrote once it is sealed', async () => {
+    const segments = new SegmentFiles(path.join(tmp, `s${n++}`));
+    await appendMiB(segments, 3);
+    segments.roll();
+    await segments.remove(1);
+    await appendMiB(segments, 1);
+    assert.equal(segments.size(2), 3 * MiB);
+    segments.roll();
+    await turn();
+    assert.equal(segments.size(2), MiB);
+    segments.close();
+  });
+
+  it('deletes rather than recycles a segment with a read in flight', async () => {
+    const segments = new SegmentFiles(path.join(tmp, `s${n++}`));
+    await appendMiB(segments, 2);
+    segments.roll();
+    let release!: () => void;
+    const reading = segments.readWith(1, 0, () => new Promise<void>((r) => (release = r)));
+    await segments.remove(1);
+    release();
+    await reading;
+    assert.equal(segments.spareBytes(), 0);
+    assert.deepEqual(
+      fs.readdirSync(segments.dir).filter((f) => f.endsWith('.spare')),
+      [],
+    );
+    segments.close();
+  });
+
+  it('deletes rather than recycles a segment the compactor has pinned', async () => {
+    const segments = new SegmentFiles(path.join(tmp, `s${n++}`));
+    await appendMiB(segments, 2);
+    segments.roll();
+    segments.pin(1);
+    await segments.remove(1);
+    segments.unpin(1);
+    assert.equal(segments.spareBytes(), 0);
+    segments.close();
+  });
+
+  it('keeps at most two spares, and gives their space back when told to', async () => {
+    const segments = new SegmentFiles(path.join(tmp, `s${n++}`));
+    for (let i = 0; i < 3; i++) {
+      await appendMiB(segments, 1);
+      segments.roll();
+    }
+    for (const seg of [1, 2, 3]) await segments.remove(seg);
+    assert.equal(segments.spareBytes(), 2 * MiB);
+    await segments.dropSpares();
+    assert.equal(segments.spareBytes(), 0);
+    assert.deepEqual(fs.readdirSync(segments.dir), []);
+    segments.close();
+  });
+
+  it('reuses the spares a previous run left', async () => {
+    const dir = path.join(tmp, `s${n++}`);
+    const first = new SegmentFiles(dir);
+    await appendMiB(first, 2);
+    first.roll();
+    await first.remove(1);
+    first.close();
+    const second = new SegmentFiles(dir);
+    await appendMiB(second, 1);
+    assert.equal(second.size(second.currentSegment), 2 * MiB);
+    second.close();
   });
 });
