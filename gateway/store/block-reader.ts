@@ -118,7 +118,9 @@ export class BlockReader {
       into.fill(0);
       return RESOLVED;
     }
-    if (page && page.places[i] !== 0 && this.readPlaced(page, i, id, into)) return RESOLVED;
+    // Not while its write is in flight: the place may still hold a recycled file's old bytes.
+    if (page && page.places[i] !== 0 && !this.view.pending.has(id) && this.readPlaced(page, i, id, into))
+      return RESOLVED;
     const entry = this.view.pending.has(id) ? undefined : this.view.lookupData(id);
     if (entry && entry.storedLength <= BLOCK) {
       const rec = this.recordScratch.subarray(0, RECORD_HEADER + entry.storedLength);
@@ -190,7 +192,7 @@ export class BlockReader {
       }
       let item: RunItem;
       const place = page ? page.places[i]! : 0;
-      if (page && place !== 0) {
+      if (page && place !== 0 && !this.view.pending.has(id)) {
         const segment = placeSegment(place);
         const offset = placeOffset(place);
         item = { at, id, segment, offset, storedLength: page.lengths[i]!, hash: null, page, i };

@@ -78,6 +78,8 @@ export class Compactor {
     const result: CompactionResult = { segments: 0, movedBytes: 0, freedBytes: 0 };
     const segs = this.store.segments;
     if (everything) segs.roll();
+    // Sealed before the flush below: every record these hold is in the index after it.
+    const bound = segs.currentSegment;
     // Everything a victim holds must be in the index before its records are judged live
     // or dead: victims are sealed before this flush, so no later write lands in one.
     await this.store.collect();
@@ -86,8 +88,9 @@ export class Compactor {
       const liveBytes = this.store.segmentLiveBytes(n);
       const garbage = size - liveBytes;
       if (garbage <= 0) continue;
-      if (liveBytes === 0) {
-        // Nothing to move: no walk needed.
+      if (liveBytes === 0 && n < bound) {
+        // Nothing to move: no walk needed. (One sealed during the flush may hold records
+        // only the overlays know of yet: the walk below asks the datamap, overlays and all.)
         await segs.remove(n);
         result.segments++;
         result.freedBytes += size;

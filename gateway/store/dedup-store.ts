@@ -76,6 +76,8 @@ import { IndexWriter } from './index-writer';
 const CHECKPOINT_INTERVAL_MS = 5000;
 /** ... and as soon as the overlay holds this many changes. */
 const CHECKPOINT_ENTRIES = 50_000;
+/** An empty sealed segment is removed at the first commit this long after it emptied. */
+const EMPTY_SEGMENT_GRACE_MS = 2000;
 /** Writes wait for the running checkpoint once the next overlay has grown this big (bounds its memory). */
 const DEFAULT_OVERLAY_LIMIT = 2 * CHECKPOINT_ENTRIES;
 /** Checkpoints a throttled write waits through at most before it goes ahead anyway. */
@@ -96,6 +98,8 @@ export interface StoreOptions {
   checkpointEntries?: number;
   /** Memory for the metamap's in-memory pages (meta-cache.ts); 0 turns them off. */
   metaCacheBytes?: number;
+  /** How long an empty sealed segment stays readable before it is removed (tests lower it). */
+  emptySegmentGraceMs?: number;
   /**
    * The cluster key, when the gateway has one: a new store derives its hashing secret
    * from it, so every store of the cluster names a block by the same content id and
@@ -329,6 +333,8 @@ export class DedupStore {
   private readonly indexFile: string;
   /** Blocks at reference count zero in the index (the writer's last word on it). */
   private readonly zeroRef = new NumMap();
+  /** Sealed segments found empty at a commit, and when (retireDeadSegments). */
+  private readonly emptySince = new Map<number, number>();
   /** state.volumeBlocks as it moves (with the live overlay); written out with each checkpoint. */
   private readonly volumeBlocks = new NumMap();
   /** Snapshots and clones, linked to the volumes they read through to. */
@@ -353,6 +359,7 @@ export class DedupStore {
     private readonly overlayLimit: number,
     private readonly cache: MetaCache,
     private readonly checkpointEntries: number,
+    private readonly emptySegmentGraceMs: number,
   ) {
     this.pool = Number.isFinite(poolMinBlocks) ? new BlockPool(state.secret) : null;
     this.hasher = new BlockHasher(Buffer.from(state.secret, 'base64'));
@@ -438,6 +445,7 @@ export class DedupStore {
       overlayLimit,
       new MetaCache(opts.metaCacheBytes ?? DEFAULT_META_CACHE_BYTES),
       opts.checkpointEntries ?? CHECKPOINT_ENTRIES,
+      opts.emptySegmentGraceMs ?? EMPTY_SEGMENT_GRACE_MS,
     );
   }
 
@@ -1349,8 +1357,19 @@ export class DedupStore {
    * overlay or an earlier one, so their committed live bytes are all there is.
    */
   private retireDeadSegments(sealedBefore: number): void {
+    const now = performance.now();
     for (const n of this.segments.sealed()) {
-      if (n >= sealedBefore || this.segmentLiveBytes(n) > 0) continue;
+      if (n >= sealedBefore || this.segmentLiveBytes(n) > 0) {
+        this.emptySince.delete(n);
+        continue;
+      }
+      // A mirror reads blocks it captured when the replica asks for them, a round trip
+      // later; a block that died meanwhile is still read from here for a while, rather
+      // than its chunk sent again over a new link.
+      const since = this.emptySince.get(n);
+      if (since === undefined) this.emptySince.set(n, now);
+      if (since === undefined || now - since < this.emptySegmentGraceMs) continue;
+      this.emptySince.delete(n);
       this.segments
         .remove(n)
         .catch((err: unknown) => this.log.warn(`removing empty segment ${n}: ${(err as Error).message}`));

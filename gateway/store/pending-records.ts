@@ -42,6 +42,7 @@ export class PendingRecords {
   }
 
   private find(id: number): PendingWrite | undefined {
+    if (this.writes.size === 0) return undefined;
     for (const w of this.writes) if (id >= w.first && id < w.first + w.count) return w;
     return undefined;
   }

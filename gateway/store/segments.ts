@@ -10,6 +10,7 @@
 // memory the host backs lazily: on this project's VM, writing 1 GiB into a new
 // file took 2.4 s of system time, over an old one 0.13 s.
 
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { native } from '../../native-bindings';
@@ -26,7 +27,9 @@ export const SEGMENT_LIMIT = 256 * 1024 * 1024;
 const EARLY_SYNC_BYTES = 16 * 1024 * 1024;
 /** Spare files kept for reuse: disk space held back from the filesystem, so few. */
 const MAX_SPARES = 2;
-const SPARE_NAME = /^(\d{8})\.spare$/;
+// Named apart from segment numbers: a restarted store may number segments again past
+// its last file, and a spare named after one could then be replaced by another.
+const SPARE_NAME = /^spare-[0-9a-f]{12}$/;
 
 interface Segment {
   fd: number;
@@ -146,20 +149,19 @@ export class SegmentFiles {
 
   /**
    * Gives a spare file segment `n`'s name and opens it; -1 when there is none (or it
-   * cannot be had: the caller then creates a new file). Linked, not renamed, so that
-   * a file of that name, should one exist, is never replaced.
+   * cannot be had: the caller then creates a new file). Renamed, not linked and
+   * unlinked: a crash between the two would leave one file under two names, and a
+   * live segment written over as a spare later.
    */
   private fromSpare(n: number, file: string): number {
-    const spare = this.spares.pop();
-    if (spare === undefined) return -1;
+    if (this.spares.length === 0 || fs.existsSync(file)) return -1;
+    const spare = this.spares.pop()!;
     try {
-      fs.linkSync(spare, file);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'EEXIST') this.spares.push(spare);
-      else fs.rm(spare, { force: true }, () => undefined);
+      fs.renameSync(spare, file);
+    } catch {
+      fs.rm(spare, { force: true }, () => undefined);
       return -1;
     }
-    fs.rmSync(spare, { force: true });
     try {
       const fd = fs.openSync(file, fs.constants.O_RDWR);
       this.recycled.add(n);
@@ -328,6 +330,8 @@ export class SegmentFiles {
     this.removed.add(n);
     this.onDisk.delete(n);
     this.recycled.delete(n);
+    // Left dirty, every later sync would fail opening it (and with it every checkpoint).
+    this.dirty.delete(n);
     const s = this.open.get(n);
     let reading = false;
     if (s) {
@@ -339,7 +343,7 @@ export class SegmentFiles {
     // Kept as a spare only when nothing can read it again: a read in flight, or the
     // compactor's walk, would meet the next segment's records being written over it.
     if (!reading && !this.pinned.has(n) && this.spares.length < MAX_SPARES && !this.closed) {
-      const spare = path.join(this.dir, `${String(n).padStart(8, '0')}.spare`);
+      const spare = path.join(this.dir, `spare-${crypto.randomBytes(6).toString('hex')}`);
       try {
         fs.renameSync(this.path(n), spare);
         this.spares.push(spare);
@@ -487,6 +491,15 @@ export class SegmentFiles {
 
   close(): void {
     this.closed = true;
+    // The next run starts a new segment: this one keeps only what it wrote.
+    const last = this.open.get(this.current);
+    if (last && this.recycled.delete(this.current)) {
+      try {
+        fs.ftruncateSync(last.fd, this.tail);
+      } catch {
+        // Its old tail stays, garbage the compactor will count and walk past.
+      }
+    }
     for (const s of this.open.values()) fs.closeSync(s.fd);
     this.open.clear();
   }

@@ -128,6 +128,17 @@ describe('segment recycling', () => {
     segments.close();
   });
 
+  it('cuts a recycled segment to what it wrote when closed while current', async () => {
+    const segments = new SegmentFiles(path.join(tmp, `s${n++}`));
+    await appendMiB(segments, 3);
+    segments.roll();
+    await segments.remove(1);
+    await appendMiB(segments, 1);
+    const file = segments.path(2);
+    segments.close();
+    assert.equal(fs.statSync(file).size, MiB);
+  });
+
   it('deletes rather than recycles a segment with a read in flight', async () => {
     const segments = new SegmentFiles(path.join(tmp, `s${n++}`));
     await appendMiB(segments, 2);
@@ -139,7 +150,7 @@ describe('segment recycling', () => {
     await reading;
     assert.equal(segments.spareBytes(), 0);
     assert.deepEqual(
-      fs.readdirSync(segments.dir).filter((f) => f.endsWith('.spare')),
+      fs.readdirSync(segments.dir).filter((f) => f.startsWith('spare-')),
       [],
     );
     segments.close();
