@@ -77,7 +77,7 @@ const CHECKPOINT_INTERVAL_MS = 5000;
 /** ... and as soon as the overlay holds this many changes. */
 const CHECKPOINT_ENTRIES = 50_000;
 /** An empty sealed segment is removed at the first commit this long after it emptied. */
-const EMPTY_SEGMENT_GRACE_MS = 2000;
+const EMPTY_SEGMENT_GRACE_MS = 500;
 /** Writes wait for the running checkpoint once the next overlay has grown this big (bounds its memory). */
 const DEFAULT_OVERLAY_LIMIT = 2 * CHECKPOINT_ENTRIES;
 /** Checkpoints a throttled write waits through at most before it goes ahead anyway. */
