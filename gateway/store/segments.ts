@@ -205,8 +205,10 @@ export class SegmentFiles {
     this.unsynced += record.length;
     if (this.unsynced >= EARLY_SYNC_BYTES) this.syncEarly(file);
     const forget = (): void => void this.inflight.delete(written);
-    written.then(forget, () => {
+    written.then(forget, (err: unknown) => {
       forget();
+      // The disk is full: the spares' space is worth more to the next write than their pages.
+      if ((err as { code?: unknown }).code === 'ENOSPC') void this.dropSpares();
       // The failed record leaves a gap the compactor's walk cannot cross: seal the segment
       // so nothing follows the gap.
       if (this.current === segment) this.roll();

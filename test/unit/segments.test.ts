@@ -4,6 +4,7 @@
 // something may still read it.
 
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -193,4 +194,33 @@ describe('segment recycling', () => {
     assert.equal(second.size(second.currentSegment), 2 * MiB);
     second.close();
   });
+
+  it(
+    'gives the spares back when a write finds the disk full',
+    { skip: process.getuid?.() === 0 ? false : 'needs root to mount a small tmpfs' },
+    async () => {
+      const mnt = fs.mkdtempSync(path.join(tmp, 'full-'));
+      assert.equal(spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', mnt]).status, 0);
+      let segments: SegmentFiles | undefined;
+      try {
+        segments = new SegmentFiles(path.join(mnt, 'segments'));
+        await appendMiB(segments, 1);
+        segments.roll();
+        await appendMiB(segments, 1);
+        await segments.remove(1);
+        assert.equal(segments.spareBytes(), MiB);
+        // Leave less room than the next MiB needs.
+        const st = fs.statfsSync(mnt);
+        fs.writeFileSync(path.join(mnt, 'filler'), Buffer.alloc(st.bavail * st.bsize - MiB / 2));
+        await assert.rejects(segments.append(Buffer.alloc(MiB, 7)).written, { code: 'ENOSPC' });
+        await turn();
+        assert.equal(segments.spareBytes(), 0);
+        // The spare's MiB is free again: the next segment fits.
+        await segments.append(Buffer.alloc(MiB, 8)).written;
+      } finally {
+        segments?.close();
+        spawnSync('umount', ['-l', mnt]);
+      }
+    },
+  );
 });
