@@ -91,21 +91,23 @@ export class Compactor {
       if (liveBytes === 0 && n < bound) {
         // Nothing to move: no walk needed. (One sealed during the flush may hold records
         // only the overlays know of yet: the walk below asks the datamap, overlays and all.)
-        await segs.remove(n);
+        const deleted = await segs.remove(n);
         result.segments++;
-        result.freedBytes += size;
+        // A segment kept as a spare gives its space back when the spares go (below).
+        if (deleted) result.freedBytes += size;
         continue;
       }
       if (!everything && (garbage < MIN_GARBAGE || liveBytes >= size * this.opts.threshold)) continue;
-      const moved = await this.compactSegment(n, size);
-      if (moved === null) continue;
+      const done = await this.compactSegment(n, size);
+      if (done === null) continue;
       result.segments++;
-      result.movedBytes += moved;
-      result.freedBytes += size - moved;
+      result.movedBytes += done.moved;
+      if (done.deleted) result.freedBytes += size - done.moved;
     }
     // Spares hold disk space: given back when asked to, or once writes have stopped
     // starting segments (a pass went by without one).
-    if (everything || segs.startedCount === this.startedAtLastPass) await segs.dropSpares();
+    if (everything || segs.startedCount === this.startedAtLastPass)
+      result.freedBytes += await segs.dropSpares();
     this.startedAtLastPass = segs.startedCount;
     if (result.segments) {
       this.log.info(
@@ -116,10 +118,11 @@ export class Compactor {
   }
 
   /**
-   * Moves the live records out of segment `n`, then deletes it. Returns bytes moved,
-   * or null when the segment was gone (its last records died at a commit meanwhile).
+   * Moves the live records out of segment `n`, then deletes it. Returns bytes moved and
+   * whether the file went (not kept, nor made a spare), or null when the segment was
+   * gone already (its last records died at a commit meanwhile).
    */
-  private async compactSegment(n: number, size: number): Promise<number | null> {
+  private async compactSegment(n: number, size: number): Promise<{ moved: number; deleted: boolean } | null> {
     const segs = this.store.segments;
     // Pinned, it is deleted rather than written over should its last record die meanwhile.
     segs.pin(n);
@@ -193,10 +196,9 @@ export class Compactor {
     const left = this.store.segmentLiveBytes(n);
     if (left > 0) {
       this.log.warn(`compaction: segment ${n} still holds ${left} live bytes; keeping it`);
-      return moved;
+      return { moved, deleted: false };
     }
-    await segs.remove(n);
-    return moved;
+    return { moved, deleted: await segs.remove(n) };
   }
 
   private wholeRecordAt(buf: Buffer, at: number): boolean {

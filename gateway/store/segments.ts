@@ -326,8 +326,9 @@ export class SegmentFiles {
    * last one closing it: closed earlier, its number could be reused by another file
    * under the read. The unlink runs on the thread pool: dropping a 256 MiB file's
    * cached pages takes the kernel ~100 ms, which clients' requests must not wait out.
+   * Resolves true when the file is gone, false when it was kept as a spare.
    */
-  async remove(n: number): Promise<void> {
+  async remove(n: number): Promise<boolean> {
     if (n === this.current) throw new Error(`segment ${n} is still being appended to`);
     this.removed.add(n);
     this.onDisk.delete(n);
@@ -349,12 +350,13 @@ export class SegmentFiles {
       try {
         fs.renameSync(this.path(n), spare);
         this.spares.push(spare);
-        return;
+        return false;
       } catch {
         // Gone or not renameable: deleted below like any other.
       }
     }
     await fs.promises.rm(this.path(n), { force: true });
+    return true;
   }
 
   /** Sealed segments with a file on disk. */
@@ -387,10 +389,12 @@ export class SegmentFiles {
     }, 0);
   }
 
-  /** Deletes the spare files, giving their space back to the filesystem. */
-  async dropSpares(): Promise<void> {
+  /** Deletes the spare files, giving their space back to the filesystem; returns their bytes. */
+  async dropSpares(): Promise<number> {
+    const bytes = this.spareBytes();
     const files = this.spares.splice(0);
     await Promise.all(files.map((f) => fs.promises.rm(f, { force: true })));
+    return bytes;
   }
 
   /**

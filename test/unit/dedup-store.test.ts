@@ -742,6 +742,29 @@ describe('space reclamation', () => {
     await closeConsistent(store, dir);
   });
 
+  it('counts an emptied segment kept as a spare as freed only when the spare is deleted', async () => {
+    const dir = path.join(tmp, `retire${n++}`);
+    // A grace longer than the test: only the compactor removes the segment.
+    const store = DedupStore.open(dir, silentLogger, { emptySegmentGraceMs: 60_000 });
+    const compactor = new Compactor(store, silentLogger, { intervalMs: 0 });
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    for (let i = 0; i < 32; i++) await dev.write(i * 4096, unique(i));
+    await store.flush();
+    const size = store.segments.size(store.segments.currentSegment);
+    store.segments.roll();
+    await dev.trim(0, 32 * 4096);
+    const first = await compactor.run(false);
+    assert.equal(first.segments, 1);
+    assert.equal(first.freedBytes, 0);
+    assert.equal(store.segments.spareBytes(), size);
+    // A pass that saw no new segment deletes the spare, and counts it then.
+    const second = await compactor.run(false);
+    assert.equal(second.freedBytes, size);
+    assert.equal(store.segments.spareBytes(), 0);
+    await compactor.close();
+    await closeConsistent(store, dir);
+  });
+
   it('keeps a sealed segment that still holds a live block', async () => {
     const dir = path.join(tmp, `retire${n++}`);
     const store = DedupStore.open(dir, silentLogger, { emptySegmentGraceMs: 0 });
