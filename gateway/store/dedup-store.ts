@@ -1490,7 +1490,10 @@ export class DedupStore {
       reply.gone.hashes.byteOffset,
       reply.gone.hashes.length,
     );
-    reply.gone.ids.forEach((id, k) => this.hashIndex.delete(hashes.subarray(16 * k, 16 * k + 16), id));
+    // Read here, before the next request: the writer reuses this memory for its next reply.
+    reply.gone.ids.forEach((id, k) =>
+      this.hashIndex.deleteKey(hashes.readUInt32LE(16 * k), hashes.readUInt32LE(16 * k + 4), id),
+    );
     // Reads on this thread now see the writer's commit.
     this.env.resetReadTxn();
     this.trimIndexMapping();

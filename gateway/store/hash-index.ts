@@ -57,8 +57,11 @@ export class HashIndex {
 
   /** Removes `hash`'s entry if it is `id`'s (a newer block may have taken the slot). */
   delete(hash: Buffer, id: number): void {
-    const lo = hash.readUInt32LE(0);
-    const hi = hash.readUInt32LE(4);
+    this.deleteKey(hash.readUInt32LE(0), hash.readUInt32LE(4), id);
+  }
+
+  /** delete() by the hash's first 8 bytes as two little-endian words. */
+  deleteKey(lo: number, hi: number, id: number): void {
     let i = lo & this.mask;
     for (; ; i = (i + 1) & this.mask) {
       const at = this.ids[i]!;

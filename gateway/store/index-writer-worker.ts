@@ -62,6 +62,35 @@ const idBuf = Buffer.allocUnsafe(8);
 const valueBuf = Buffer.allocUnsafe(8);
 const entryBuf = Buffer.allocUnsafe(36);
 
+/**
+ * The blocks a commit deleted and their hashes, for the reply: shared memory kept
+ * across commits (the main thread reads them before it sends the next request). Fresh
+ * arrays per commit were new pages every time, and a Buffer per deleted hash.
+ */
+let goneIds = new Float64Array(new SharedArrayBuffer(8 * 4096));
+let goneHashes = Buffer.from(new SharedArrayBuffer(16 * 4096));
+let goneCount = 0;
+
+/** Files block `id`, whose hash is entryBuf[20, 36), as deleted by this commit. */
+function noteGone(id: number): void {
+  if (goneCount === goneIds.length) {
+    const ids = new Float64Array(new SharedArrayBuffer(16 * goneIds.length));
+    ids.set(goneIds);
+    const hashes = Buffer.from(new SharedArrayBuffer(2 * goneHashes.length));
+    goneHashes.copy(hashes);
+    goneIds = ids;
+    goneHashes = hashes;
+  }
+  goneIds[goneCount] = id;
+  copy16(entryBuf, 20, goneHashes, 16 * goneCount);
+  goneCount++;
+}
+
+/** 16 bytes from `src` at `from` to `dst` at `to`: Buffer.copy makes a view per call. */
+function copy16(src: Buffer, from: number, dst: Buffer, to: number): void {
+  for (let k = 0; k < 16; k += 4) dst.writeUInt32LE(src.readUInt32LE(from + k), to + k);
+}
+
 function apply(req: CheckpointRequest): CheckpointReply {
   committed ??= loadCommitted();
   const { zero } = committed;
@@ -78,8 +107,7 @@ function apply(req: CheckpointRequest): CheckpointReply {
   const missing: number[] = [];
   // Blocks this commit deletes, with their hashes: the main thread unfiles them from its
   // hash index afterwards (it used to read each one's entry back itself, on the event loop).
-  const goneIds: number[] = [];
-  const goneHashes: Buffer[] = [];
+  goneCount = 0;
   const live = (segment: number, delta: number): void => {
     const v = (state.segmentLive[segment] ?? 0) + delta;
     if (v > 0) state.segmentLive[segment] = v;
@@ -114,7 +142,7 @@ function apply(req: CheckpointRequest): CheckpointReply {
       storedLength = rows[at + 5]!;
       flags = rows[at + 6]!;
       refcount = 0;
-      bytes.copy(entryBuf, 20, at * 8 + ROW_HASH_BYTE, at * 8 + ROW_HASH_BYTE + 16);
+      copy16(bytes, at * 8 + ROW_HASH_BYTE, entryBuf, 20);
     } else {
       const b = dataDb.getBinaryFast(key);
       if (!b) {
@@ -126,7 +154,7 @@ function apply(req: CheckpointRequest): CheckpointReply {
       storedLength = b.readUInt32BE(8);
       flags = b.readUInt16BE(12);
       refcount = b.readUInt32BE(16);
-      b.copy(entryBuf, 20, 20, 36);
+      copy16(b, 20, entryBuf, 20);
     }
     const stored = RECORD_HEADER + storedLength;
     refcount += rows[at + 1]!;
@@ -136,8 +164,7 @@ function apply(req: CheckpointRequest): CheckpointReply {
     if (refcount <= 0 && dying) {
       // Marked dying at the freeze, so nothing can have linked to it since.
       dataDb.remove(key);
-      goneIds.push(id);
-      goneHashes.push(Buffer.from(entryBuf.subarray(20, 36)));
+      noteGone(id);
       state.uniqueBlocks--;
       state.storedBytes -= stored;
       live(segment, -stored);
@@ -179,7 +206,7 @@ function apply(req: CheckpointRequest): CheckpointReply {
       segmentLive: state.segmentLive,
     },
     zeroRef,
-    gone: { ids: Float64Array.from(goneIds), hashes: Buffer.concat(goneHashes) },
+    gone: { ids: goneIds.subarray(0, goneCount), hashes: goneHashes.subarray(0, 16 * goneCount) },
     missing,
   };
 }
@@ -188,10 +215,7 @@ parentPort!.on('message', (msg: { seq: number; req: CheckpointRequest }) => {
   try {
     // Committed and flushed to disk before transactionSync returns.
     const reply = env.transactionSync(() => apply(msg.req));
-    parentPort!.postMessage({ seq: msg.seq, reply }, [
-      reply.zeroRef.buffer as ArrayBuffer,
-      reply.gone.ids.buffer as ArrayBuffer,
-    ]);
+    parentPort!.postMessage({ seq: msg.seq, reply }, [reply.zeroRef.buffer as ArrayBuffer]);
   } catch (err) {
     // The zero-count set may hold this failed transaction's changes.
     committed = null;

@@ -115,6 +115,26 @@ describe('dedup store', () => {
     await store.close();
   });
 
+  it('unfiles every block one checkpoint deletes, past the writer’s first reply table (4096)', async () => {
+    const store = fresh();
+    const blocks = 5000;
+    const dev = new DedupDevice(store, store.volumeId('a'), blocks * 4096);
+    const filed = (): number => (store as unknown as { hashIndex: { size: number } }).hashIndex.size;
+    const chunk = Buffer.alloc(250 * 4096);
+    for (let first = 0; first < blocks; first += 250) {
+      for (let b = 0; b < 250; b++) chunk.writeUInt32BE(first + b + 1, b * 4096);
+      await dev.write(first * 4096, chunk);
+    }
+    await store.flush();
+    assert.equal(filed(), blocks);
+    await dev.trim(0, blocks * 4096);
+    await store.flush();
+    await store.flush(true);
+    assert.equal((await store.stats()).uniqueBlocks, 0);
+    assert.equal(filed(), 0);
+    await store.close();
+  });
+
   it('drops a block once its last reference is overwritten', async () => {
     const store = fresh();
     const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
