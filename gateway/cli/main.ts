@@ -445,7 +445,8 @@ async function fsckCommand(p: Parsed): Promise<void> {
       [
         `checked ${x.volumes} volume(s): ${x.metaEntries} metamap entries (${x.zeroBlocks} zero), ` +
           `${x.dataBlocks} stored blocks`,
-        `segments ${bytes(x.segmentBytes)}: live ${bytes(x.liveBytes)}, orphaned ${bytes(x.orphanedBytes)}`,
+        `segments ${bytes(x.segmentBytes)}: live ${bytes(x.liveBytes)}, orphaned ${bytes(x.orphanedBytes)}` +
+          (x.spareBytes ? `; spare files ${bytes(x.spareBytes)}` : ''),
         ...x.problems.map((m) => `problem: ${m}`),
         x.problems.length
           ? `${x.problems.length} inconsistenc${x.problems.length === 1 ? 'y' : 'ies'} found`

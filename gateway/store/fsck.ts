@@ -28,6 +28,8 @@ export interface FsckReport {
   segmentBytes: number;
   liveBytes: number;
   orphanedBytes: number;
+  /** Files of removed segments kept to be written over as new ones (segments.ts): no data. */
+  spareBytes: number;
   problems: string[];
 }
 
@@ -163,9 +165,11 @@ export function fsckStore(storeDir: string): FsckReport {
     }
 
     let segmentBytes = 0;
+    let spareBytes = 0;
     const segDir = path.join(storeDir, 'segments');
     for (const f of fs.existsSync(segDir) ? fs.readdirSync(segDir) : []) {
       if (f.endsWith('.seg')) segmentBytes += fs.statSync(path.join(segDir, f)).size;
+      else if (f.startsWith('spare-')) spareBytes += fs.statSync(path.join(segDir, f)).size;
     }
     for (const fd of fds.values()) fs.closeSync(fd);
     const liveBytes = [...live.values()].reduce((a, b) => a + b, 0);
@@ -178,6 +182,7 @@ export function fsckStore(storeDir: string): FsckReport {
       segmentBytes,
       liveBytes,
       orphanedBytes: Math.max(0, segmentBytes - liveBytes),
+      spareBytes,
       problems,
     };
   } finally {

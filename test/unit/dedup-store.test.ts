@@ -785,6 +785,25 @@ describe('space reclamation', () => {
     await closeConsistent(store, dir);
   });
 
+  it('has fsck report spare segment files apart from the segments', async () => {
+    const dir = path.join(tmp, `retire${n++}`);
+    const store = DedupStore.open(dir, silentLogger, { emptySegmentGraceMs: 60_000 });
+    const compactor = new Compactor(store, silentLogger, { intervalMs: 0 });
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    for (let i = 0; i < 8; i++) await dev.write(i * 4096, unique(i));
+    await store.flush();
+    const size = store.segments.size(store.segments.currentSegment);
+    store.segments.roll();
+    await dev.trim(0, 8 * 4096);
+    await compactor.run(false);
+    await compactor.close();
+    await store.close();
+    const report = fsckStore(dir);
+    assert.deepEqual(report.problems, []);
+    assert.equal(report.spareBytes, size);
+    assert.equal(report.segmentBytes, 0);
+  });
+
   it('keeps a sealed segment that still holds a live block', async () => {
     const dir = path.join(tmp, `retire${n++}`);
     const store = DedupStore.open(dir, silentLogger, { emptySegmentGraceMs: 0 });
