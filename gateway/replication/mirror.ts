@@ -148,6 +148,8 @@ export class Mirror {
   /** Ranges of batches the replica applied but may not have on disk yet. */
   private volatile: Array<{ lba: number; count: number }> = [];
   private volatileSince = 0;
+  /** Tells the store this mirror no longer needs its recent records. */
+  private readonly detach: () => void;
   private syncTotal = 0;
   private closed = false;
   private retry: NodeJS.Timeout | null = null;
@@ -208,6 +210,7 @@ export class Mirror {
   ) {
     this.dirty = new DirtyChunks(Math.ceil(volumeBlocks / CHUNK_BLOCKS));
     const { log: al, resumed } = ActivityLog.open(opts.activityLog, this.dirty.chunks);
+    this.detach = store.attachMirror();
     this.al = al;
     this.active = new Uint32Array(this.dirty.chunks);
     this.touched = new Float64Array(this.dirty.chunks);
@@ -509,6 +512,7 @@ export class Mirror {
   close(forget = false): void {
     if (this.closed) return;
     this.closed = true;
+    this.detach();
     this.answered();
     if (!forget) this.settleLog();
     void this.al.close(forget).catch(() => undefined);

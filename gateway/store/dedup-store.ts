@@ -333,6 +333,8 @@ export class DedupStore {
   private readonly indexFile: string;
   /** Blocks at reference count zero in the index (the writer's last word on it). */
   private readonly zeroRef = new NumMap();
+  /** Mirrors of this store's volumes running now: recent records are kept only for them. */
+  private mirrorsAttached = 0;
   /** Sealed segments found empty at a commit, and when (retireDeadSegments). */
   private readonly emptySince = new Map<number, number>();
   /** state.volumeBlocks as it moves (with the live overlay); written out with each checkpoint. */
@@ -922,7 +924,19 @@ export class DedupStore {
 
   /** Keeps a copy of a freshly written record for mirrors (recent-records.ts). */
   private remember(id: number, record: Buffer, at?: number, length?: number): void {
-    this.recent.add(id, record, at, length);
+    // Only mirrors read them: copying every record in cost 6% of the event loop in a
+    // 1M overwrite with none (a mirror started later reads older records from disk).
+    if (this.mirrorsAttached > 0) this.recent.add(id, record, at, length);
+  }
+
+  /** A mirror of one of this store's volumes starts; the returned function says it stopped. */
+  attachMirror(): () => void {
+    this.mirrorsAttached++;
+    let attached = true;
+    return () => {
+      if (attached) this.mirrorsAttached--;
+      attached = false;
+    };
   }
 
   /**

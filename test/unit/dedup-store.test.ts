@@ -135,6 +135,23 @@ describe('dedup store', () => {
     await store.close();
   });
 
+  it('keeps written records in memory for captures only while a mirror is attached', async () => {
+    const store = fresh();
+    const volume = store.volumeId('a');
+    const dev = new DedupDevice(store, volume, 1 << 20);
+    await dev.write(0, block(1, 1));
+    // Written before any mirror: a capture reads it from its segment.
+    assert.equal(store.captureRange(volume, 0, 1).sources[0]!.record, undefined);
+    const detach = store.attachMirror();
+    await dev.write(4096, block(1, 2));
+    const kept = store.captureRange(volume, 1, 1).sources[0]!.record;
+    assert.ok(kept);
+    detach();
+    await dev.write(8192, block(1, 3));
+    assert.equal(store.captureRange(volume, 2, 1).sources[0]!.record, undefined);
+    await store.close();
+  });
+
   it('drops a block once its last reference is overwritten', async () => {
     const store = fresh();
     const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
