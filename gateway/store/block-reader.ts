@@ -118,10 +118,10 @@ export class BlockReader {
       into.fill(0);
       return RESOLVED;
     }
+    const inFlight = this.view.pending.has(id);
     // Not while its write is in flight: the place may still hold a recycled file's old bytes.
-    if (page && page.places[i] !== 0 && !this.view.pending.has(id) && this.readPlaced(page, i, id, into))
-      return RESOLVED;
-    const entry = this.view.pending.has(id) ? undefined : this.view.lookupData(id);
+    if (page && page.places[i] !== 0 && !inFlight && this.readPlaced(page, i, id, into)) return RESOLVED;
+    const entry = inFlight ? undefined : this.view.lookupData(id);
     if (entry && entry.storedLength <= BLOCK) {
       const rec = this.recordScratch.subarray(0, RECORD_HEADER + entry.storedLength);
       try {

@@ -1372,7 +1372,10 @@ export class DedupStore {
    */
   private retireDeadSegments(sealedBefore: number): void {
     const now = performance.now();
-    for (const n of this.segments.sealed()) {
+    const sealed = this.segments.sealed();
+    // Segments the compactor removed meanwhile are no longer waited for.
+    for (const n of this.emptySince.keys()) if (!sealed.includes(n)) this.emptySince.delete(n);
+    for (const n of sealed) {
       if (n >= sealedBefore || this.segmentLiveBytes(n) > 0) {
         this.emptySince.delete(n);
         continue;

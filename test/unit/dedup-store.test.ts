@@ -779,17 +779,27 @@ describe('space reclamation', () => {
     await closeConsistent(store, dir);
   });
 
-  it('counts an emptied segment kept as a spare as freed only when the spare is deleted', async () => {
+  /**
+   * A store with one sealed segment of `blocks` blocks, all trimmed: empty, but with a
+   * grace longer than any test, so only the compactor removes it.
+   */
+  async function emptiedSegment(
+    blocks: number,
+  ): Promise<{ dir: string; store: DedupStore; compactor: Compactor; size: number }> {
     const dir = path.join(tmp, `retire${n++}`);
-    // A grace longer than the test: only the compactor removes the segment.
     const store = DedupStore.open(dir, silentLogger, { emptySegmentGraceMs: 60_000 });
     const compactor = new Compactor(store, silentLogger, { intervalMs: 0 });
     const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
-    for (let i = 0; i < 32; i++) await dev.write(i * 4096, unique(i));
+    for (let i = 0; i < blocks; i++) await dev.write(i * 4096, unique(i));
     await store.flush();
     const size = store.segments.size(store.segments.currentSegment);
     store.segments.roll();
-    await dev.trim(0, 32 * 4096);
+    await dev.trim(0, blocks * 4096);
+    return { dir, store, compactor, size };
+  }
+
+  it('counts an emptied segment kept as a spare as freed only when the spare is deleted', async () => {
+    const { dir, store, compactor, size } = await emptiedSegment(32);
     const first = await compactor.run(false);
     assert.equal(first.segments, 1);
     assert.equal(first.freedBytes, 0);
@@ -803,15 +813,7 @@ describe('space reclamation', () => {
   });
 
   it('has fsck report spare segment files apart from the segments', async () => {
-    const dir = path.join(tmp, `retire${n++}`);
-    const store = DedupStore.open(dir, silentLogger, { emptySegmentGraceMs: 60_000 });
-    const compactor = new Compactor(store, silentLogger, { intervalMs: 0 });
-    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
-    for (let i = 0; i < 8; i++) await dev.write(i * 4096, unique(i));
-    await store.flush();
-    const size = store.segments.size(store.segments.currentSegment);
-    store.segments.roll();
-    await dev.trim(0, 8 * 4096);
+    const { dir, store, compactor, size } = await emptiedSegment(8);
     await compactor.run(false);
     await compactor.close();
     await store.close();

@@ -100,14 +100,20 @@ describe('segment syncing', () => {
   });
 });
 
+/** Segments whose current one (2) is segment 1's 3 MiB file, removed and written over with 1 MiB. */
+async function recycledSegment(): Promise<SegmentFiles> {
+  const segments = new SegmentFiles(path.join(tmp, `s${n++}`));
+  await appendMiB(segments, 3);
+  segments.roll();
+  await segments.remove(1);
+  await appendMiB(segments, 1);
+  return segments;
+}
+
 describe('segment recycling', () => {
   it('writes a new segment over the file of one removed before', async () => {
-    const segments = new SegmentFiles(path.join(tmp, `s${n++}`));
-    await appendMiB(segments, 3);
-    segments.roll();
-    await segments.remove(1);
+    const segments = await recycledSegment();
     assert.equal(fs.existsSync(segments.path(1)), false);
-    await appendMiB(segments, 1);
     assert.equal(segments.currentSegment, 2);
     // The old file's length: its last two MiB are the old segment's, written over later.
     assert.equal(segments.size(2), 3 * MiB);
@@ -117,11 +123,7 @@ describe('segment recycling', () => {
   });
 
   it('cuts a recycled segment to what it wrote once it is sealed', async () => {
-    const segments = new SegmentFiles(path.join(tmp, `s${n++}`));
-    await appendMiB(segments, 3);
-    segments.roll();
-    await segments.remove(1);
-    await appendMiB(segments, 1);
+    const segments = await recycledSegment();
     assert.equal(segments.size(2), 3 * MiB);
     segments.roll();
     await turn();
@@ -130,11 +132,7 @@ describe('segment recycling', () => {
   });
 
   it('cuts a recycled segment to what it wrote when closed while current', async () => {
-    const segments = new SegmentFiles(path.join(tmp, `s${n++}`));
-    await appendMiB(segments, 3);
-    segments.roll();
-    await segments.remove(1);
-    await appendMiB(segments, 1);
+    const segments = await recycledSegment();
     const file = segments.path(2);
     segments.close();
     assert.equal(fs.statSync(file).size, MiB);
