@@ -136,6 +136,7 @@ export class Compactor {
       throw err;
     }
     let moved = 0;
+    let moves: Array<Promise<number>> = [];
     try {
       let pos = 0;
       let buf = Buffer.alloc(0);
@@ -145,9 +146,20 @@ export class Compactor {
       // turns up, a header found there is a candidate only, and its length is not trusted.
       let lost = false;
       const pace = { at: Date.now(), ops: this.store.foregroundOps };
+      // A window's live records are relocated together: started in one tick, their appends
+      // go to the disk as one write. Awaited one by one, each record cost a thread-pool round
+      // trip, and compaction running beside 4k random reads took a fifth of their IOPS.
+      const settleMoves = async (): Promise<void> => {
+        const batch = moves;
+        moves = [];
+        const outcomes = await Promise.allSettled(batch);
+        for (const o of outcomes) if (o.status === 'fulfilled') moved += o.value;
+        for (const o of outcomes) if (o.status === 'rejected') throw o.reason;
+      };
       while (pos < size) {
         // Keep at least one whole record in the window.
         if (pos + RECORD_HEADER > bufStart + buf.length || !this.wholeRecordAt(buf, pos - bufStart)) {
+          await settleMoves();
           const want = Math.min(CHUNK, size - pos);
           buf = Buffer.alloc(want);
           const got = await new Promise<number>((resolve, reject) =>
@@ -181,13 +193,16 @@ export class Compactor {
               `compaction: segment ${n} @${pos}: record header disagrees with block ${h.blockId}'s entry`,
             );
           } else {
-            if (await this.store.relocate(h.blockId, Buffer.from(buf.subarray(at, at + length))))
-              moved += length;
+            const record = Buffer.from(buf.subarray(at, at + length));
+            moves.push(this.store.relocate(h.blockId, record).then((done) => (done ? length : 0)));
           }
         }
         pos += length;
       }
+      await settleMoves();
     } finally {
+      // Left by a throw mid-window: observed, so none can end the process unhandled.
+      await Promise.allSettled(moves);
       fs.closeSync(fd);
       segs.unpin(n);
     }
