@@ -11,7 +11,7 @@
 // when a run itself failed. Every server and fio process is bounded in time and
 // stopped on exit, error or Ctrl-C; temporary directories are removed.
 
-import { ChildProcess, spawn } from 'node:child_process';
+import { ChildProcess, spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -455,6 +455,25 @@ const START: Record<TargetName, (ctx: StartContext) => Promise<Server>> = {
     ),
 };
 
+/** Clock ticks per second of /proc's CPU times (sysconf(_SC_CLK_TCK), 100 nearly everywhere). */
+const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout) || 100;
+
+/**
+ * CPU seconds a process has used so far, all threads, user and system time; NaN once it is
+ * gone. On a noisy shared machine this moves less than throughput does: a change that cuts a
+ * server's work per request shows here even in a run where the host stole the gain.
+ */
+function cpuSeconds(pid: number): number {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // Fields after the command name, which may itself hold spaces and parentheses.
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(f[11]) + Number(f[12])) / CLK_TCK;
+  } catch {
+    return NaN;
+  }
+}
+
 /** Max VmRSS of a process, sampled from /proc while it runs. */
 class RssSampler {
   maxBytes = 0;
@@ -545,6 +564,11 @@ interface Measurement {
   value: number;
   /** 99th percentile completion latency, microseconds. */
   p99us: number;
+  /**
+   * The server's CPU time (all its threads, user and system) per unit of the workload:
+   * microseconds per 4 KiB op, or per MB. NaN where /proc could not say.
+   */
+  cpuUs: number;
 }
 
 function fioArgs(
@@ -669,11 +693,16 @@ async function runTarget(
 
     for (const w of WORKLOADS) {
       const timeout = (opts.ramp + opts.runtime) * 1000 + FIO_SLACK_MS;
+      const cpu0 = cpuSeconds(server.child.pid!);
       const m = await fio(w.id, fioArgs(w.id, server.uri, w, opts, true), w.dir, timeout);
+      const cpu = cpuSeconds(server.child.pid!) - cpu0;
       const value = w.unit === 'IOPS' ? m.iops : m.mbps;
-      run.results.set(w.id, { value, p99us: m.p99us });
+      // fio reports the rate after its ramp; the ramp ran at about the same rate.
+      const cpuUs = (cpu * 1e6) / (value * (opts.ramp + opts.runtime));
+      run.results.set(w.id, { value, p99us: m.p99us, cpuUs });
       progress(
-        `  ${w.label.padEnd(13)} ${fmtValue(value, w.unit).padStart(9)} ${w.unit.padEnd(4)}  p99 ${fmtLatency(m.p99us)}`,
+        `  ${w.label.padEnd(13)} ${fmtValue(value, w.unit).padStart(9)} ${w.unit.padEnd(4)}  p99 ${fmtLatency(m.p99us)}` +
+          `  server CPU ${fmtCpu(cpuUs, w.unit)}`,
       );
     }
   } catch (e) {
@@ -735,6 +764,12 @@ function fmtValue(v: number | undefined, unit: 'IOPS' | 'MB/s'): string {
 function fmtLatency(us: number | undefined): string {
   if (us === undefined || !Number.isFinite(us)) return '—';
   return us >= 1000 ? `${(us / 1000).toFixed(2)} ms` : `${Math.round(us)} µs`;
+}
+
+/** Server CPU per 4 KiB op (µs) or per MB (ms). */
+function fmtCpu(us: number | undefined, unit: 'IOPS' | 'MB/s'): string {
+  if (us === undefined || !Number.isFinite(us)) return '—';
+  return unit === 'IOPS' ? `${us.toFixed(1)} µs` : `${(us / 1000).toFixed(2)} ms`;
 }
 
 function fmtMiB(bytes: number | undefined): string {
@@ -828,6 +863,13 @@ function latencyTable(s: Summary, targets: TargetName[]): Table {
   return {
     head: ['target', ...WORKLOADS.map((w) => w.label)],
     rows: targets.map((t) => [t, ...WORKLOADS.map((w) => fmtLatency(s.values.get(t)?.get(w.id)?.p99us))]),
+  };
+}
+
+function cpuTable(s: Summary, targets: TargetName[]): Table {
+  return {
+    head: ['target', ...WORKLOADS.map((w) => `${w.label} (${w.unit === 'IOPS' ? 'per op' : 'per MB'})`)],
+    rows: targets.map((t) => [t, ...WORKLOADS.map((w) => fmtCpu(s.values.get(t)?.get(w.id)?.cpuUs, w.unit))]),
   };
 }
 
@@ -972,6 +1014,15 @@ function renderMarkdown(
     '',
     markdown(latencyTable(s, opts.targets)),
     '',
+    '## Server CPU per operation',
+    '',
+    "The server process's CPU time (all threads, user and system, from /proc) over each fio run,",
+    'ramp included, per 4 KiB op or per MB (10⁶ bytes) of 1 MiB I/O. It moves less between runs',
+    'than throughput on a shared machine, and it is what each server costs: fio, and the kernel',
+    "work done in fio's system calls, are not in it.",
+    '',
+    markdown(cpuTable(s, opts.targets)),
+    '',
     '## Method',
     '',
     'Each target runs in turn with a fresh server on a Unix socket and a fresh sparse file (or memory disk).',
@@ -1062,7 +1113,11 @@ async function main(): Promise<number> {
     for (const w of WORKLOADS) {
       const ms = rs.map((r) => r.results.get(w.id)).filter((x): x is Measurement => x !== undefined);
       if (ms.length)
-        per.set(w.id, { value: median(ms.map((x) => x.value)), p99us: median(ms.map((x) => x.p99us)) });
+        per.set(w.id, {
+          value: median(ms.map((x) => x.value)),
+          p99us: median(ms.map((x) => x.p99us)),
+          cpuUs: median(ms.map((x) => x.cpuUs)),
+        });
     }
     summary.values.set(t, per);
     summary.rss.set(t, Math.max(...rs.map((r) => r.rssMax)));
@@ -1082,6 +1137,9 @@ async function main(): Promise<number> {
     '',
     'p99 completion latency',
     plain(latencyTable(summary, opts.targets)),
+    '',
+    'server CPU per 4 KiB op / per MB',
+    plain(cpuTable(summary, opts.targets)),
     '',
     ...checks(summary).map((c) => `${c.verdict.padEnd(4)}  ${c.what}: ${c.got} (need ${c.need})`),
     ...(notes.length ? ['', ...notes.map((n) => `note: ${n}`)] : []),
