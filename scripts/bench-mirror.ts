@@ -25,7 +25,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { buildCorpusImage, changedVolume, IdealBytes, IMAGE, sh, VOLUMES } from './corpus';
-import { fio, Gw, inSync, mirrors, startPair, stopPair } from './bench-gateway';
+import { fio, Gw, inSync, mirrors, Pair, startPair, stopPair } from './bench-gateway';
+import { cpuSeconds } from './proc-cpu';
 
 const MiB = 1 << 20;
 const GiB = 1 << 30;
@@ -52,11 +53,27 @@ function median(xs: number[]): number {
   return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
 }
 
-async function throughputRun(
-  tmp: string,
-  config: string,
-  round: number,
-): Promise<{ iops: number; mbps: number }> {
+interface Run {
+  iops: number;
+  mbps: number;
+  /** Both gateways' CPU time, microseconds per 4 KiB write and per MB of 1 MiB writes. */
+  cpu4k: number;
+  cpu1m: number;
+}
+
+/** Runs fio and returns its figures with both gateways' CPU seconds over the run. */
+function measured(
+  pair: Pair,
+  run: () => { iops: number; mbps: number },
+): { iops: number; mbps: number; cpu: number } {
+  const pids = [pair.primary.proc.pid!, pair.replica.proc.pid!];
+  const before = pids.map(cpuSeconds);
+  const r = run();
+  const cpu = pids.reduce((sum, pid, i) => sum + cpuSeconds(pid) - before[i]!, 0);
+  return { ...r, cpu };
+}
+
+async function throughputRun(tmp: string, config: string, round: number): Promise<Run> {
   const pair = await startPair(path.join(tmp, `tp-${config}-${round}`));
   try {
     pair.primary.cli('volume', 'create', 'bench', '--size', '2G');
@@ -67,22 +84,36 @@ async function throughputRun(
     const uri = pair.primary.uri('bench');
     const tag = ROUNDS > 1 ? ` (round ${round + 1} of ${ROUNDS})` : '';
     process.stderr.write(`mirror bench: ${config}: 4k randwrite${tag}\n`);
-    const r4k = fio(uri, 'randwrite', '4k', 32, timed);
+    const r4k = measured(pair, () => fio(uri, 'randwrite', '4k', 32, timed));
     process.stderr.write(`mirror bench: ${config}: 1M write${tag}\n`);
-    const r1m = fio(uri, 'write', '1M', 8, timed);
-    return { iops: r4k.iops, mbps: r1m.mbps };
+    const r1m = measured(pair, () => fio(uri, 'write', '1M', 8, timed));
+    // fio reports the rate after its ramp; the ramp ran at about the same rate.
+    const seconds = RUNTIME + RAMP;
+    return {
+      iops: r4k.iops,
+      mbps: r1m.mbps,
+      cpu4k: (r4k.cpu * 1e6) / (r4k.iops * seconds),
+      cpu1m: (r1m.cpu * 1e6) / (r1m.mbps * seconds),
+    };
   } finally {
     await stopPair(pair);
   }
 }
 
 async function throughput(tmp: string): Promise<string[]> {
-  const runs = new Map<string, Array<{ iops: number; mbps: number }>>(CONFIGS.map((c) => [c, []]));
+  const runs = new Map<string, Run[]>(CONFIGS.map((c) => [c, []]));
   for (let round = 0; round < ROUNDS; round++)
     for (const config of CONFIGS) runs.get(config)!.push(await throughputRun(tmp, config, round));
   const rows = CONFIGS.map((config) => {
     const rs = runs.get(config)!;
-    return { config, iops: median(rs.map((r) => r.iops)), mbps: median(rs.map((r) => r.mbps)), rs };
+    return {
+      config,
+      iops: median(rs.map((r) => r.iops)),
+      mbps: median(rs.map((r) => r.mbps)),
+      cpu4k: median(rs.map((r) => r.cpu4k)),
+      cpu1m: median(rs.map((r) => r.cpu1m)),
+      rs,
+    };
   });
   const none = rows[0]!;
   const each = (xs: number[], digits: (x: number) => string): string =>
@@ -109,6 +140,13 @@ async function throughput(tmp: string): Promise<string[]> {
           mbpsText,
         )} | ${(r.mbps / none.mbps).toFixed(2)}× |`,
     ),
+    '',
+    "Both gateways' CPU time (all threads, user and system, from /proc) over each fio run, per 4 KiB",
+    'write and per MB of 1 MiB writes: steadier than throughput on a shared machine.',
+    '',
+    '| replica | CPU per 4k write | CPU per MB |',
+    '| --- | ---: | ---: |',
+    ...rows.map((r) => `| ${r.config} | ${r.cpu4k.toFixed(1)} µs | ${(r.cpu1m / 1000).toFixed(2)} ms |`),
     '',
     `Targets (issue 4): sync ≥ 0.5× no-replica 4k IOPS: ${rows[2]!.iops / none.iops >= 0.5 ? 'PASS' : 'FAIL'}; sync ≥ 0.6× its 1M throughput: ${rows[2]!.mbps / none.mbps >= 0.6 ? 'PASS' : 'FAIL'}.`,
     '',

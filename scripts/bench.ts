@@ -11,13 +11,14 @@
 // when a run itself failed. Every server and fio process is bounded in time and
 // stopped on exit, error or Ctrl-C; temporary directories are removed.
 
-import { ChildProcess, spawn, spawnSync } from 'node:child_process';
+import { ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { HEAP_FLAGS } from '../gateway/util/heap-flags';
 import { formatSize, parseSize } from '../gateway/util/size';
+import { cpuSeconds } from './proc-cpu';
 
 const ROOT = path.resolve(__dirname, '..', '..');
 const BIN = path.join(ROOT, 'bin', 'blockgate');
@@ -454,25 +455,6 @@ const START: Record<TargetName, (ctx: StartContext) => Promise<Server>> = {
       ctx,
     ),
 };
-
-/** Clock ticks per second of /proc's CPU times (sysconf(_SC_CLK_TCK), 100 nearly everywhere). */
-const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout) || 100;
-
-/**
- * CPU seconds a process has used so far, all threads, user and system time; NaN once it is
- * gone. On a noisy shared machine this moves less than throughput does: a change that cuts a
- * server's work per request shows here even in a run where the host stole the gain.
- */
-function cpuSeconds(pid: number): number {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    // Fields after the command name, which may itself hold spaces and parentheses.
-    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return (Number(f[11]) + Number(f[12])) / CLK_TCK;
-  } catch {
-    return NaN;
-  }
-}
 
 /** Max VmRSS of a process, sampled from /proc while it runs. */
 class RssSampler {
