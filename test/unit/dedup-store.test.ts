@@ -420,7 +420,7 @@ describe('dedup store', () => {
     await closeConsistent(store, dir);
   });
 
-  it('moves the live records of a compacted window with one segment write', async () => {
+  it('relocates a compacted window’s live records in one pool job, not one per record', async () => {
     const { dir, store, dev } = freshVolume();
     const compactor = new Compactor(store, silentLogger, { intervalMs: 0 });
     for (let i = 0; i < 128; i++) await dev.write(i * 4096, block(3, i));
