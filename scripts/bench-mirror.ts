@@ -47,6 +47,11 @@ const timed = ['--time_based', `--runtime=${RUNTIME}`, `--ramp_time=${RAMP}`];
 
 const CONFIGS = ['none', 'async', 'sync'] as const;
 
+/** A CPU figure, or a dash where /proc could not say (a gateway gone mid-run). */
+function cpuText(x: number, digits: number, unit: string): string {
+  return Number.isFinite(x) ? `${x.toFixed(digits)} ${unit}` : '—';
+}
+
 function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   const mid = s.length >> 1;
@@ -110,8 +115,8 @@ async function throughput(tmp: string): Promise<string[]> {
       config,
       iops: median(rs.map((r) => r.iops)),
       mbps: median(rs.map((r) => r.mbps)),
-      cpu4k: median(rs.map((r) => r.cpu4k)),
-      cpu1m: median(rs.map((r) => r.cpu1m)),
+      cpu4k: median(rs.map((r) => r.cpu4k).filter((x) => !Number.isNaN(x))),
+      cpu1m: median(rs.map((r) => r.cpu1m).filter((x) => !Number.isNaN(x))),
       rs,
     };
   });
@@ -146,7 +151,9 @@ async function throughput(tmp: string): Promise<string[]> {
     '',
     '| replica | CPU per 4k write | CPU per MB |',
     '| --- | ---: | ---: |',
-    ...rows.map((r) => `| ${r.config} | ${r.cpu4k.toFixed(1)} µs | ${(r.cpu1m / 1000).toFixed(2)} ms |`),
+    ...rows.map(
+      (r) => `| ${r.config} | ${cpuText(r.cpu4k, 1, 'µs')} | ${cpuText(r.cpu1m / 1000, 2, 'ms')} |`,
+    ),
     '',
     `Targets (issue 4): sync ≥ 0.5× no-replica 4k IOPS: ${rows[2]!.iops / none.iops >= 0.5 ? 'PASS' : 'FAIL'}; sync ≥ 0.6× its 1M throughput: ${rows[2]!.mbps / none.mbps >= 0.6 ? 'PASS' : 'FAIL'}.`,
     '',

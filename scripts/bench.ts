@@ -1001,7 +1001,8 @@ function renderMarkdown(
     "The server process's CPU time (all threads, user and system, from /proc) over each fio run,",
     'ramp included, per 4 KiB op or per MB (10⁶ bytes) of 1 MiB I/O. It moves less between runs',
     'than throughput on a shared machine, and it is what each server costs: fio, and the kernel',
-    "work done in fio's system calls, are not in it.",
+    "work done in fio's system calls, are not in it. Background work a workload leaves behind (a",
+    "checkpoint, the compactor's pass over what a rewrite killed) counts in the next one's.",
     '',
     markdown(cpuTable(s, opts.targets)),
     '',
@@ -1098,7 +1099,7 @@ async function main(): Promise<number> {
         per.set(w.id, {
           value: median(ms.map((x) => x.value)),
           p99us: median(ms.map((x) => x.p99us)),
-          cpuUs: median(ms.map((x) => x.cpuUs)),
+          cpuUs: median(ms.map((x) => x.cpuUs).filter((x) => !Number.isNaN(x))),
         });
     }
     summary.values.set(t, per);
