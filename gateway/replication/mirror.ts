@@ -37,6 +37,12 @@ export type MirrorState = 'connecting' | 'syncing' | 'in-sync' | 'behind' | 'sup
 export const CHUNK_BLOCKS = META_PAGE;
 /** Batches sent and not yet acknowledged, at most. */
 const WINDOW = 8;
+/**
+ * Chunks per verify request (128 KiB of digests, 16 GiB of volume): every chunk's digest in
+ * one frame would pass the link's frame limit at 8 TiB, and computing them holds the event
+ * loop of both gateways for as long as it takes.
+ */
+export const VERIFY_SLICE_CHUNKS = 4096;
 /** A tick's writes share a batch up to this many blocks. */
 const BATCH_BLOCKS = 1024;
 const RETRY_MS = 1000;
@@ -425,13 +431,18 @@ export class Mirror {
    */
   async verify(): Promise<VerifyReport> {
     const mismatched: number[] = [];
-    const digests = (): Frame => ({
-      verifyChunks: {
-        seq: ++this.verifySeq,
-        digests: this.store.chunkDigests(this.volumeId, this.volumeBlocks),
-      },
-    });
-    const chunks = await this.request(digests);
+    const total = Math.ceil(this.volumeBlocks / CHUNK_BLOCKS);
+    const chunks: number[] = [];
+    for (let first = 0; first < total; first += VERIFY_SLICE_CHUNKS) {
+      const digests = (): Frame => ({
+        verifyChunks: {
+          seq: ++this.verifySeq,
+          first,
+          digests: this.store.chunkDigests(this.volumeId, this.volumeBlocks, first, VERIFY_SLICE_CHUNKS),
+        },
+      });
+      chunks.push(...(await this.request(digests)));
+    }
     for (const c of chunks) {
       const lba = c * CHUNK_BLOCKS;
       const count = Math.min(CHUNK_BLOCKS, this.volumeBlocks - lba);
@@ -450,7 +461,7 @@ export class Mirror {
     return {
       to: this.address,
       state: this.state,
-      chunks: Math.ceil(this.volumeBlocks / CHUNK_BLOCKS),
+      chunks: total,
       differingChunks: chunks.length,
       mismatched: ranges,
     };

@@ -10,6 +10,7 @@ import { Extent, Frame, KIND_DATA, WireBlock } from '../../protocol/replication/
 import type { DedupStore, MirroredBlock } from '../store/dedup-store';
 import type { Logger } from '../util/log';
 import type { Link } from './link';
+import { CHUNK_BLOCKS } from './mirror';
 
 /** Rounds of Need for one batch (blocks the replica had can be released in between) before giving up. */
 const NEED_ROUNDS = 3;
@@ -149,7 +150,12 @@ export class ReplicaSink {
         try {
           this.link.send(this.verify(t.store, t.volumeId, t.blocks, f));
         } catch (err) {
-          this.refuse(new LinkProtocolError('ERR_LINK_BAD_BLOCK', `verify: ${(err as Error).message}`));
+          // A request this copy cannot answer (malformed) says so; anything else is its store's.
+          this.refuse(
+            err instanceof LinkProtocolError
+              ? err
+              : new LinkProtocolError('ERR_LINK_BAD_BLOCK', `verify: ${(err as Error).message}`),
+          );
         }
       });
       this.drain();
@@ -338,21 +344,21 @@ export class ReplicaSink {
     volumeId: number,
     blocks: number,
     f:
-      | { verifyChunks: { seq: number; digests: Buffer } }
+      | { verifyChunks: { seq: number; first: number; digests: Buffer } }
       | { verifyBlocks: { seq: number; lba: number; kinds: Buffer; cids: Buffer } },
   ): Frame {
     if ('verifyChunks' in f) {
-      const theirs = f.verifyChunks.digests;
+      const { first, digests: theirs } = f.verifyChunks;
       const chunks = theirs.length / 32;
-      const ours = store.chunkDigests(volumeId, blocks);
+      const ours = store.chunkDigests(volumeId, blocks, first, chunks);
       if (ours.length !== theirs.length)
         throw new LinkProtocolError(
           'ERR_LINK_MALFORMED',
-          `digests of ${chunks} chunks for ${ours.length / 32}`,
+          `digests of chunks ${first}-${first + chunks - 1} of a volume of ${Math.ceil(blocks / CHUNK_BLOCKS)} chunks`,
         );
       const mismatched: number[] = [];
       for (let c = 0; c < chunks; c++)
-        if (ours.compare(theirs, c * 32, c * 32 + 32, c * 32, c * 32 + 32) !== 0) mismatched.push(c);
+        if (ours.compare(theirs, c * 32, c * 32 + 32, c * 32, c * 32 + 32) !== 0) mismatched.push(first + c);
       return { verifyChunksResult: { seq: f.verifyChunks.seq, mismatched } };
     }
     const { seq, lba, kinds, cids } = f.verifyBlocks;

@@ -1701,21 +1701,22 @@ export class DedupStore {
    * Digests (SHA-256 of block kinds and content ids) of a volume's chunks of 1024
    * blocks, 32 bytes each: what verify compares. Cached per chunk and dropped by
    * any change to the chunk's mapping, so a check costs what changed since the last.
+   * Chunks `first` to `first + count` (clipped to the volume), all by default.
    */
-  chunkDigests(volume: number, blocks: number): Buffer {
-    const chunks = Math.ceil(blocks / META_PAGE);
-    const out = Buffer.allocUnsafe(chunks * 32);
-    for (let c = 0; c < chunks; c++) {
+  chunkDigests(volume: number, blocks: number, first = 0, count = Infinity): Buffer {
+    const end = Math.min(Math.ceil(blocks / META_PAGE), first + count);
+    const out = Buffer.allocUnsafe(Math.max(0, end - first) * 32);
+    for (let c = first; c < end; c++) {
       const lba = c * META_PAGE;
       const pk = pageKey(metaKey(volume, lba));
-      const count = Math.min(META_PAGE, blocks - lba);
+      const n = Math.min(META_PAGE, blocks - lba);
       let d = this.digests.get(pk);
-      if (!d || d.count !== count) {
-        const r = this.captureRange(volume, lba, count);
-        d = { count, digest: crypto.createHash('sha256').update(r.kinds).update(r.cids).digest() };
+      if (!d || d.count !== n) {
+        const r = this.captureRange(volume, lba, n);
+        d = { count: n, digest: crypto.createHash('sha256').update(r.kinds).update(r.cids).digest() };
         this.digests.set(pk, d);
       }
-      d.digest.copy(out, c * 32);
+      d.digest.copy(out, (c - first) * 32);
     }
     return out;
   }

@@ -65,7 +65,7 @@ export type Frame =
   | { blocks: { seq: number; blocks: WireBlock[] } }
   | { ack: { seq: number } }
   | { superseded: { volume: string; generation: number } }
-  | { verifyChunks: { seq: number; digests: Buffer } }
+  | { verifyChunks: { seq: number; first: number; digests: Buffer } }
   | { verifyChunksResult: { seq: number; mismatched: number[] } }
   | { verifyBlocks: { seq: number; lba: number; kinds: Buffer; cids: Buffer } }
   | { verifyBlocksResult: { seq: number; mismatched: number[] } }
@@ -252,7 +252,7 @@ export function decodeFrameBody(bytes: Uint8Array): Frame {
       const digests = viewOf(m['digests']);
       if (digests.length % 32 !== 0)
         throw new LinkProtocolError('ERR_LINK_MALFORMED', `chunk digests of ${digests.length} bytes`);
-      return { verifyChunks: { seq: toNumber(m['seq'] ?? 0), digests } };
+      return { verifyChunks: { seq: toNumber(m['seq'] ?? 0), first: toNumber(m['first'] ?? 0), digests } };
     }
     case 'verifyChunksResult':
     case 'verifyBlocksResult': {

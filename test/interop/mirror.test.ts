@@ -98,6 +98,38 @@ describe('mirrored volumes', () => {
     fs.rmSync(dir, { recursive: true, force: true });
   });
 
+  /** A new volume mirrored to the replica, written with qemu-io `commands`, once in sync. */
+  async function mirroredVolume(name: string, size: string, commands: string[]): Promise<void> {
+    await createVolume(primary, name, size);
+    assert.equal((await primary.cli('replica', 'add', name, '--to', to)).code, 0);
+    await check('qemu-io', ['-f', 'raw', ...commands.flatMap((c) => ['-c', c]), primary.uri(name)]);
+    await waitForState(primary, name, 'in-sync', true);
+  }
+
+  /**
+   * Behind the replica gateway's back (stopped, its index edited, started again): block `lba`
+   * of its copy of `volume` maps to block `like`'s content.
+   */
+  async function remapOnReplica(volume: string, lba: number, like: number): Promise<void> {
+    const replicaDir = replica.dataDir;
+    const port = replicationPort(replica);
+    await replica.stop();
+    const { env, meta, state } = openIndex(path.join(replicaDir, 'store'));
+    const vid = (state.get('store') as { volumes: Record<string, number> }).volumes[volume]!;
+    const key = (block: number): Buffer => {
+      const k = Buffer.alloc(12);
+      k.writeUInt32BE(vid, 0);
+      k.writeUInt32BE(block, 8);
+      return k;
+    };
+    await meta.put(key(lba), Buffer.from(meta.getBinary(key(like))!));
+    await env.close();
+    replica = await Gateway.start({
+      dataDir: replicaDir,
+      args: ['--cluster-key', keyFile, '--replication-listen', `127.0.0.1:${port}`],
+    });
+  }
+
   it('syncs a volume that holds data and mirrors later writes (async)', async () => {
     await createVolume(primary, 'a1', '64M');
     await check('qemu-io', [
@@ -247,45 +279,38 @@ describe('mirrored volumes', () => {
   });
 
   it('verify finds a block of the replica changed behind its gateway, and only that one', async () => {
-    await createVolume(primary, 'v1', '16M');
-    assert.equal((await primary.cli('replica', 'add', 'v1', '--to', to)).code, 0);
-    await check('qemu-io', [
-      '-f',
-      'raw',
-      '-c',
-      'write -P 0x51 0 1M',
-      '-c',
-      'write -P 0x52 1M 1M',
-      primary.uri('v1'),
-    ]);
-    await waitForState(primary, 'v1', 'in-sync', true);
+    await mirroredVolume('v1', '16M', ['write -P 0x51 0 1M', 'write -P 0x52 1M 1M']);
     const same = await primary.cli('verify', 'v1');
     assert.equal(same.code, 0, same.stdout + same.stderr);
     assert.match(same.stdout, /same content/);
 
     // Behind the replica gateway's back: block 300 of its copy now maps to block 0's content.
-    const replicaDir = replica.dataDir;
-    const port = replicationPort(replica);
-    await replica.stop();
-    const { env, meta, state } = openIndex(path.join(replicaDir, 'store'));
-    const vid = (state.get('store') as { volumes: Record<string, number> }).volumes['v1']!;
-    const key = (lba: number): Buffer => {
-      const k = Buffer.alloc(12);
-      k.writeUInt32BE(vid, 0);
-      k.writeUInt32BE(lba, 8);
-      return k;
-    };
-    await meta.put(key(300), Buffer.from(meta.getBinary(key(0))!));
-    await env.close();
-    replica = await Gateway.start({
-      dataDir: replicaDir,
-      args: ['--cluster-key', keyFile, '--replication-listen', `127.0.0.1:${port}`],
-    });
+    await remapOnReplica('v1', 300, 0);
     await waitForState(primary, 'v1', 'in-sync', true);
     const differs = await primary.cli('verify', 'v1', '--json');
     assert.equal(differs.code, 1, differs.stderr);
     const report = JSON.parse(differs.stdout) as { replicas: Array<{ mismatched: unknown[] }> };
     assert.deepEqual(report.replicas[0]!.mismatched, [{ offset: 300 * 4096, length: 4096 }]);
+  });
+
+  it('verify compares a volume larger than one request a slice at a time, and finds a block in the last', async () => {
+    // 17 GiB, thin: chunks 0-4095 go in the first request, 4096-4351 in the second.
+    const lba = 4200 * 1024 + 5;
+    await mirroredVolume('big', '17G', ['write -P 0x61 0 4k', `write -P 0x62 ${lba * 4096} 4k`]);
+    const same = await primary.cli('verify', 'big', '--json');
+    assert.equal(same.code, 0, same.stdout + same.stderr);
+    assert.equal(
+      (JSON.parse(same.stdout) as { replicas: Array<{ chunks: number }> }).replicas[0]!.chunks,
+      4352,
+    );
+
+    // Behind the replica gateway's back: the block in the second slice maps to block 0's content.
+    await remapOnReplica('big', lba, 0);
+    await waitForState(primary, 'big', 'in-sync', true);
+    const differs = await primary.cli('verify', 'big', '--json');
+    assert.equal(differs.code, 1, differs.stderr);
+    const report = JSON.parse(differs.stdout) as { replicas: Array<{ mismatched: unknown[] }> };
+    assert.deepEqual(report.replicas[0]!.mismatched, [{ offset: lba * 4096, length: 4096 }]);
   });
 
   it('survives a link that stalls and one that is cut, losing nothing acknowledged', async () => {

@@ -269,6 +269,19 @@ describe('replication link', () => {
     }
   });
 
+  it('compares a slice of chunks a verify names, and refuses one past the volume', async () => {
+    const { link, answer } = await mirrorPeer('m-verify', domain);
+    assert.deepEqual(answer, { mirrorReady: { volume: 'm-verify', seeded: false } });
+    // The 1 MiB volume is one chunk; no digest is all zeroes.
+    let next = nextFrame(link);
+    link.send({ verifyChunks: { seq: 1, first: 0, digests: Buffer.alloc(32) } });
+    assert.deepEqual(await next, { verifyChunksResult: { seq: 1, mismatched: [0] } });
+    next = nextFrame(link);
+    link.send({ verifyChunks: { seq: 2, first: 1, digests: Buffer.alloc(32) } });
+    const f = await next;
+    assert.ok('error' in f && f.error.code === 'ERR_LINK_MALFORMED', JSON.stringify(f));
+  });
+
   it('does not apply a batch still waiting for its blocks when the copy is promoted meanwhile', async () => {
     const { link, answer } = await mirrorPeer('m-promoted', domain);
     assert.deepEqual(answer, { mirrorReady: { volume: 'm-promoted', seeded: false } });

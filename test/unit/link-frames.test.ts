@@ -47,6 +47,12 @@ describe('replication link frames', () => {
     );
   });
 
+  it('round-trip a verify request for a slice of chunks, with its first chunk', () => {
+    const frame: Frame = { verifyChunks: { seq: 3, first: 8192, digests: Buffer.alloc(64, 0x5a) } };
+    const [got] = readAll(new FrameReader(1 << 20), [encodeFrame(frame)]);
+    assert.deepEqual(got, frame);
+  });
+
   it('round-trip a batch whose extents hold no data (empty content ids) and its blocks', () => {
     const frame: Frame = {
       batch: {
