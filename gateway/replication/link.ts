@@ -14,6 +14,7 @@ import {
   frameKind,
   LINK_VERSION,
 } from '../../protocol/replication/frames';
+import { BLOCK_SIZE } from '../nbd/export-flags';
 import { sharedLookup } from '../util/shared-lookup';
 
 /** Every outgoing link's name lookups: one in flight per host name (shared-lookup.ts). */
@@ -27,6 +28,20 @@ export const HANDSHAKE_TIMEOUT_MS = 10_000;
 const LINGER_MS = 1000;
 
 export type Role = 'connector' | 'acceptor';
+
+/**
+ * The longest frame each side may send. The connector is a primary: its batch (or its
+ * Blocks answer to a Need) can carry a client's largest write with every block inline,
+ * under 64 bytes of extent and framing per block; a batch of several writes stops at
+ * 1024 blocks. The acceptor is a replica: acknowledgements, Needs (an ordinal per block of
+ * a batch) and verify answers, tens of KiB at most. A peer that takes less than this side
+ * sends is refused at the handshake: met on the first large write instead, its refusal of
+ * the frame would drop the link, and every reconnection would fail the same way.
+ */
+export const LARGEST_FRAME: Readonly<Record<Role, number>> = {
+  connector: BLOCK_SIZE.maximum + (BLOCK_SIZE.maximum / 4096) * 64 + 64 * 1024,
+  acceptor: 1024 * 1024,
+};
 
 export interface LinkIdentity {
   gatewayId: string;
@@ -189,6 +204,11 @@ export function establish(
           throw new LinkProtocolError('ERR_LINK_MALFORMED', 'hello without a gateway id');
         if (h.gatewayId === me.gatewayId)
           throw new LinkProtocolError('ERR_LINK_AUTH', "peer claims this gateway's own identity");
+        if (h.maxFrame < LARGEST_FRAME[role])
+          throw new LinkProtocolError(
+            'ERR_LINK_FRAME_TOO_LARGE',
+            `peer takes frames of up to ${h.maxFrame} bytes; this gateway's can be ${LARGEST_FRAME[role]}`,
+          );
         peer = { id: h.gatewayId, nonce: h.nonce, maxFrame: h.maxFrame };
         socket.write(encodeFrame({ proof: { mac: proof(me.key, role, nonce, peer.nonce, me.gatewayId) } }));
         return;

@@ -12,7 +12,13 @@ import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { encodeFrame, Frame, FrameReader } from '../../protocol/replication/frames';
 import { LinkProtocolError } from '../../protocol/replication/errors';
-import { connectLink, Link, LinkRefusedError } from '../../gateway/replication/link';
+import {
+  connectLink,
+  establish,
+  LARGEST_FRAME,
+  Link,
+  LinkRefusedError,
+} from '../../gateway/replication/link';
 import { Gateway } from '../helpers/gateway';
 import { BlockHasher } from '../../gateway/store/block-codec';
 import { clusterSecret, contentDomain } from '../../gateway/store/dedup-store';
@@ -108,6 +114,37 @@ describe('replication link', () => {
       ['ERR_LINK_FRAME_TOO_LARGE'],
     );
     await gw.waitForLog(/refused: ERR_LINK_FRAME_TOO_LARGE/);
+  });
+
+  it('refuses a primary that takes smaller frames than a replica answers with', async () => {
+    await assert.rejects(
+      connectLink('127.0.0.1', port, { gatewayId: peerId, key, maxFrame: 64 * 1024 }),
+      (e: unknown) => e instanceof LinkRefusedError && e.peerCode === 'ERR_LINK_FRAME_TOO_LARGE',
+    );
+    await gw.waitForLog(/refused: ERR_LINK_FRAME_TOO_LARGE: peer takes frames of up to 65536 bytes/);
+  });
+
+  it('as a primary, refuses a replica that takes smaller frames than its largest batch', async () => {
+    const replicaSide: Array<Promise<unknown>> = [];
+    const server = net.createServer((socket) => {
+      const me = { gatewayId: crypto.randomBytes(16).toString('hex'), key, maxFrame: 1 << 20 };
+      replicaSide.push(establish(socket, 'acceptor', me).catch((e: unknown) => e));
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    try {
+      const { port: small } = server.address() as net.AddressInfo;
+      await assert.rejects(
+        connectLink('127.0.0.1', small, { gatewayId: peerId, key, maxFrame: 64 << 20 }),
+        (e: unknown) =>
+          e instanceof LinkProtocolError &&
+          e.code === 'ERR_LINK_FRAME_TOO_LARGE' &&
+          e.message.includes(`this gateway's can be ${LARGEST_FRAME.connector}`),
+      );
+      const refused = await replicaSide[0];
+      assert.ok(refused instanceof LinkRefusedError && refused.peerCode === 'ERR_LINK_FRAME_TOO_LARGE');
+    } finally {
+      server.close();
+    }
   });
 
   it('refuses a message type it does not know, on an authenticated link too', async () => {
