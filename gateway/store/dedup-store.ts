@@ -1714,7 +1714,9 @@ export class DedupStore {
       if (!d || d.count !== n) {
         const r = this.captureRange(volume, lba, n);
         d = { count: n, digest: crypto.createHash('sha256').update(r.kinds).update(r.cids).digest() };
-        this.digests.set(pk, d);
+        // Only chunks holding data are kept: a thin volume is mostly chunks without, cheap to
+        // capture again, and an entry for each would cost a 10 TiB volume's verify ~2.5M.
+        if (r.cids.length > 0) this.digests.set(pk, d);
       }
       d.digest.copy(out, (c - first) * 32);
     }
