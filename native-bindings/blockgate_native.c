@@ -836,6 +836,26 @@ static napi_value js_peer_credentials(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/*
+ * sendBuffer(fd, bytes) -> the socket's send buffer after asking for `bytes` (SO_SNDBUF;
+ * the kernel caps the request at net.core.wmem_max and reports double what it keeps).
+ */
+static napi_value js_send_buffer(napi_env env, napi_callback_info info) {
+  napi_value argv[2], result;
+  int64_t fd, bytes;
+  if (!get_args(env, info, 2, argv)) return NULL;
+  if (!get_i64(env, argv[0], &fd, "fd") || !get_i64(env, argv[1], &bytes, "bytes")) return NULL;
+  int v = bytes > 0x7fffffff ? 0x7fffffff : (int)bytes;
+  socklen_t len = sizeof v;
+  if (setsockopt((int)fd, SOL_SOCKET, SO_SNDBUF, &v, sizeof v) < 0 ||
+      getsockopt((int)fd, SOL_SOCKET, SO_SNDBUF, &v, &len) < 0) {
+    napi_throw(env, make_errno_error(env, errno, "setsockopt(SO_SNDBUF)"));
+    return NULL;
+  }
+  CHECK(napi_create_int64(env, v, &result));
+  return result;
+}
+
 /* A string argument, copied into a malloc'd buffer (NULL, with a TypeError thrown, if it is not one). */
 static char *dup_string(napi_env env, napi_value v) {
   size_t len = 0;
@@ -928,6 +948,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"keepHeapMemory", NULL, js_keep_heap_memory, NULL, NULL, NULL, napi_enumerable, NULL},
       {"blockDeviceSize", NULL, js_block_device_size, NULL, NULL, NULL, napi_enumerable, NULL},
       {"peerCredentials", NULL, js_peer_credentials, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"sendBuffer", NULL, js_send_buffer, NULL, NULL, NULL, napi_enumerable, NULL},
       {"reexec", NULL, js_reexec, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));

@@ -90,6 +90,11 @@ export interface NativeBindings {
   blockDeviceSize(fd: number): number;
   peerCredentials(fd: number): { pid: number; uid: number; gid: number };
   /**
+   * Asks for a socket send buffer of `bytes` (SO_SNDBUF; capped by net.core.wmem_max) and
+   * returns what the socket has then (the kernel reports twice what it keeps for data).
+   */
+  sendBuffer(fd: number, bytes: number): number;
+  /**
    * execv(path, args): this process becomes that program, with the same process id and
    * the same stdio. Returns only by throwing (an Error with `code`, e.g. ENOENT).
    */
