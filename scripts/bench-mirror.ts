@@ -26,7 +26,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { buildCorpusImage, changedVolume, IdealBytes, IMAGE, sh, VOLUMES } from './corpus';
 import { fio, Gw, inSync, mirrors, Pair, startPair, stopPair } from './bench-gateway';
-import { cpuSeconds } from './proc-cpu';
+import { cpuPerUnitUs, cpuSeconds, formatCpu } from './proc-cpu';
 
 const MiB = 1 << 20;
 const GiB = 1 << 30;
@@ -46,11 +46,6 @@ const RAMP = quick ? 0 : 2;
 const timed = ['--time_based', `--runtime=${RUNTIME}`, `--ramp_time=${RAMP}`];
 
 const CONFIGS = ['none', 'async', 'sync'] as const;
-
-/** A CPU figure, or a dash where /proc could not say (a gateway gone mid-run). */
-function cpuText(x: number, digits: number, unit: string): string {
-  return Number.isFinite(x) ? `${x.toFixed(digits)} ${unit}` : '—';
-}
 
 function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
@@ -92,13 +87,11 @@ async function throughputRun(tmp: string, config: string, round: number): Promis
     const r4k = measured(pair, () => fio(uri, 'randwrite', '4k', 32, timed));
     process.stderr.write(`mirror bench: ${config}: 1M write${tag}\n`);
     const r1m = measured(pair, () => fio(uri, 'write', '1M', 8, timed));
-    // fio reports the rate after its ramp; the ramp ran at about the same rate.
-    const seconds = RUNTIME + RAMP;
     return {
       iops: r4k.iops,
       mbps: r1m.mbps,
-      cpu4k: (r4k.cpu * 1e6) / (r4k.iops * seconds),
-      cpu1m: (r1m.cpu * 1e6) / (r1m.mbps * seconds),
+      cpu4k: cpuPerUnitUs(r4k.cpu, r4k.iops, RUNTIME + RAMP),
+      cpu1m: cpuPerUnitUs(r1m.cpu, r1m.mbps, RUNTIME + RAMP),
     };
   } finally {
     await stopPair(pair);
@@ -151,9 +144,7 @@ async function throughput(tmp: string): Promise<string[]> {
     '',
     '| replica | CPU per 4k write | CPU per MB |',
     '| --- | ---: | ---: |',
-    ...rows.map(
-      (r) => `| ${r.config} | ${cpuText(r.cpu4k, 1, 'µs')} | ${cpuText(r.cpu1m / 1000, 2, 'ms')} |`,
-    ),
+    ...rows.map((r) => `| ${r.config} | ${formatCpu(r.cpu4k, 'op')} | ${formatCpu(r.cpu1m, 'MB')} |`),
     '',
     `Targets (issue 4): sync ≥ 0.5× no-replica 4k IOPS: ${rows[2]!.iops / none.iops >= 0.5 ? 'PASS' : 'FAIL'}; sync ≥ 0.6× its 1M throughput: ${rows[2]!.mbps / none.mbps >= 0.6 ? 'PASS' : 'FAIL'}.`,
     '',

@@ -18,7 +18,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { HEAP_FLAGS } from '../gateway/util/heap-flags';
 import { formatSize, parseSize } from '../gateway/util/size';
-import { cpuSeconds } from './proc-cpu';
+import { cpuPerUnitUs, cpuSeconds, formatCpu } from './proc-cpu';
 
 const ROOT = path.resolve(__dirname, '..', '..');
 const BIN = path.join(ROOT, 'bin', 'blockgate');
@@ -679,8 +679,7 @@ async function runTarget(
       const m = await fio(w.id, fioArgs(w.id, server.uri, w, opts, true), w.dir, timeout);
       const cpu = cpuSeconds(server.child.pid!) - cpu0;
       const value = w.unit === 'IOPS' ? m.iops : m.mbps;
-      // fio reports the rate after its ramp; the ramp ran at about the same rate.
-      const cpuUs = (cpu * 1e6) / (value * (opts.ramp + opts.runtime));
+      const cpuUs = cpuPerUnitUs(cpu, value, opts.ramp + opts.runtime);
       run.results.set(w.id, { value, p99us: m.p99us, cpuUs });
       progress(
         `  ${w.label.padEnd(13)} ${fmtValue(value, w.unit).padStart(9)} ${w.unit.padEnd(4)}  p99 ${fmtLatency(m.p99us)}` +
@@ -750,8 +749,7 @@ function fmtLatency(us: number | undefined): string {
 
 /** Server CPU per 4 KiB op (µs) or per MB (ms). */
 function fmtCpu(us: number | undefined, unit: 'IOPS' | 'MB/s'): string {
-  if (us === undefined || !Number.isFinite(us)) return '—';
-  return unit === 'IOPS' ? `${us.toFixed(1)} µs` : `${(us / 1000).toFixed(2)} ms`;
+  return formatCpu(us, unit === 'IOPS' ? 'op' : 'MB');
 }
 
 function fmtMiB(bytes: number | undefined): string {

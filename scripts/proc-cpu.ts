@@ -21,3 +21,18 @@ export function cpuSeconds(pid: number): number {
     return NaN;
   }
 }
+
+/**
+ * CPU microseconds per unit of work: `cpu` seconds over a run that went at `rate` units
+ * per second (fio's rate, after its ramp) for `seconds` (ramp included: it ran at about
+ * the same rate).
+ */
+export function cpuPerUnitUs(cpu: number, rate: number, seconds: number): number {
+  return (cpu * 1e6) / (rate * seconds);
+}
+
+/** A CPU figure per 4 KiB op (in µs) or per MB (in ms); a dash where /proc could not say. */
+export function formatCpu(us: number | undefined, per: 'op' | 'MB'): string {
+  if (us === undefined || !Number.isFinite(us)) return '—';
+  return per === 'op' ? `${us.toFixed(1)} µs` : `${(us / 1000).toFixed(2)} ms`;
+}

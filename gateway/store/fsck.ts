@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { TreeState } from './volume-tree';
 import { openIndex } from './index-db';
+import { isSpareFile } from './segments';
 import { BlockHasher, CorruptBlockError, decodeRecord } from './block-codec';
 import {
   BLOCK,
@@ -169,7 +170,7 @@ export function fsckStore(storeDir: string): FsckReport {
     const segDir = path.join(storeDir, 'segments');
     for (const f of fs.existsSync(segDir) ? fs.readdirSync(segDir) : []) {
       if (f.endsWith('.seg')) segmentBytes += fs.statSync(path.join(segDir, f)).size;
-      else if (f.startsWith('spare-')) spareBytes += fs.statSync(path.join(segDir, f)).size;
+      else if (isSpareFile(f)) spareBytes += fs.statSync(path.join(segDir, f)).size;
     }
     for (const fd of fds.values()) fs.closeSync(fd);
     const liveBytes = [...live.values()].reduce((a, b) => a + b, 0);

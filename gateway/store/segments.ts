@@ -31,6 +31,11 @@ const MAX_SPARES = 2;
 // its last file, and a spare named after one could then be replaced by another.
 const SPARE_NAME = /^spare-[0-9a-f]{12}$/;
 
+/** Whether a file name in the segments directory is a spare's (fsck counts them apart). */
+export function isSpareFile(name: string): boolean {
+  return SPARE_NAME.test(name);
+}
+
 interface Segment {
   fd: number;
   reads: IoBatcher;
@@ -87,7 +92,7 @@ export class SegmentFiles {
     for (const n of existing) this.onDisk.add(n);
     this.current = existing.length ? existing[existing.length - 1]! + 1 : 1;
     // A previous run's spares are as good as this run's: their contents are never read.
-    for (const f of fs.readdirSync(dir).filter((f) => SPARE_NAME.test(f))) {
+    for (const f of fs.readdirSync(dir).filter(isSpareFile)) {
       if (this.spares.length < MAX_SPARES) this.spares.push(path.join(dir, f));
       else fs.rmSync(path.join(dir, f), { force: true });
     }
