@@ -19,6 +19,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type { Database, RootDatabase } from 'lmdb';
 import { openIndex } from './index-db';
+import { convertLegacyRows, dataEntries, dataPageKeyInto, dataPageNumber, entryOffset } from './data-pages';
 import { BlockError } from '../device/errors';
 import { native } from '../../native-bindings';
 import { sharedBufferPool } from '../util/buffer-pool';
@@ -43,10 +44,9 @@ import {
   MASK_BLOCK,
   RECORD_HEADER,
   ZERO_BLOCK,
-  decodeDataEntry,
+  decodeDataEntryAt,
   decodeId,
   decodeMetaKey,
-  encodeIdInto,
   encodeMetaKey,
   encodeMetaKeyInto,
   metaKey,
@@ -303,6 +303,8 @@ export class DedupStore {
   // Scratch for the synchronous paths, which never await while holding them.
   private readonly metaKeyBuf = Buffer.allocUnsafe(12);
   private readonly idKeyBuf = Buffer.allocUnsafe(8);
+  /** Datamap pages found damaged, each logged once. */
+  private readonly damagedPages = new Set<number>();
   private readonly recordScratch = Buffer.allocUnsafe(RECORD_HEADER + BLOCK);
   private readonly blockScratch = Buffer.allocUnsafe(BLOCK);
   private readonly mirrorScratch = Buffer.allocUnsafe(BLOCK);
@@ -399,7 +401,16 @@ export class DedupStore {
 
   static open(dir: string, log: Logger, opts: StoreOptions = {}): DedupStore {
     fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
-    const { env, meta: metaDb, data: dataDb, hash: hashDb, state: stateDb } = openIndex(dir, opts);
+    const {
+      env,
+      meta: metaDb,
+      data: dataDb,
+      legacyData,
+      hash: hashDb,
+      state: stateDb,
+    } = openIndex(dir, opts);
+    if (!dataDb || (opts.readOnly && legacyData && legacyData.getKeysCount() > 0))
+      throw new Error(`${dir}: the store's datamap predates pages; open it once read-write to convert it`);
     let state = stateDb.get('store') as StoreState | undefined;
     if (!state) {
       if (opts.readOnly) throw new Error(`${dir} holds no dedup store`);
@@ -425,6 +436,10 @@ export class DedupStore {
     // Stores written before the hash index moved to memory kept it as an LMDB tree:
     // emptied once, so nothing pays for keeping it.
     if (!opts.readOnly && hashDb.getKeysCount() > 0) hashDb.clearSync();
+    if (!opts.readOnly && legacyData) {
+      const moved = convertLegacyRows(env, legacyData, dataDb);
+      if (moved) log.info(`datamap: ${moved} entries converted to pages`);
+    }
     const segments = new SegmentFiles(path.join(dir, 'segments'), (err) => log.error(err.message));
     const poolMin = opts.readOnly
       ? null
@@ -492,8 +507,10 @@ export class DedupStore {
    */
   private buildHashIndex(): HashIndex {
     const index = new HashIndex(Math.ceil((this.state.uniqueBlocks + 1024) / 0.7));
-    for (const { key, value } of this.dataDb.getRange({}))
-      index.add(decodeDataEntry(value as Buffer).hash, decodeId(key as Buffer));
+    // A damaged page's blocks are left out: their reads fail, and fsck names the page.
+    const bad = (err: Error): void => this.log.error(err.message);
+    for (const { id, entry } of dataEntries({ data: this.dataDb, legacyData: undefined }, bad))
+      index.add(entry.subarray(20, 36), id);
     return index;
   }
 
@@ -657,9 +674,20 @@ export class DedupStore {
     if (this.dying.has(id)) return undefined;
     const e = this.live.newData.get(id) ?? this.frozen?.newData.get(id);
     if (e) return e;
-    const b = this.dataDb.getBinaryFast(encodeIdInto(id, this.idKeyBuf));
+    const b = this.dataDb.getBinaryFast(dataPageKeyInto(id, this.idKeyBuf));
     if (b === undefined) return undefined;
-    const d = decodeDataEntry(b);
+    let at: number;
+    try {
+      at = entryOffset(b, id);
+    } catch (err) {
+      // A damaged page: its blocks read as missing (EIO), writes store new copies, and the
+      // compactor keeps their segments. The index writer refuses to change the page.
+      if (!this.damagedPages.has(dataPageNumber(id))) this.log.error((err as Error).message);
+      this.damagedPages.add(dataPageNumber(id));
+      return undefined;
+    }
+    if (at < 0) return undefined;
+    const d = decodeDataEntryAt(b, at);
     const m = this.live.moved.get(id) ?? this.frozen?.moved.get(id);
     return m ? { ...d, segment: m.segment, offset: m.offset } : d;
   }
@@ -1449,7 +1477,8 @@ export class DedupStore {
     const key = Buffer.allocUnsafe(8);
     const deleted = new NumMap();
     const check = (_v: number, id: number): void => {
-      if (!this.dataDb.getBinaryFast(encodeIdInto(id, key))) deleted.set(id, 1);
+      const page = this.dataDb.getBinaryFast(dataPageKeyInto(id, key));
+      if (!page || entryOffset(page, id) < 0) deleted.set(id, 1);
     };
     this.dying.forEach(check);
     this.releasing.forEach(check);

@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { TreeState } from './volume-tree';
 import { openIndex } from './index-db';
+import { dataEntries } from './data-pages';
 import { isSpareFile } from './segments';
 import { BlockHasher, CorruptBlockError, decodeRecord } from './block-codec';
 import {
@@ -38,7 +39,7 @@ export interface FsckReport {
 const MAX_LISTED = 50;
 
 export function fsckStore(storeDir: string): FsckReport {
-  const { env, meta: metaDb, data: dataDb, state: stateDb } = openIndex(storeDir, { readOnly: true });
+  const { env, meta: metaDb, data, legacyData, state: stateDb } = openIndex(storeDir, { readOnly: true });
   const problems: string[] = [];
   let problemCount = 0;
   const problem = (p: string): void => {
@@ -104,10 +105,9 @@ export function fsckStore(storeDir: string): FsckReport {
       }
       return fds.get(seg);
     };
-    for (const { key, value } of dataDb.getRange({})) {
+    for (const { id, entry } of dataEntries({ data, legacyData }, (err) => problem(err.message))) {
       dataBlocks++;
-      const id = decodeId(key as Buffer);
-      const e = decodeDataEntry(value as Buffer);
+      const e = decodeDataEntry(entry);
       const counted = refs.get(id) ?? 0;
       refs.delete(id);
       if (e.refcount !== counted)

@@ -5,7 +5,13 @@ import { Database, open, RootDatabase } from 'lmdb';
 export interface IndexDb {
   env: RootDatabase;
   meta: Database<Buffer, Buffer>;
-  data: Database<Buffer, Buffer>;
+  /** The datamap, in pages of entries (data-pages.ts). Absent only read-only, from a store not yet converted. */
+  data: Database<Buffer, Buffer> | undefined;
+  /**
+   * The datamap as stores before pages kept it, an entry per block id, converted when the
+   * store opens (convertLegacyRows). Absent read-only, from a store made since.
+   */
+  legacyData: Database<Buffer, Buffer> | undefined;
   hash: Database<Buffer, Buffer>;
   state: Database<unknown, string>;
 }
@@ -18,10 +24,12 @@ export function openIndex(storeDir: string, opts: { readOnly?: boolean } = {}): 
     readOnly: opts.readOnly,
   });
   const binary = { keyEncoding: 'binary' as const, encoding: 'binary' as const };
+  // Read-only, openDB answers undefined for a tree the store does not have.
   return {
     env,
     meta: env.openDB<Buffer, Buffer>({ name: 'meta', ...binary }),
-    data: env.openDB<Buffer, Buffer>({ name: 'data', ...binary }),
+    data: env.openDB<Buffer, Buffer>({ name: 'data-pages', ...binary }),
+    legacyData: env.openDB<Buffer, Buffer>({ name: 'data', ...binary }),
     hash: env.openDB<Buffer, Buffer>({ name: 'hash', ...binary }),
     state: env.openDB<unknown, string>({ name: 'state', encoding: 'json' }),
   };

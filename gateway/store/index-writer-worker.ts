@@ -17,10 +17,13 @@ import {
 import { RECORD_HEADER, encodeIdInto, encodeMetaKeyInto, metaKeyLba, metaKeyVolume } from './layout';
 import { openIndex } from './index-db';
 import { HOLE } from './overlay';
+import { pageToChange, dataPageNumber, emptyPage, entryOffset, isEmptyPage, setPresent } from './data-pages';
 import { NumMap } from './num-map';
 
 const { dir } = workerData as { dir: string };
-const { env, meta: metaDb, data: dataDb, state: stateDb } = openIndex(dir);
+const { env, meta: metaDb, data, state: stateDb } = openIndex(dir);
+// Made by the store's own open, which converts older stores before it starts this worker.
+const dataDb = data!;
 
 /** What this worker owns in the store state; the rest comes from the main thread. */
 interface WriterState {
@@ -54,6 +57,20 @@ function loadCommitted(): { state: WriterState; zero: NumMap } {
     },
     zero,
   };
+}
+
+/** The datamap pages a commit changes, by page number: loaded once, put once. */
+const touched = new Map<number, Buffer>();
+
+function pageFor(id: number): Buffer {
+  const n = dataPageNumber(id);
+  let page = touched.get(n);
+  if (!page) {
+    const stored = dataDb.getBinary(encodeIdInto(n, idBuf));
+    page = stored ? pageToChange(stored, n) : emptyPage();
+    touched.set(n, page);
+  }
+  return page;
 }
 
 // Key and value buffers reused for every put: LMDB copies them at the call.
@@ -124,13 +141,17 @@ function apply(req: CheckpointRequest): CheckpointReply {
 
   const rows = req.rows;
   const bytes = Buffer.from(rows.buffer, rows.byteOffset, rows.byteLength);
+  // Pages are loaded on first touch and written once, after the rows: consecutive ids share
+  // one (data-pages.ts), and a run of fresh or freed blocks is a put per page.
+  touched.clear();
   for (let r = 0; r < req.rowCount; r++) {
     const at = r * ROW_SLOTS;
     const id = rows[at]!;
     const kind = rows[at + 2]!;
     const fresh = (kind & ROW_FRESH) !== 0;
     const dying = (kind & ROW_DYING) !== 0;
-    const key = encodeIdInto(id, idBuf);
+    let page: Buffer | undefined;
+    let slot = -1;
     let segment: number;
     let offset: number;
     let storedLength: number;
@@ -144,17 +165,18 @@ function apply(req: CheckpointRequest): CheckpointReply {
       refcount = 0;
       copy16(bytes, at * 8 + ROW_HASH_BYTE, entryBuf, 20);
     } else {
-      const b = dataDb.getBinaryFast(key);
-      if (!b) {
+      page = pageFor(id);
+      slot = entryOffset(page, id);
+      if (slot < 0) {
         if (!dying) missing.push(id);
         continue;
       }
-      segment = b.readUInt32BE(0);
-      offset = b.readUInt32BE(4);
-      storedLength = b.readUInt32BE(8);
-      flags = b.readUInt16BE(12);
-      refcount = b.readUInt32BE(16);
-      copy16(b, 20, entryBuf, 20);
+      segment = page.readUInt32BE(slot);
+      offset = page.readUInt32BE(slot + 4);
+      storedLength = page.readUInt32BE(slot + 8);
+      flags = page.readUInt16BE(slot + 12);
+      refcount = page.readUInt32BE(slot + 16);
+      copy16(page, slot + 20, entryBuf, 20);
     }
     const stored = RECORD_HEADER + storedLength;
     refcount += rows[at + 1]!;
@@ -163,7 +185,7 @@ function apply(req: CheckpointRequest): CheckpointReply {
     if (refcount <= 0 && fresh && dying) continue;
     if (refcount <= 0 && dying) {
       // Marked dying at the freeze, so nothing can have linked to it since.
-      dataDb.remove(key);
+      setPresent(page!, id, false);
       noteGone(id);
       state.uniqueBlocks--;
       state.storedBytes -= stored;
@@ -184,13 +206,22 @@ function apply(req: CheckpointRequest): CheckpointReply {
       offset = rows[at + 8]!;
       live(segment, stored);
     }
-    entryBuf.writeUInt32BE(segment, 0);
-    entryBuf.writeUInt32BE(offset, 4);
-    entryBuf.writeUInt32BE(storedLength, 8);
-    entryBuf.writeUInt16BE(flags, 12);
-    entryBuf.writeUInt16BE(0, 14);
-    entryBuf.writeUInt32BE(Math.max(refcount, 0), 16);
-    dataDb.put(key, entryBuf);
+    page ??= pageFor(id);
+    slot = setPresent(page, id, true);
+    page.writeUInt32BE(segment, slot);
+    page.writeUInt32BE(offset, slot + 4);
+    page.writeUInt32BE(storedLength, slot + 8);
+    page.writeUInt16BE(flags, slot + 12);
+    page.writeUInt16BE(0, slot + 14);
+    page.writeUInt32BE(Math.max(refcount, 0), slot + 16);
+    copy16(entryBuf, 20, page, slot + 20);
+  }
+  // In key order: neighbouring puts then share B-tree pages.
+  for (const n of [...touched.keys()].sort((a, b) => a - b)) {
+    const page = touched.get(n)!;
+    const key = encodeIdInto(n, idBuf);
+    if (isEmptyPage(page)) dataDb.remove(key);
+    else dataDb.put(key, page);
   }
   const zeroRef = new Float64Array(zero.size);
   let z = 0;

@@ -79,29 +79,39 @@ export interface DataEntry {
   hash: Buffer;
 }
 
-const DATA_ENTRY = 36;
+/** Bytes of an encoded entry. */
+export const DATA_ENTRY = 36;
 
 export function encodeDataEntry(e: DataEntry): Buffer {
-  const b = Buffer.allocUnsafe(DATA_ENTRY);
-  b.writeUInt32BE(e.segment, 0);
-  b.writeUInt32BE(e.offset, 4);
-  b.writeUInt32BE(e.storedLength, 8);
-  b.writeUInt16BE(e.flags, 12);
-  b.writeUInt16BE(0, 14);
-  b.writeUInt32BE(e.refcount, 16);
-  e.hash.copy(b, 20);
+  return encodeDataEntryInto(e, Buffer.allocUnsafe(DATA_ENTRY), 0);
+}
+
+/** encodeDataEntry into b[at..at+DATA_ENTRY] (a slot of a datamap page). */
+export function encodeDataEntryInto(e: DataEntry, b: Buffer, at: number): Buffer {
+  b.writeUInt32BE(e.segment, at);
+  b.writeUInt32BE(e.offset, at + 4);
+  b.writeUInt32BE(e.storedLength, at + 8);
+  b.writeUInt16BE(e.flags, at + 12);
+  b.writeUInt16BE(0, at + 14);
+  b.writeUInt32BE(e.refcount, at + 16);
+  e.hash.copy(b, at + 20);
   return b;
 }
 
 export function decodeDataEntry(b: Buffer): DataEntry {
   if (b.length !== DATA_ENTRY) throw new Error(`datamap entry of ${b.length} bytes`);
+  return decodeDataEntryAt(b, 0);
+}
+
+/** The entry at b[at..at+DATA_ENTRY] (within a datamap page). */
+export function decodeDataEntryAt(b: Buffer, at: number): DataEntry {
   return {
-    segment: b.readUInt32BE(0),
-    offset: b.readUInt32BE(4),
-    storedLength: b.readUInt32BE(8),
-    flags: b.readUInt16BE(12),
-    refcount: b.readUInt32BE(16),
-    hash: Buffer.from(b.subarray(20, 36)),
+    segment: b.readUInt32BE(at),
+    offset: b.readUInt32BE(at + 4),
+    storedLength: b.readUInt32BE(at + 8),
+    flags: b.readUInt16BE(at + 12),
+    refcount: b.readUInt32BE(at + 16),
+    hash: Buffer.from(b.subarray(at + 20, at + 36)),
   };
 }
 

@@ -8,9 +8,10 @@ import { DedupDevice } from '../../gateway/store/dedup-device';
 import { DedupStore } from '../../gateway/store/dedup-store';
 import { fsckStore } from '../../gateway/store/fsck';
 import { openIndex } from '../../gateway/store/index-db';
+import type { Database } from 'lmdb';
+import { dataEntries, dataPageKeyInto, entryOffset } from '../../gateway/store/data-pages';
 import {
-  decodeDataEntry,
-  encodeDataEntry,
+  DATA_ENTRY,
   encodeId,
   encodeMetaKey,
   RECORD_HEADER,
@@ -54,13 +55,40 @@ async function closeConsistent(store: DedupStore, dir: string): Promise<void> {
   assert.deepEqual(fsckStore(dir).problems, []);
 }
 
-/** Flips a bit of the hash in the first datamap entry of a closed store. */
+/** Changes block `id`'s datamap entry (its 36 bytes, in place) in its page, as a damaged index would. */
+async function editEntry(
+  data: Database<Buffer, Buffer>,
+  id: number,
+  edit: (entry: Buffer) => void,
+): Promise<void> {
+  const key = dataPageKeyInto(id, Buffer.alloc(8));
+  const page = Buffer.from(data.get(key)!);
+  const at = entryOffset(page, id);
+  assert.ok(at >= 0, `block ${id} has a datamap entry`);
+  edit(page.subarray(at, at + DATA_ENTRY));
+  await data.put(key, page);
+}
+
+/**
+ * Rewrites a closed store's datamap as stores before pages kept it, an entry per block
+ * id in the old tree. Returns the entries.
+ */
+async function unpageDatamap(dir: string): Promise<number> {
+  const { env, data, legacyData } = openIndex(dir);
+  let n = 0;
+  for (const { id, entry } of dataEntries({ data, legacyData: undefined }, (err) => assert.fail(err))) {
+    await legacyData!.put(encodeId(id), Buffer.from(entry));
+    n++;
+  }
+  await data!.clearAsync();
+  await env.close();
+  return n;
+}
+
+/** Flips a bit of the hash in the first datamap entry (block 1) of a closed store. */
 async function flipEntryHashBit(dir: string): Promise<void> {
   const { env, data } = openIndex(dir);
-  const [first] = [...data.getRange({ limit: 1 })];
-  const entry = Buffer.from(first!.value as Buffer);
-  entry[25] = entry[25]! ^ 0x01;
-  await data.put(first!.key as Buffer, entry);
+  await editEntry(data!, 1, (entry) => (entry[25] = entry[25]! ^ 0x01));
   await env.close();
 }
 
@@ -370,6 +398,24 @@ describe('dedup store', () => {
     await store.close();
   });
 
+  it('answers EIO for the blocks of a damaged datamap page, and serves the other pages', async () => {
+    const { dir, store, dev } = freshVolume();
+    await dev.write(0, Buffer.concat(Array.from({ length: 40 }, (_, i) => block(i + 1, i))));
+    await store.close();
+    const { env, data } = openIndex(dir);
+    const key = dataPageKeyInto(1, Buffer.alloc(8));
+    await data!.put(key, Buffer.from(data!.get(key)!).subarray(0, 100));
+    await env.close();
+    const again = DedupStore.open(dir, silentLogger);
+    const dev2 = new DedupDevice(again, again.volumeId('a'), 1 << 20);
+    await assert.rejects(dev2.read(0, Buffer.alloc(4096)), { code: 'EIO' });
+    await assert.rejects(dev2.read(0, Buffer.alloc(64 * 1024)), { code: 'EIO' });
+    const other = Buffer.alloc(4096);
+    await dev2.read(35 * 4096, other); // block id 36, on page 1
+    assert.ok(other.equals(block(36, 35)));
+    await again.close();
+  });
+
   it('does not compact away a record whose datamap entry disagrees with its header', async () => {
     const dir = path.join(tmp, `s${n++}`);
     let store = DedupStore.open(dir, silentLogger);
@@ -482,8 +528,7 @@ describe('fsck', () => {
     // Block 1 unmapped and counted down as a checkpoint would, but never queued for deletion.
     const { env, meta, data, state } = openIndex(dir);
     await meta.remove(encodeMetaKey(1, 0));
-    const entry = decodeDataEntry(Buffer.from(data.get(encodeId(1))!));
-    await data.put(encodeId(1), encodeDataEntry({ ...entry, refcount: 0 }));
+    await editEntry(data!, 1, (entry) => entry.writeUInt32BE(0, 16)); // refcount
     const s = state.get('store') as {
       mappedBlocks: number;
       zeroRef?: number[];
@@ -514,10 +559,7 @@ describe('fsck', () => {
   it('reports a datamap entry with an impossible length and goes on checking the rest', async () => {
     const dir = await storeWithBlocks();
     const { env, data } = openIndex(dir);
-    const [first] = [...data.getRange({ limit: 1 })];
-    const entry = Buffer.from(first!.value as Buffer);
-    entry.writeUInt32BE(1 << 30, 8); // storedLength
-    await data.put(first!.key as Buffer, entry);
+    await editEntry(data!, 1, (entry) => entry.writeUInt32BE(1 << 30, 8)); // storedLength
     await env.close();
     const report = fsckStore(dir);
     assert.match(report.problems[0]!, /block 1: datamap entry claims 1073741824 stored bytes/);
@@ -527,6 +569,71 @@ describe('fsck', () => {
       report.problems.join('\n'),
     );
     assert.equal(report.dataBlocks, 4);
+  });
+
+  it('reports a datamap page of the wrong length, and the references left without an entry', async () => {
+    const dir = await storeWithBlocks();
+    const { env, data } = openIndex(dir);
+    const key = dataPageKeyInto(1, Buffer.alloc(8));
+    await data!.put(key, Buffer.from(data!.get(key)!).subarray(0, 100));
+    await env.close();
+    const problems = fsckStore(dir).problems;
+    assert.match(problems[0]!, /datamap page 0 holds 100 bytes/);
+    assert.ok(problems.includes('block 1: 1 metamap references but no datamap entry'), problems.join('\n'));
+  });
+
+  it('checks a store whose datamap predates pages', async () => {
+    const dir = await storeWithBlocks();
+    await unpageDatamap(dir);
+    const report = fsckStore(dir);
+    assert.deepEqual(report.problems, []);
+    assert.equal(report.dataBlocks, 4);
+  });
+});
+
+describe('datamap pages', () => {
+  it('converts a datamap kept an entry per block into pages when the store opens', async () => {
+    const { dir, store, dev } = freshVolume('legacy');
+    for (let i = 0; i < 40; i++) await dev.write(i * 4096, block(i + 1, i));
+    await store.close();
+    assert.equal(await unpageDatamap(dir), 40);
+
+    const again = DedupStore.open(dir, silentLogger);
+    const { legacyData, data } = openIndex(dir);
+    assert.equal(legacyData!.getKeysCount(), 0);
+    assert.equal(data!.getKeysCount(), 2); // blocks 1-31 and 32-40
+    const dev2 = new DedupDevice(again, again.volumeId('a'), 1 << 20);
+    const got = Buffer.alloc(4096);
+    for (let i = 0; i < 40; i++) {
+      await dev2.read(i * 4096, got);
+      assert.ok(got.equals(block(i + 1, i)), `block ${i}`);
+    }
+    // Writes after the conversion share the converted blocks and free the replaced ones.
+    await dev2.write(0, block(2, 1));
+    await closeConsistent(again, dir);
+  });
+
+  it('writes a run of new blocks as one page per 32 of them', async () => {
+    const { dir, store, dev } = freshVolume('pages');
+    const run = Buffer.concat(Array.from({ length: 64 }, (_, i) => block(i + 1, i)));
+    await dev.write(0, run);
+    await store.flush();
+    const { data } = openIndex(dir);
+    // Ids 1-64: pages 0 (1-31), 1 (32-63) and 2 (64).
+    assert.equal(data!.getKeysCount(), 3);
+    await closeConsistent(store, dir);
+  });
+
+  it('deletes a page once its last block is gone', async () => {
+    const { dir, store, dev } = freshVolume('pages');
+    await dev.write(0, Buffer.concat(Array.from({ length: 8 }, (_, i) => block(i + 1, i))));
+    await store.flush();
+    await dev.write(0, Buffer.alloc(8 * 4096));
+    await store.flush();
+    await store.flush();
+    const { data } = openIndex(dir);
+    assert.equal(data!.getKeysCount(), 0);
+    await closeConsistent(store, dir);
   });
 });
 
