@@ -62,12 +62,14 @@ export function emptyPage(): Buffer {
 }
 
 /**
- * A page to change, as getBinary returned it (a copy: getBinaryFast's is a view of
- * lmdb-js's shared buffer, valid until the next read), once checked.
+ * Copies a page as LMDB returned it into `into` (DATA_PAGE_BYTES), once checked.
+ * getBinaryFast's answer is a view into lmdb-js's shared buffer that only claims the
+ * value's length, so Buffer.copy and Buffer.from cannot take it; a typed view can.
  */
-export function pageToChange(value: Buffer, pageNumber: number): Buffer {
+export function readPageInto(value: Buffer, pageNumber: number, into: Buffer): Buffer {
   checkPage(value, pageNumber);
-  return value;
+  into.set(new Uint8Array(value.buffer, value.byteOffset, DATA_PAGE_BYTES));
+  return into;
 }
 
 /**

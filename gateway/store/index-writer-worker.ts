@@ -17,7 +17,7 @@ import {
 import { RECORD_HEADER, encodeIdInto, encodeMetaKeyInto, metaKeyLba, metaKeyVolume } from './layout';
 import { openIndex } from './index-db';
 import { HOLE } from './overlay';
-import { pageToChange, dataPageNumber, emptyPage, entryOffset, isEmptyPage, setPresent } from './data-pages';
+import { readPageInto, dataPageNumber, emptyPage, entryOffset, isEmptyPage, setPresent } from './data-pages';
 import { NumMap } from './num-map';
 
 const { dir } = workerData as { dir: string };
@@ -61,16 +61,31 @@ function loadCommitted(): { state: WriterState; zero: NumMap } {
 
 /** The datamap pages a commit changes, by page number: loaded once, put once. */
 const touched = new Map<number, Buffer>();
+/**
+ * Page buffers kept from one commit to the next: a checkpoint of random overwrites
+ * touches tens of thousands of pages, and a new buffer for each was tens of MB of
+ * garbage a commit in this worker's heap.
+ */
+const freePages: Buffer[] = [];
+const KEEP_FREE_PAGES = 16384;
 
 function pageFor(id: number): Buffer {
   const n = dataPageNumber(id);
   let page = touched.get(n);
   if (!page) {
-    const stored = dataDb.getBinary(encodeIdInto(n, idBuf));
-    page = stored ? pageToChange(stored, n) : emptyPage();
+    page = freePages.pop() ?? emptyPage();
+    const stored = dataDb.getBinaryFast(encodeIdInto(n, idBuf));
+    if (stored) readPageInto(stored, n, page);
+    else page.fill(0);
     touched.set(n, page);
   }
   return page;
+}
+
+/** Gives a commit's page buffers back for the next one. */
+function releasePages(): void {
+  for (const page of touched.values()) if (freePages.length < KEEP_FREE_PAGES) freePages.push(page);
+  touched.clear();
 }
 
 // Key and value buffers reused for every put: LMDB copies them at the call.
@@ -143,7 +158,7 @@ function apply(req: CheckpointRequest): CheckpointReply {
   const bytes = Buffer.from(rows.buffer, rows.byteOffset, rows.byteLength);
   // Pages are loaded on first touch and written once, after the rows: consecutive ids share
   // one (data-pages.ts), and a run of fresh or freed blocks is a put per page.
-  touched.clear();
+  releasePages(); // left by a commit that failed
   for (let r = 0; r < req.rowCount; r++) {
     const at = r * ROW_SLOTS;
     const id = rows[at]!;
@@ -223,6 +238,7 @@ function apply(req: CheckpointRequest): CheckpointReply {
     if (isEmptyPage(page)) dataDb.remove(key);
     else dataDb.put(key, page);
   }
+  releasePages();
   const zeroRef = new Float64Array(zero.size);
   let z = 0;
   zero.forEach((_v, id) => (zeroRef[z++] = id));
