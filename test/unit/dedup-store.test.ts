@@ -591,7 +591,7 @@ describe('fsck', () => {
   });
 });
 
-describe('datamap pages', () => {
+describe('datamap pages in a store', () => {
   it('converts a datamap kept an entry per block into pages when the store opens', async () => {
     const { dir, store, dev } = freshVolume('legacy');
     for (let i = 0; i < 40; i++) await dev.write(i * 4096, block(i + 1, i));
