@@ -1,0 +1,42 @@
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+import { BufferPool } from '../../gateway/util/buffer-pool';
+
+describe('buffer pool', () => {
+  it('hands a released 4 KiB buffer out again', () => {
+    const pool = new BufferPool();
+    const a = pool.acquire(4096);
+    pool.release(a);
+    const b = pool.acquire(4096);
+    assert.equal(b.buffer, a.buffer);
+  });
+
+  it('serves a size from the next power of two, exactly as long as asked', () => {
+    const pool = new BufferPool();
+    const a = pool.acquire(5000);
+    assert.equal(a.length, 5000);
+    assert.equal(a.buffer.byteLength, 8192);
+    pool.release(a);
+    assert.equal(pool.acquire(6000).buffer, a.buffer);
+  });
+
+  it('does not take back a buffer under 4 KiB, or a view into another buffer', () => {
+    const pool = new BufferPool();
+    const small = pool.acquire(100);
+    pool.release(small);
+    const whole = pool.acquire(8192);
+    pool.release(whole.subarray(4096));
+    assert.notEqual(pool.acquire(4096).buffer, whole.buffer);
+    assert.notEqual(pool.acquire(8192).buffer, whole.buffer);
+  });
+
+  it('keeps no more than its limit', () => {
+    const pool = new BufferPool(128 * 1024, 8192);
+    const a = pool.acquire(8192);
+    const b = pool.acquire(8192);
+    pool.release(a);
+    pool.release(b); // over the 8 KiB held: dropped
+    assert.equal(pool.acquire(8192).buffer, a.buffer);
+    assert.notEqual(pool.acquire(8192).buffer, b.buffer);
+  });
+});
