@@ -83,8 +83,8 @@ const DEFAULT_OVERLAY_LIMIT = 2 * CHECKPOINT_ENTRIES;
 const THROTTLE_ROUNDS = 10;
 /**
  * Record buffers of single-block writes kept for reuse. A new 4 KiB buffer per write was
- * external memory V8 answered with collections: 11% of a sync-mirrored primary's event
- * loop at 4k random writes.
+ * external memory V8 answered with collections: about half the garbage collection of a
+ * 4k random write (9.1 -> 4.8 ms per thousand writes, profiled).
  */
 const RECORD_BUFFERS_KEPT = 256;
 

@@ -82,22 +82,6 @@ export interface DataEntry {
 /** Bytes of an encoded entry. */
 export const DATA_ENTRY = 36;
 
-export function encodeDataEntry(e: DataEntry): Buffer {
-  return encodeDataEntryInto(e, Buffer.allocUnsafe(DATA_ENTRY), 0);
-}
-
-/** encodeDataEntry into b[at..at+DATA_ENTRY] (a slot of a datamap page). */
-export function encodeDataEntryInto(e: DataEntry, b: Buffer, at: number): Buffer {
-  b.writeUInt32BE(e.segment, at);
-  b.writeUInt32BE(e.offset, at + 4);
-  b.writeUInt32BE(e.storedLength, at + 8);
-  b.writeUInt16BE(e.flags, at + 12);
-  b.writeUInt16BE(0, at + 14);
-  b.writeUInt32BE(e.refcount, at + 16);
-  e.hash.copy(b, at + 20);
-  return b;
-}
-
 export function decodeDataEntry(b: Buffer): DataEntry {
   if (b.length !== DATA_ENTRY) throw new Error(`datamap entry of ${b.length} bytes`);
   return decodeDataEntryAt(b, 0);
