@@ -30,6 +30,14 @@ export interface Capabilities {
 
 export interface WriteFlags {
   fua?: boolean;
+  /**
+   * Called once, synchronously, at the moment the write becomes what reads see, when a
+   * device can tell that moment before the write completes (its bytes may not be on
+   * their way to disk yet). A device that cannot tell never calls it; completion is then
+   * that moment. Must not throw. The write splitter captures the new state here, so a
+   * replica's round trip overlaps the local segment write rather than following it.
+   */
+  applied?: () => void;
 }
 
 export interface ZeroFlags extends WriteFlags {

@@ -2,7 +2,9 @@
 // applied locally, hands the state of the blocks it touched (captured in that
 // tick) to each of the volume's mirrors, and answers the client when the
 // mirrors allow (at once for async replicas; at the acknowledgement for sync
-// ones). FLUSH waits for every sync replica to be durable too. A volume in
+// ones) and the local write is done. A write is captured as soon as reads see
+// it (WriteFlags.applied), so the replica's round trip runs while the local
+// segment write does, as DRBD submits the local and the remote write at once. FLUSH waits for every sync replica to be durable too. A volume in
 // split brain (a newer generation of it exists elsewhere) refuses writes: EPERM.
 
 import type { BlockDevice, WriteFlags, ZeroFlags } from '../device/block-device';
@@ -31,7 +33,9 @@ export class MirrorLayer extends Layer {
   }
 
   override write(offset: number, data: Buffer, flags?: WriteFlags): Promise<void> {
-    return this.change(offset, data.length, flags?.fua === true, () => this.next.write(offset, data, flags));
+    return this.change(offset, data.length, flags?.fua === true, (applied) =>
+      this.next.write(offset, data, { ...flags, applied }),
+    );
   }
 
   /**
@@ -43,7 +47,7 @@ export class MirrorLayer extends Layer {
     offset: number,
     length: number,
     durable: boolean,
-    apply: () => Promise<void>,
+    apply: (applied?: () => void) => Promise<void>,
   ): Promise<void> {
     this.check();
     let ms = this.mirrors();
@@ -61,8 +65,26 @@ export class MirrorLayer extends Layer {
     try {
       const ready = holds.map((h) => h.ready).filter((p): p is Promise<void> => p !== null);
       if (ready.length) await Promise.all(ready);
-      await this.guard(apply(), offset, length);
-      return this.split(offset, length, durable);
+      let captured = false;
+      let mirrored: Promise<void> | undefined;
+      const applied = (): void => {
+        if (captured) return;
+        captured = true;
+        // Called inside the store's write, which a throw would undo: any failure here
+        // leaves the range to a resync instead.
+        try {
+          mirrored = this.split(offset, length, durable);
+        } catch {
+          this.dirty(offset, length);
+          return;
+        }
+        // Observed here: a local failure below leaves it unawaited (the range goes dirty,
+        // and a resync sends the replica whatever this copy then holds).
+        mirrored?.catch(() => undefined);
+      };
+      await this.guard(apply(applied), offset, length);
+      if (!captured) return this.split(offset, length, durable);
+      return mirrored;
     } finally {
       for (const h of holds) h.release();
     }

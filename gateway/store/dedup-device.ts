@@ -125,10 +125,13 @@ export class DedupDevice implements BlockDevice {
       // Whole blocks with no change in flight on them: one batch through the store,
       // registered as the lock of each block so a later read-modify-write waits for it.
       const head = firstWhole * BLOCK - offset;
+      const tailStart = endWhole * BLOCK - offset;
+      // With edges, the request applies in parts at different times: no early `applied`.
       const whole = this.store.writeBlocks(
         this.volume,
         firstWhole,
         data.subarray(head, head + (endWhole - firstWhole) * BLOCK),
+        head === 0 && tailStart === data.length ? flags?.applied : undefined,
       );
       const tail = whole.then(
         () => undefined,
@@ -139,9 +142,12 @@ export class DedupDevice implements BlockDevice {
       void tail.then(() => this.batches.delete(batch));
       const edges: Promise<void>[] = [];
       if (head > 0) edges.push(this.writePartial(offset, data.subarray(0, head)));
-      const tailStart = endWhole * BLOCK - offset;
       if (tailStart < data.length) edges.push(this.writePartial(endWhole * BLOCK, data.subarray(tailStart)));
       await settleAll([whole, ...edges]);
+    } else if (data.length === BLOCK && offset % BLOCK === 0) {
+      // One whole block (a 4 KiB write): its mapping changes at one moment, which `applied` tells.
+      const lba = offset / BLOCK;
+      await this.withBlock(lba, () => this.store.writeBlock(this.volume, lba, data, flags?.applied));
     } else {
       await this.writePartial(offset, data);
     }

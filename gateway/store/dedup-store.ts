@@ -904,26 +904,35 @@ export class DedupStore {
   }
 
   /** Stores one 4 KiB block at (volume, lba): shared if its bytes are already stored, else appended. */
-  async writeBlock(volume: number, lba: number, block: Buffer): Promise<void> {
+  async writeBlock(volume: number, lba: number, block: Buffer, applied?: () => void): Promise<void> {
     this.foregroundOps++;
     this.refuseAfterFailure();
     if (this.overFull()) await this.throttle();
     const key = metaKey(volume, lba);
     if (isZeroBlock(block)) {
       this.setMeta(key, ZERO_BLOCK);
+      applied?.();
       return;
     }
     const hash = this.hasher.hash(block);
-    return this.storeBlock(key, block, hash);
+    return this.storeBlock(key, block, hash, undefined, applied);
   }
 
-  private async storeBlock(key: number, block: Buffer, hash: Buffer, first?: number): Promise<void> {
+  /** `applied` (WriteFlags.applied) is called once the block's mapping has changed. */
+  private async storeBlock(
+    key: number,
+    block: Buffer,
+    hash: Buffer,
+    first?: number,
+    applied?: () => void,
+  ): Promise<void> {
     let match = first ?? this.matchNow(block, hash);
     for (let tries = 0; match === WAIT && tries < SETTLE_TRIES; tries++) {
       match = this.matchNow(block, hash, await this.settle(hash));
     }
     if (match > 0) {
       this.setMeta(key, match);
+      applied?.();
       return;
     }
     // Still undecided after SETTLE_TRIES: a copy of its own is always correct.
@@ -951,6 +960,7 @@ export class DedupStore {
       if (indexed) this.hashIndex.set(hash, id);
       undo[0]!.old = this.setMeta(key, id);
       this.cache.notePlace(key, id, segment, offset, record.length - RECORD_HEADER);
+      applied?.();
       await written;
       this.remember(id, record);
     } catch (err) {
@@ -1147,15 +1157,15 @@ export class DedupStore {
    * the request and hash hits (compared byte for byte) are linked instead. Blocks
    * whose compare must wait take the single-block path.
    */
-  async writeBlocks(volume: number, lba: number, data: Buffer): Promise<void> {
+  async writeBlocks(volume: number, lba: number, data: Buffer, applied?: () => void): Promise<void> {
     this.foregroundOps++;
     this.refuseAfterFailure();
     if (this.overFull()) await this.throttle();
     const count = data.length / BLOCK;
-    if (!this.pool || count < this.poolMinBlocks) return this.storeBatch(volume, lba, data, null);
+    if (!this.pool || count < this.poolMinBlocks) return this.storeBatch(volume, lba, data, null, applied);
     const batch = await this.pool.encode(data);
     try {
-      await this.storeBatch(volume, lba, data, batch);
+      await this.storeBatch(volume, lba, data, batch, applied);
     } finally {
       this.pool.release(batch);
     }
@@ -1167,6 +1177,7 @@ export class DedupStore {
     lba: number,
     data: Buffer,
     batch: BatchView | null,
+    applied: (() => void) | undefined,
   ): Promise<void> {
     const count = data.length / BLOCK;
     // Pooled: a fresh MiB costs page faults on every request. Only the segment write
@@ -1174,7 +1185,7 @@ export class DedupStore {
     const slab = sharedBufferPool.acquire(count * (RECORD_HEADER + BLOCK));
     const use: SlabUse = { written: null };
     try {
-      await this.storeInto(slab, use, volume, lba, data, batch);
+      await this.storeInto(slab, use, volume, lba, data, batch, applied);
     } finally {
       // Whatever went wrong, the slab goes back only once no write reads from it.
       if (use.written) await use.written.catch(() => undefined);
@@ -1189,6 +1200,7 @@ export class DedupStore {
     lba: number,
     data: Buffer,
     batch: BatchView | null,
+    applied: (() => void) | undefined,
   ): Promise<void> {
     const count = data.length / BLOCK;
     let used = 0;
@@ -1258,10 +1270,14 @@ export class DedupStore {
     // Observed from here on: one failing while the new records are written must not go
     // unhandled (Node ends the process on an unhandled rejection).
     const waited = Promise.allSettled(later);
+    // Blocks still deciding (`later`) change their mappings after some wait: the request's
+    // mapping is whole only at completion, so `applied` is left uncalled.
+    const early = later.length === 0 ? applied : undefined;
     // Whatever fails here (segments.append opens a new file, and can throw), the blocks
     // still being stored in `later` read this request's payload: they finish first.
     try {
-      if (fresh.length) await this.storeFresh(slab.subarray(0, used), use, fresh, repeats);
+      if (fresh.length) await this.storeFresh(slab.subarray(0, used), use, fresh, repeats, early);
+      else early?.();
     } catch (err) {
       await waited;
       throw err;
@@ -1270,7 +1286,13 @@ export class DedupStore {
   }
 
   /** storeInto's new records: one segment write, then their mappings; undone if it fails. */
-  private async storeFresh(records: Buffer, use: SlabUse, fresh: Fresh[], repeats: Repeat[]): Promise<void> {
+  private async storeFresh(
+    records: Buffer,
+    use: SlabUse,
+    fresh: Fresh[],
+    repeats: Repeat[],
+    applied: (() => void) | undefined,
+  ): Promise<void> {
     const { segment, offset, written } = this.segments.append(records);
     use.written = written;
     const starts = new Uint32Array(fresh.length + 1);
@@ -1298,6 +1320,7 @@ export class DedupStore {
         this.cache.notePlace(f.key, f.id, segment, offset + f.at, f.length - RECORD_HEADER);
       }
       for (const r of repeats) r.old = this.setMeta(r.key, r.of.id);
+      applied?.();
       await written;
       // Copied from the slab in place: a view per block was an allocation per block.
       for (const f of fresh) this.remember(f.id, records, f.at, f.length);

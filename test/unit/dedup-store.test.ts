@@ -19,6 +19,7 @@ import {
 } from '../../gateway/store/layout';
 import { Compactor } from '../../gateway/store/compactor';
 import { silentLogger } from '../../gateway/util/log';
+import { KIND_DATA, KIND_ZERO } from '../../protocol/replication/block-kinds';
 import { native } from '../../native-bindings';
 import { IoBatcher } from '../../gateway/device/io-batcher';
 
@@ -184,6 +185,48 @@ describe('dedup store', () => {
     detach();
     await dev.write(8192, block(1, 3));
     assert.equal(store.captureRange(volume, 2, 1).sources[0]!.record, undefined);
+    await store.close();
+  });
+
+  it('says a 4 KiB write applied while its segment write is in flight, and a capture then holds it', async () => {
+    const store = fresh();
+    const volume = store.volumeId('a');
+    const dev = new DedupDevice(store, volume, 1 << 20);
+    let capture: ReturnType<DedupStore['captureRange']> | undefined;
+    await dev.write(8192, block(7, 1), { applied: () => (capture = store.captureRange(volume, 2, 1)) });
+    assert.ok(capture);
+    assert.deepEqual(capture.cids, store.captureRange(volume, 2, 1).cids);
+    // No mirror is attached, so a record held in memory is one whose write was still in flight.
+    assert.ok(capture.sources[0]!.record, 'captured before the segment write completed');
+    await store.close();
+  });
+
+  it('says a whole-block batch write applied once, in flight, with every block mapped', async () => {
+    const store = fresh();
+    const volume = store.volumeId('a');
+    const dev = new DedupDevice(store, volume, 1 << 20);
+    const data = Buffer.concat([block(1, 1), Buffer.alloc(4096), block(1, 1), block(2, 2)]);
+    let calls = 0;
+    let capture: ReturnType<DedupStore['captureRange']> | undefined;
+    await dev.write(0, data, {
+      applied: () => {
+        calls++;
+        capture = store.captureRange(volume, 0, 4);
+      },
+    });
+    assert.equal(calls, 1);
+    assert.deepEqual([...capture!.kinds], [KIND_DATA, KIND_ZERO, KIND_DATA, KIND_DATA]);
+    assert.deepEqual(capture!.cids, store.captureRange(volume, 0, 4).cids);
+    assert.ok(capture!.sources.every((s) => s.record !== undefined));
+    await store.close();
+  });
+
+  it('never says an unaligned write applied early: it applies in parts', async () => {
+    const store = fresh();
+    const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+    let calls = 0;
+    await dev.write(512, Buffer.alloc(3 * 4096, 9), { applied: () => calls++ });
+    assert.equal(calls, 0);
     await store.close();
   });
 
