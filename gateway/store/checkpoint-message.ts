@@ -44,6 +44,8 @@ export interface CheckpointReply {
   gone: { ids: Float64Array; hashes: Uint8Array };
   /** Blocks referenced by the index that the datamap lacks: a bug if ever non-empty. */
   missing: number[];
+  /** Datamap pages found damaged: changes to their blocks' counts were dropped (index-writer-worker.ts). */
+  damagedPages: number[];
 }
 
 function sharedFloats(n: number): Float64Array {

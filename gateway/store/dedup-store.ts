@@ -311,6 +311,8 @@ export class DedupStore {
   private readonly recordBuffers: Buffer[] = [];
   /** Datamap pages found damaged, each logged once. */
   private readonly damagedPages = new Set<number>();
+  /** Datamap pages the index writer reported damaged (their counts leak), each logged once. */
+  private readonly leakingPages = new Set<number>();
   private readonly recordScratch = Buffer.allocUnsafe(RECORD_HEADER + BLOCK);
   private readonly blockScratch = Buffer.allocUnsafe(BLOCK);
   private readonly mirrorScratch = Buffer.allocUnsafe(BLOCK);
@@ -687,7 +689,8 @@ export class DedupStore {
       at = entryOffset(b, id);
     } catch (err) {
       // A damaged page: its blocks read as missing (EIO), writes store new copies, and the
-      // compactor keeps their segments. The index writer refuses to change the page.
+      // compactor keeps their segments. The index writer leaves the page as it is (the
+      // counts of its blocks leak) unless a new block is numbered into it.
       if (!this.damagedPages.has(dataPageNumber(id))) this.log.error((err as Error).message);
       this.damagedPages.add(dataPageNumber(id));
       return undefined;
@@ -1525,6 +1528,7 @@ export class DedupStore {
       zeroRef: Float64Array.from(s.zeroRef ?? []),
       gone: { ids: new Float64Array(0), hashes: new Uint8Array(0) },
       missing: [],
+      damagedPages: [],
     };
   }
 
@@ -1560,6 +1564,14 @@ export class DedupStore {
   private adoptCommit(reply: CheckpointReply, gone: Array<{ id: number; hash: Buffer }>): void {
     if (reply.missing.length) {
       this.log.error(`checkpoint: references to missing blocks ${reply.missing.slice(0, 10).join(', ')}`);
+    }
+    for (const n of reply.damagedPages) {
+      if (this.leakingPages.has(n)) continue;
+      this.leakingPages.add(n);
+      this.log.error(
+        `datamap page ${n} is damaged: the reference counts of its blocks are no longer kept ` +
+          `(their space is not reclaimed); run fsck`,
+      );
     }
     this.state.uniqueBlocks = reply.counters.uniqueBlocks;
     this.state.storedBytes = reply.counters.storedBytes;

@@ -17,7 +17,15 @@ import {
 import { RECORD_HEADER, encodeIdInto, encodeMetaKeyInto, metaKeyLba, metaKeyVolume } from './layout';
 import { openIndex } from './index-db';
 import { HOLE } from './overlay';
-import { readPageInto, dataPageNumber, emptyPage, entryOffset, isEmptyPage, setPresent } from './data-pages';
+import {
+  DataPageError,
+  readPageInto,
+  dataPageNumber,
+  emptyPage,
+  entryOffset,
+  isEmptyPage,
+  setPresent,
+} from './data-pages';
 import { NumMap } from './num-map';
 
 const { dir } = workerData as { dir: string };
@@ -69,14 +77,37 @@ const touched = new Map<number, Buffer>();
 const freePages: Buffer[] = [];
 const KEEP_FREE_PAGES = 16384;
 
-function pageFor(id: number): Buffer {
+/**
+ * Pages this commit found damaged (not a page's length, say). Nothing can be read from
+ * one, so the changes to its blocks' counts are dropped (their space leaks, and fsck
+ * names the page) rather than failing every commit from then on: one bad value would
+ * otherwise stop the store taking durable writes at all. A new block numbered into one
+ * (the newest page) starts it over empty: its unreadable entries were lost already.
+ */
+const damaged = new Set<number>();
+
+/** The page holding `id`, loaded once per commit; null for a damaged one unless `fresh`. */
+function pageFor(id: number, fresh = false): Buffer | null {
   const n = dataPageNumber(id);
+  if (damaged.has(n) && !fresh) return null;
   let page = touched.get(n);
   if (!page) {
     page = freePages.pop() ?? emptyPage();
     const stored = dataDb.getBinaryFast(encodeIdInto(n, idBuf));
-    if (stored) readPageInto(stored, n, page);
-    else page.fill(0);
+    page.fill(0);
+    if (stored) {
+      try {
+        readPageInto(stored, n, page);
+      } catch (err) {
+        if (!(err instanceof DataPageError)) throw err;
+        damaged.add(n);
+        page.fill(0);
+        if (!fresh) {
+          freePages.push(page);
+          return null;
+        }
+      }
+    }
     touched.set(n, page);
   }
   return page;
@@ -159,6 +190,7 @@ function apply(req: CheckpointRequest): CheckpointReply {
   // Pages are loaded on first touch and written once, after the rows: consecutive ids share
   // one (data-pages.ts), and a run of fresh or freed blocks is a put per page.
   releasePages(); // left by a commit that failed
+  damaged.clear();
   for (let r = 0; r < req.rowCount; r++) {
     const at = r * ROW_SLOTS;
     const id = rows[at]!;
@@ -180,7 +212,9 @@ function apply(req: CheckpointRequest): CheckpointReply {
       refcount = 0;
       copy16(bytes, at * 8 + ROW_HASH_BYTE, entryBuf, 20);
     } else {
-      page = pageFor(id);
+      const p = pageFor(id);
+      if (!p) continue; // damaged: this block's count is no longer kept
+      page = p;
       slot = entryOffset(page, id);
       if (slot < 0) {
         if (!dying) missing.push(id);
@@ -221,7 +255,7 @@ function apply(req: CheckpointRequest): CheckpointReply {
       offset = rows[at + 8]!;
       live(segment, stored);
     }
-    page ??= pageFor(id);
+    page ??= pageFor(id, true)!;
     slot = setPresent(page, id, true);
     page.writeUInt32BE(segment, slot);
     page.writeUInt32BE(offset, slot + 4);
@@ -255,6 +289,7 @@ function apply(req: CheckpointRequest): CheckpointReply {
     zeroRef,
     gone: { ids: goneIds.subarray(0, goneCount), hashes: goneHashes.subarray(0, 16 * goneCount) },
     missing,
+    damagedPages: [...damaged],
   };
 }
 

@@ -56,6 +56,14 @@ async function closeConsistent(store: DedupStore, dir: string): Promise<void> {
   assert.deepEqual(fsckStore(dir).problems, []);
 }
 
+/** Cuts the datamap page holding block `id` short, as a damaged index value would be. */
+async function damagePage(dir: string, id: number): Promise<void> {
+  const { env, data } = openIndex(dir);
+  const key = dataPageKeyInto(id, Buffer.alloc(8));
+  await data!.put(key, Buffer.from(data!.get(key)!).subarray(0, 100));
+  await env.close();
+}
+
 /** Changes block `id`'s datamap entry (its 36 bytes, in place) in its page, as a damaged index would. */
 async function editEntry(
   data: Database<Buffer, Buffer>,
@@ -445,10 +453,7 @@ describe('dedup store', () => {
     const { dir, store, dev } = freshVolume();
     await dev.write(0, Buffer.concat(Array.from({ length: 40 }, (_, i) => block(i + 1, i))));
     await store.close();
-    const { env, data } = openIndex(dir);
-    const key = dataPageKeyInto(1, Buffer.alloc(8));
-    await data!.put(key, Buffer.from(data!.get(key)!).subarray(0, 100));
-    await env.close();
+    await damagePage(dir, 1);
     const again = DedupStore.open(dir, silentLogger);
     const dev2 = new DedupDevice(again, again.volumeId('a'), 1 << 20);
     await assert.rejects(dev2.read(0, Buffer.alloc(4096)), { code: 'EIO' });
@@ -456,6 +461,52 @@ describe('dedup store', () => {
     const other = Buffer.alloc(4096);
     await dev2.read(35 * 4096, other); // block id 36, on page 1
     assert.ok(other.equals(block(36, 35)));
+    await again.close();
+  });
+
+  it('keeps taking durable writes over the blocks of a damaged datamap page', async () => {
+    const { dir, store, dev } = freshVolume();
+    await dev.write(0, Buffer.concat(Array.from({ length: 40 }, (_, i) => block(i + 1, i))));
+    await store.close();
+    await damagePage(dir, 1);
+    let again = DedupStore.open(dir, silentLogger);
+    let dev2 = new DedupDevice(again, again.volumeId('a'), 1 << 20);
+    // Block 0's old copy (id 1) is on the damaged page: its count can no longer be dropped.
+    await dev2.write(0, block(99, 0));
+    await dev2.flush();
+    await dev2.write(40 * 4096, block(98, 40));
+    await dev2.flush();
+    await again.close();
+    again = DedupStore.open(dir, silentLogger);
+    dev2 = new DedupDevice(again, again.volumeId('a'), 1 << 20);
+    const got = Buffer.alloc(4096);
+    await dev2.read(0, got);
+    assert.ok(got.equals(block(99, 0)));
+    await dev2.read(40 * 4096, got);
+    assert.ok(got.equals(block(98, 40)));
+    await assert.rejects(dev2.read(4096, got), { code: 'EIO' }); // id 2, still on the damaged page
+    await again.close();
+    assert.ok(fsckStore(dir).problems.length > 0, 'fsck still names the damaged page');
+  });
+
+  it('starts a damaged newest datamap page over when a new block is numbered into it', async () => {
+    const { dir, store, dev } = freshVolume();
+    await dev.write(0, Buffer.concat(Array.from({ length: 40 }, (_, i) => block(i + 1, i))));
+    await store.close();
+    await damagePage(dir, 33); // ids 32-63: the newest page
+    let again = DedupStore.open(dir, silentLogger);
+    let dev2 = new DedupDevice(again, again.volumeId('a'), 1 << 20);
+    await dev2.write(50 * 4096, block(97, 50)); // id 41, on that page
+    await dev2.flush();
+    await again.close();
+    again = DedupStore.open(dir, silentLogger);
+    dev2 = new DedupDevice(again, again.volumeId('a'), 1 << 20);
+    const got = Buffer.alloc(4096);
+    await dev2.read(50 * 4096, got);
+    assert.ok(got.equals(block(97, 50)));
+    await dev2.read(0, got); // id 1, on the sound page before it
+    assert.ok(got.equals(block(1, 0)));
+    await assert.rejects(dev2.read(35 * 4096, got), { code: 'EIO' }); // id 36: lost with the page
     await again.close();
   });
 
