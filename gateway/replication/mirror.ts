@@ -530,7 +530,9 @@ export class Mirror {
     if (this.pumpTimer) clearTimeout(this.pumpTimer);
     clearInterval(this.watchdog);
     if (this.retry) clearTimeout(this.retry);
-    this.dropLink('mirror removed');
+    // Removing the replica, or closing the volume (the gateway stopping): said as such,
+    // and a clean stop is no warning.
+    this.dropLink(forget ? 'replica removed' : 'mirror closed (volume closed or gateway stopping)', !forget);
     this.link?.close();
   }
 
@@ -740,12 +742,16 @@ export class Mirror {
   }
 
   /** The link is gone or stalled: what was in flight is owed again, and nobody waits for it. */
-  private dropLink(why: string): void {
+  private dropLink(why: string, expected = false): void {
     const link = this.link;
     this.link = null;
     this.peer = null;
     this.sentBytes += link?.bytesOut ?? 0;
-    if (this.state !== 'connecting') this.log.warn(`replica ${this.address} of ${this.volumeName}: ${why}`);
+    if (this.state !== 'connecting')
+      (expected ? this.log.info : this.log.warn).call(
+        this.log,
+        `replica ${this.address} of ${this.volumeName}: ${why}`,
+      );
     this.state = this.closed ? 'connecting' : 'behind';
     this.resyncInflight = 0;
     for (const b of this.inflight.splice(0)) {
