@@ -33,8 +33,9 @@ export class MirrorLayer extends Layer {
   }
 
   override write(offset: number, data: Buffer, flags?: WriteFlags): Promise<void> {
+    // A volume without mirrors passes its flags on as they came: no object per write.
     return this.change(offset, data.length, flags?.fua === true, (applied) =>
-      this.next.write(offset, data, { ...flags, applied }),
+      this.next.write(offset, data, applied ? { ...flags, applied } : flags),
     );
   }
 
