@@ -1011,6 +1011,31 @@ describe('space reclamation', () => {
     await closeConsistent(store, dir);
   });
 
+  it('leaves a segment still losing live data fast to a later background pass', async () => {
+    const dir = path.join(tmp, `dying${n++}`);
+    const store = DedupStore.open(dir, silentLogger);
+    const compactor = new Compactor(store, silentLogger, { intervalMs: 0 });
+    const dev = new DedupDevice(store, store.volumeId('a'), 8 << 20);
+    for (let i = 0; i < 1024; i++) await dev.write(i * 4096, unique(3000 + i));
+    await store.flush();
+    const sealed = store.segments.currentSegment;
+    store.segments.roll();
+    await dev.trim(0, 400 * 4096); // 61% live: no candidate yet
+    assert.equal((await compactor.run(false)).segments, 0);
+    await dev.trim(400 * 4096, 200 * 4096); // 41% live, a fifth of it gone since the last pass
+    const second = await compactor.run(false);
+    assert.equal(second.segments, 0, 'compacted while still being overwritten');
+    assert.ok(store.segments.sealed().includes(sealed));
+    const third = await compactor.run(false); // nothing died since: its turn
+    assert.equal(third.segments, 1);
+    assert.ok(third.movedBytes > 0);
+    const back = Buffer.alloc(4096);
+    await dev.read(700 * 4096, back);
+    assert.ok(back.equals(unique(3700)));
+    await compactor.close();
+    await closeConsistent(store, dir);
+  });
+
   it('walks rather than removes a segment sealed while its pass flushed, though no commit counts its records yet', async () => {
     const dir = path.join(tmp, `retire${n++}`);
     const store = DedupStore.open(dir, silentLogger);
