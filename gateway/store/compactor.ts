@@ -60,6 +60,8 @@ MAGIC.writeUInt32BE(RECORD_MAGIC);
 
 export class Compactor {
   private running: Promise<CompactionResult> | null = null;
+  /** Set by close(): a pass under way stops at its next window (a throttled walk of a big segment took seconds). */
+  private stopping = false;
   private startedAtLastPass = -1;
   /** Live bytes of each sealed segment as the last pass saw them. */
   private liveAtLastPass = new Map<number, number>();
@@ -104,6 +106,7 @@ export class Compactor {
     const lastSeen = this.liveAtLastPass;
     this.liveAtLastPass = new Map();
     for (const n of segs.sealed()) {
+      if (this.stopping) break;
       const size = segs.size(n);
       const liveBytes = this.store.segmentLiveBytes(n);
       this.liveAtLastPass.set(n, liveBytes);
@@ -185,6 +188,9 @@ export class Compactor {
         // Keep at least one whole record in the window.
         if (pos + RECORD_HEADER > bufStart + buf.length || !this.wholeRecordAt(buf, pos - bufStart)) {
           await settleMoves();
+          // Records moved so far stay moved (the store's closing checkpoint keeps them); the
+          // rest wait for a later run.
+          if (this.stopping) break;
           const want = Math.min(CHUNK, size - pos);
           buf = Buffer.alloc(want);
           const got = await new Promise<number>((resolve, reject) =>
@@ -232,6 +238,7 @@ export class Compactor {
       fs.closeSync(fd);
       segs.unpin(n);
     }
+    if (this.stopping) return { moved, deleted: false };
     // The moves and the copies' bytes are durable before the only other copy goes.
     await this.store.collect();
     const left = this.store.segmentLiveBytes(n);
@@ -262,6 +269,7 @@ export class Compactor {
   }
 
   close(): Promise<unknown> {
+    this.stopping = true;
     if (this.timer) clearInterval(this.timer);
     return this.running ?? Promise.resolve();
   }

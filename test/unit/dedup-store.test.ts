@@ -1036,6 +1036,30 @@ describe('space reclamation', () => {
     await closeConsistent(store, dir);
   });
 
+  it('stops a compaction pass at its next window when the compactor closes, and loses nothing', async () => {
+    const dir = path.join(tmp, `stop${n++}`);
+    const store = DedupStore.open(dir, silentLogger);
+    // 1 MiB/s: walking the 8 MiB segment would take ~8 s.
+    const compactor = new Compactor(store, silentLogger, { intervalMs: 0, bytesPerSecond: 1 << 20 });
+    const dev = new DedupDevice(store, store.volumeId('a'), 16 << 20);
+    for (let i = 0; i < 2048; i++) await dev.write(i * 4096, unique(5000 + i));
+    await store.flush();
+    store.segments.roll();
+    await dev.trim(0, 1024 * 4096);
+    const pass = compactor.run(true);
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    const t0 = Date.now();
+    await compactor.close();
+    assert.ok(Date.now() - t0 < 2000, `close took ${Date.now() - t0} ms`);
+    assert.ok((await pass).movedBytes < 4 << 20, 'the pass ran on after close');
+    const back = Buffer.alloc(4096);
+    for (const i of [1024, 1500, 2047]) {
+      await dev.read(i * 4096, back);
+      assert.ok(back.equals(unique(5000 + i)), `block ${i}`);
+    }
+    await closeConsistent(store, dir);
+  });
+
   it('walks rather than removes a segment sealed while its pass flushed, though no commit counts its records yet', async () => {
     const dir = path.join(tmp, `retire${n++}`);
     const store = DedupStore.open(dir, silentLogger);
