@@ -4,8 +4,9 @@
 // mirrors allow (at once for async replicas; at the acknowledgement for sync
 // ones) and the local write is done. A write is captured as soon as reads see
 // it (WriteFlags.applied), so the replica's round trip runs while the local
-// segment write does, as DRBD submits the local and the remote write at once. FLUSH waits for every sync replica to be durable too. A volume in
-// split brain (a newer generation of it exists elsewhere) refuses writes: EPERM.
+// segment write does, as DRBD submits the local and the remote write at once.
+// FLUSH waits for every sync replica to be durable too. A volume in split brain
+// (a newer generation of it exists elsewhere) refuses writes: EPERM.
 
 import type { BlockDevice, WriteFlags, ZeroFlags } from '../device/block-device';
 import { BlockError } from '../device/errors';

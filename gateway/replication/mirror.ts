@@ -747,11 +747,11 @@ export class Mirror {
     this.link = null;
     this.peer = null;
     this.sentBytes += link?.bytesOut ?? 0;
-    if (this.state !== 'connecting')
-      (expected ? this.log.info : this.log.warn).call(
-        this.log,
-        `replica ${this.address} of ${this.volumeName}: ${why}`,
-      );
+    if (this.state !== 'connecting') {
+      const msg = `replica ${this.address} of ${this.volumeName}: ${why}`;
+      if (expected) this.log.info(msg);
+      else this.log.warn(msg);
+    }
     this.state = this.closed ? 'connecting' : 'behind';
     this.resyncInflight = 0;
     for (const b of this.inflight.splice(0)) {

@@ -94,18 +94,18 @@ function pageFor(id: number, fresh = false): Buffer | null {
   if (!page) {
     page = freePages.pop() ?? emptyPage();
     const stored = dataDb.getBinaryFast(encodeIdInto(n, idBuf));
-    page.fill(0);
-    if (stored) {
+    if (!stored) page.fill(0);
+    else {
       try {
         readPageInto(stored, n, page);
       } catch (err) {
         if (!(err instanceof DataPageError)) throw err;
         damaged.add(n);
-        page.fill(0);
         if (!fresh) {
           freePages.push(page);
           return null;
         }
+        page.fill(0);
       }
     }
     touched.set(n, page);

@@ -64,6 +64,21 @@ async function damagePage(dir: string, id: number): Promise<void> {
   await env.close();
 }
 
+/** The store in `dir` opened again, with volume 'a' as a 1 MiB device. */
+function reopenVolume(dir: string): { store: DedupStore; dev: DedupDevice } {
+  const store = DedupStore.open(dir, silentLogger);
+  return { store, dev: new DedupDevice(store, store.volumeId('a'), 1 << 20) };
+}
+
+/** Blocks 0-39 written (ids 1-40: datamap pages 0 and 1), then the page holding `id` damaged; reopened. */
+async function damagedVolume(id: number): Promise<{ dir: string; store: DedupStore; dev: DedupDevice }> {
+  const { dir, store, dev } = freshVolume();
+  await dev.write(0, Buffer.concat(Array.from({ length: 40 }, (_, i) => block(i + 1, i))));
+  await store.close();
+  await damagePage(dir, id);
+  return { dir, ...reopenVolume(dir) };
+}
+
 /** Changes block `id`'s datamap entry (its 36 bytes, in place) in its page, as a damaged index would. */
 async function editEntry(
   data: Database<Buffer, Buffer>,
@@ -450,64 +465,47 @@ describe('dedup store', () => {
   });
 
   it('answers EIO for the blocks of a damaged datamap page, and serves the other pages', async () => {
-    const { dir, store, dev } = freshVolume();
-    await dev.write(0, Buffer.concat(Array.from({ length: 40 }, (_, i) => block(i + 1, i))));
-    await store.close();
-    await damagePage(dir, 1);
-    const again = DedupStore.open(dir, silentLogger);
-    const dev2 = new DedupDevice(again, again.volumeId('a'), 1 << 20);
-    await assert.rejects(dev2.read(0, Buffer.alloc(4096)), { code: 'EIO' });
-    await assert.rejects(dev2.read(0, Buffer.alloc(64 * 1024)), { code: 'EIO' });
+    const { store, dev } = await damagedVolume(1);
+    await assert.rejects(dev.read(0, Buffer.alloc(4096)), { code: 'EIO' });
+    await assert.rejects(dev.read(0, Buffer.alloc(64 * 1024)), { code: 'EIO' });
     const other = Buffer.alloc(4096);
-    await dev2.read(35 * 4096, other); // block id 36, on page 1
+    await dev.read(35 * 4096, other); // block id 36, on page 1
     assert.ok(other.equals(block(36, 35)));
-    await again.close();
+    await store.close();
   });
 
   it('keeps taking durable writes over the blocks of a damaged datamap page', async () => {
-    const { dir, store, dev } = freshVolume();
-    await dev.write(0, Buffer.concat(Array.from({ length: 40 }, (_, i) => block(i + 1, i))));
-    await store.close();
-    await damagePage(dir, 1);
-    let again = DedupStore.open(dir, silentLogger);
-    let dev2 = new DedupDevice(again, again.volumeId('a'), 1 << 20);
+    const { dir, store, dev } = await damagedVolume(1);
     // Block 0's old copy (id 1) is on the damaged page: its count can no longer be dropped.
-    await dev2.write(0, block(99, 0));
-    await dev2.flush();
-    await dev2.write(40 * 4096, block(98, 40));
-    await dev2.flush();
-    await again.close();
-    again = DedupStore.open(dir, silentLogger);
-    dev2 = new DedupDevice(again, again.volumeId('a'), 1 << 20);
+    await dev.write(0, block(99, 0));
+    await dev.flush();
+    await dev.write(40 * 4096, block(98, 40));
+    await dev.flush();
+    await store.close();
+    const { store: reopened, dev: dev2 } = reopenVolume(dir);
     const got = Buffer.alloc(4096);
     await dev2.read(0, got);
     assert.ok(got.equals(block(99, 0)));
     await dev2.read(40 * 4096, got);
     assert.ok(got.equals(block(98, 40)));
     await assert.rejects(dev2.read(4096, got), { code: 'EIO' }); // id 2, still on the damaged page
-    await again.close();
+    await reopened.close();
     assert.ok(fsckStore(dir).problems.length > 0, 'fsck still names the damaged page');
   });
 
   it('starts a damaged newest datamap page over when a new block is numbered into it', async () => {
-    const { dir, store, dev } = freshVolume();
-    await dev.write(0, Buffer.concat(Array.from({ length: 40 }, (_, i) => block(i + 1, i))));
+    const { dir, store, dev } = await damagedVolume(33); // ids 32-63: the newest page
+    await dev.write(50 * 4096, block(97, 50)); // id 41, on that page
+    await dev.flush();
     await store.close();
-    await damagePage(dir, 33); // ids 32-63: the newest page
-    let again = DedupStore.open(dir, silentLogger);
-    let dev2 = new DedupDevice(again, again.volumeId('a'), 1 << 20);
-    await dev2.write(50 * 4096, block(97, 50)); // id 41, on that page
-    await dev2.flush();
-    await again.close();
-    again = DedupStore.open(dir, silentLogger);
-    dev2 = new DedupDevice(again, again.volumeId('a'), 1 << 20);
+    const { store: reopened, dev: dev2 } = reopenVolume(dir);
     const got = Buffer.alloc(4096);
     await dev2.read(50 * 4096, got);
     assert.ok(got.equals(block(97, 50)));
     await dev2.read(0, got); // id 1, on the sound page before it
     assert.ok(got.equals(block(1, 0)));
     await assert.rejects(dev2.read(35 * 4096, got), { code: 'EIO' }); // id 36: lost with the page
-    await again.close();
+    await reopened.close();
   });
 
   it('does not compact away a record whose datamap entry disagrees with its header', async () => {
