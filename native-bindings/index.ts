@@ -74,6 +74,20 @@ export interface NativeBindings {
     fileOffset?: number,
   ): Promise<void>;
   /**
+   * Segment records (header, then lz4 or raw payload, as encodeRecordInto makes them) for
+   * some blocks of `data`, packed one after another into `out`, on the libuv pool. `items`
+   * holds two numbers per record: the block's index in `data` and its block id; `hashes`
+   * the 16-byte hash of every block of `data`; `lengths[k]` gets record k's length. Checked
+   * before the job starts (RangeError); nothing may touch the arguments until it settles.
+   */
+  encodeRecords(
+    data: Buffer,
+    items: Float64Array,
+    hashes: Buffer,
+    out: Buffer,
+    lengths: Int32Array,
+  ): Promise<void>;
+  /**
    * madvise(MADV_DONTNEED) on every mapping of the file at `path` (absolute) in this
    * process: its pages leave the process's RSS and stay in the page cache. Returns the
    * bytes of mappings advised.

@@ -169,6 +169,32 @@ describe('dedup write path', () => {
     assert.deepEqual(results[1], results[0]);
   });
 
+  it('stores a large write packed on the libuv pool exactly as the same blocks written a block at a time', async () => {
+    // Enough new blocks for the pool (at least 64), with zero blocks, repeats and
+    // incompressible blocks among them.
+    const blocks: Buffer[] = [];
+    for (let i = 0; i < 160; i++) {
+      if (i % 11 === 0) blocks.push(Buffer.alloc(4096));
+      else if (i % 7 === 0) blocks.push(block(9, 1));
+      else if (i % 3 === 0) blocks.push(crypto.randomBytes(4096));
+      else blocks.push(block(i, i));
+    }
+    const data = Buffer.concat(blocks);
+    const results = [];
+    for (const whole of [true, false]) {
+      const { store, dir } = open({ hashPoolMin: null });
+      const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);
+      if (whole) await dev.write(0, data);
+      else for (let i = 0; i < blocks.length; i++) await dev.write(4096 * i, blocks[i]!);
+      assert.ok((await readAll(dev, data.length)).equals(data));
+      const s = await store.stats();
+      results.push({ unique: s.uniqueBlocks, stored: s.storedBytes, zero: s.zeroBlocks });
+      await store.close();
+      assert.deepEqual(fsckStore(dir).problems, []);
+    }
+    assert.deepEqual(results[0], results[1]);
+  });
+
   it('fails a FLUSH when the index writer dies under it, and commits everything at the next', async () => {
     const { store, dir } = open();
     const dev = new DedupDevice(store, store.volumeId('a'), 1 << 20);

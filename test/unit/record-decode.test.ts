@@ -11,6 +11,7 @@ import {
   encodeRecord,
 } from '../../gateway/store/block-codec';
 import { RECORD_HEADER } from '../../gateway/store/layout';
+import { native } from '../../native-bindings';
 
 const hasher = new BlockHasher(crypto.randomBytes(192));
 
@@ -219,5 +220,55 @@ describe('batch record decoding on the libuv pool', () => {
     } finally {
       fs.closeSync(fd);
     }
+  });
+});
+
+describe('batch record encoding on the libuv pool', () => {
+  function blocksOf(n: number): { data: Buffer; hashes: Buffer } {
+    const data = Buffer.concat(
+      Array.from({ length: n }, (_v, k) =>
+        k % 2 ? crypto.randomBytes(4096) : Buffer.alloc(4096, `block ${k} `),
+      ),
+    );
+    const hashes = Buffer.alloc(16 * n);
+    hasher.hashBlocks(data, hashes);
+    return { data, hashes };
+  }
+
+  it('packs the chosen blocks end to end, each record as the inline encoder makes it', async () => {
+    const { data, hashes } = blocksOf(6);
+    const chosen = [5, 0, 3, 2]; // any blocks, in any order
+    const items = Float64Array.from(chosen.flatMap((index, k) => [index, 1000 + k]));
+    const out = Buffer.alloc(4 * (RECORD_HEADER + 4096), 0x77);
+    const lengths = new Int32Array(4);
+    await native.encodeRecords(data, items, hashes, out, lengths);
+    let at = 0;
+    chosen.forEach((index, k) => {
+      const block = data.subarray(4096 * index, 4096 * (index + 1));
+      const expected = encodeRecord(1000 + k, block, hashes.subarray(16 * index, 16 * index + 16));
+      assert.equal(lengths[k], expected.length, `record ${k}`);
+      assert.ok(out.subarray(at, at + expected.length).equals(expected), `record ${k}`);
+      at += expected.length;
+    });
+  });
+
+  it('refuses items outside the data, and an output without room, before any work starts', () => {
+    const { data, hashes } = blocksOf(2);
+    const out = Buffer.alloc(2 * (RECORD_HEADER + 4096));
+    const lengths = new Int32Array(2);
+    for (const items of [
+      [0, 1, 2, 2],
+      [0, 1, 1.5, 2],
+      [0, 1, 1, -2],
+      [-1, 1, 1, 2],
+    ])
+      assert.throws(
+        () => void native.encodeRecords(data, Float64Array.from(items), hashes, out, lengths),
+        RangeError,
+      );
+    const good = Float64Array.from([0, 1, 1, 2]);
+    assert.throws(() => void native.encodeRecords(data, good, hashes, out.subarray(1), lengths), RangeError);
+    assert.throws(() => void native.encodeRecords(data, good, hashes.subarray(16), out, lengths), RangeError);
+    assert.throws(() => void native.encodeRecords(data, good, hashes, out, new Int32Array(1)), TypeError);
   });
 });
