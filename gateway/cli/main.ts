@@ -48,7 +48,9 @@ commands:
   replica list VOL [--json]       (state, lag and sync progress of each replica)
   replica remove VOL HOST:PORT
   promote VOL                     (a replica becomes the primary, one generation up)
-  verify VOL [--json]             (compare a primary with its replicas by content ids; exit 1 on a difference)
+  verify VOL [--scrub] [--json]   (compare a primary with its replicas by content ids; --scrub also reads
+                                   every block back on both sides, and sends a replica's damaged ones
+                                   again; exit 1 on a difference or damage)
   demote VOL                      (a primary becomes a replica; its contents are kept as VOL.gN)
   snapshot create VOL SNAP        (crash-consistent point in time; read-only export VOL@SNAP)
   snapshot list VOL [--json]
@@ -77,7 +79,7 @@ ADDR is HOST:PORT or unix:PATH (default ${DEFAULT_LISTEN}); SIZE takes K, M, G, 
 `;
 
 const SPEC = {
-  flags: ['json', 'read-only', 'help', 'dr', 'seeded', 'force', 'cutover'],
+  flags: ['json', 'read-only', 'help', 'dr', 'seeded', 'force', 'cutover', 'scrub'],
   values: [
     'admin',
     'data',
@@ -630,21 +632,41 @@ async function main(argv: string[]): Promise<void> {
     }
     case 'verify': {
       expectPositionals(p, 2, 'verify VOL');
-      onlyOptions(p, ['json']);
-      const r = (await callGateway(adminPath(p), 'verify', { name: p.positionals[1] })) as {
+      onlyOptions(p, ['json', 'scrub']);
+      const r = (await callGateway(adminPath(p), 'verify', {
+        name: p.positionals[1],
+        scrub: p.flags.has('scrub'),
+      })) as {
         volume: string;
         replicas: VerifyReport[];
+        damaged?: Array<{ offset: number; length: number }>;
       };
-      if (r.replicas.some((x) => x.mismatched.length > 0)) process.exitCode = 1;
-      return print(p, r, (x: typeof r) =>
-        x.replicas
-          .map((m) =>
-            m.mismatched.length === 0
-              ? `${m.to}: same content (${m.chunks} chunks compared, replica ${m.state})\n`
-              : `${m.to}: ${m.mismatched.length} range(s) differ (replica ${m.state}):\n` +
-                m.mismatched.map((g) => `  offset ${g.offset} length ${g.length}\n`).join(''),
-          )
-          .join(''),
+      const differ = r.replicas.some((x) => x.mismatched.length > 0 || (x.damaged?.length ?? 0) > 0);
+      if (differ || (r.damaged?.length ?? 0) > 0) process.exitCode = 1;
+      const list = (ranges: Array<{ offset: number; length: number }>): string =>
+        ranges.map((g) => `  offset ${g.offset} length ${g.length}\n`).join('');
+      return print(
+        p,
+        r,
+        (x: typeof r) =>
+          (x.damaged === undefined
+            ? ''
+            : x.damaged.length === 0
+              ? 'this copy: every block reads back as its content id\n'
+              : `this copy: ${x.damaged.length} damaged range(s), reads of them fail (EIO):\n${list(x.damaged)}`) +
+          x.replicas
+            .map(
+              (m) =>
+                (m.mismatched.length === 0
+                  ? `${m.to}: same content (${m.chunks} chunks compared, replica ${m.state})\n`
+                  : `${m.to}: ${m.mismatched.length} range(s) differ (replica ${m.state}):\n${list(m.mismatched)}`) +
+                (m.damaged === undefined
+                  ? ''
+                  : m.damaged.length === 0
+                    ? `${m.to}: every block reads back as its content id\n`
+                    : `${m.to}: ${m.damaged.length} damaged range(s), being sent again:\n${list(m.damaged)}`),
+            )
+            .join(''),
       );
     }
     case 'demote': {

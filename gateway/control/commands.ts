@@ -73,7 +73,7 @@ export function commandTable(volumes: VolumeManager, status: GatewayStatus): Map
     ['replica.remove', (a) => volumes.replicaRemove(str(a, 'name')!, str(a, 'to')!)],
     ['replica.list', (a) => volumes.replicaList(str(a, 'name')!)],
     ['promote', (a) => volumes.promote(str(a, 'name')!)],
-    ['verify', (a) => volumes.verify(str(a, 'name')!)],
+    ['verify', (a) => volumes.verify(str(a, 'name')!, { scrub: bool(a, 'scrub') })],
     ['demote', (a) => volumes.demote(str(a, 'name')!)],
     ['snapshot.create', (a) => volumes.snapshotCreate(str(a, 'name')!, str(a, 'snapshot')!)],
     ['snapshot.list', (a) => volumes.snapshotList(str(a, 'name')!)],

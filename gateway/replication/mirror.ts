@@ -106,6 +106,12 @@ interface Batch {
 }
 
 const VERIFY_TIMEOUT_MS = 60_000;
+/**
+ * Blocks a replica scrubs per request (verify --scrub): answered at its place among the
+ * batches, so a slice holds the batches after it back while it is read (4 MiB, a few
+ * ms from the page cache); a whole volume at once would hold a sync writer for seconds.
+ */
+const SCRUB_SLICE_BLOCKS = 1024;
 
 function waitFor(batch: Batch): Promise<void> {
   return new Promise((resolve, reject) => batch.waiters.push((err) => (err ? reject(err) : resolve())));
@@ -118,6 +124,22 @@ export interface VerifyReport {
   chunks: number;
   differingChunks: number;
   mismatched: Array<{ offset: number; length: number }>;
+  /**
+   * verify --scrub: ranges whose bytes the replica holds damaged (they fail their content
+   * ids when read back). They are marked for the resync, which sends them again.
+   */
+  damaged?: Array<{ offset: number; length: number }>;
+}
+
+/** Byte ranges of a sorted list of blocks, neighbours joined. */
+export function byteRanges(lbas: number[]): Array<{ offset: number; length: number }> {
+  const ranges: Array<{ offset: number; length: number }> = [];
+  for (const lba of lbas) {
+    const last = ranges[ranges.length - 1];
+    if (last && last.offset + last.length === lba * 4096) last.length += 4096;
+    else ranges.push({ offset: lba * 4096, length: 4096 });
+  }
+  return ranges;
 }
 
 export interface MirrorStatus {
@@ -429,7 +451,7 @@ export class Mirror {
    * then the blocks of the chunks that differ. Both sides answer at the same point of
    * the write order, so writes going on meanwhile are no false alarm.
    */
-  async verify(): Promise<VerifyReport> {
+  async verify(opts: { scrub?: boolean } = {}): Promise<VerifyReport> {
     const mismatched: number[] = [];
     const total = Math.ceil(this.volumeBlocks / CHUNK_BLOCKS);
     const chunks: number[] = [];
@@ -452,19 +474,39 @@ export class Mirror {
       };
       mismatched.push(...(await this.request(blocks)));
     }
-    const ranges: Array<{ offset: number; length: number }> = [];
-    for (const lba of mismatched) {
-      const last = ranges[ranges.length - 1];
-      if (last && last.offset + last.length === lba * 4096) last.length += 4096;
-      else ranges.push({ offset: lba * 4096, length: 4096 });
-    }
-    return {
+    const report: VerifyReport = {
       to: this.address,
       state: this.state,
       chunks: total,
       differingChunks: chunks.length,
-      mismatched: ranges,
+      mismatched: byteRanges(mismatched),
     };
+    if (opts.scrub) report.damaged = byteRanges(await this.scrubReplica());
+    return report;
+  }
+
+  /**
+   * verify --scrub: the replica reads its copy back a slice at a time and names the
+   * blocks whose bytes are damaged; each is marked dirty here, so the resync sends it
+   * again, and the replica, which took it out of its hash index, asks for its bytes.
+   */
+  private async scrubReplica(): Promise<number[]> {
+    const damaged: number[] = [];
+    for (let lba = 0; lba < this.volumeBlocks; lba += SCRUB_SLICE_BLOCKS) {
+      const count = Math.min(SCRUB_SLICE_BLOCKS, this.volumeBlocks - lba);
+      const found = await this.request(() => ({ scrubBlocks: { seq: ++this.verifySeq, lba, count } }));
+      for (const b of found) {
+        if (b < lba || b >= lba + count)
+          throw new Error(`replica ${this.address} named block ${b} outside its scrub`);
+        this.markDirty(b, 1);
+        damaged.push(b);
+      }
+    }
+    if (damaged.length)
+      this.log.warn(
+        `replica ${this.address} of ${this.volumeName} holds ${damaged.length} damaged block(s): sending them again`,
+      );
+    return damaged;
   }
 
   /**
@@ -499,7 +541,13 @@ export class Mirror {
     this.sendFilling();
     const frame = make();
     const seq =
-      'verifyChunks' in frame ? frame.verifyChunks.seq : 'verifyBlocks' in frame ? frame.verifyBlocks.seq : 0;
+      'verifyChunks' in frame
+        ? frame.verifyChunks.seq
+        : 'verifyBlocks' in frame
+          ? frame.verifyBlocks.seq
+          : 'scrubBlocks' in frame
+            ? frame.scrubBlocks.seq
+            : 0;
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.verifying.delete(seq);
@@ -854,12 +902,17 @@ export class Mirror {
       this.answered(); // after it: the writes held now meet the split brain
       return;
     }
-    if ('verifyChunksResult' in f || 'verifyBlocksResult' in f) {
-      const r = 'verifyChunksResult' in f ? f.verifyChunksResult : f.verifyBlocksResult;
-      const w = this.verifying.get(r.seq);
-      if (!w) throw new LinkProtocolError('ERR_LINK_UNEXPECTED', `verify answer ${r.seq}, not asked`);
-      this.verifying.delete(r.seq);
-      w.resolve(r.mismatched);
+    if ('verifyChunksResult' in f || 'verifyBlocksResult' in f || 'scrubBlocksResult' in f) {
+      const [seq, blocks] =
+        'scrubBlocksResult' in f
+          ? [f.scrubBlocksResult.seq, f.scrubBlocksResult.damaged]
+          : 'verifyChunksResult' in f
+            ? [f.verifyChunksResult.seq, f.verifyChunksResult.mismatched]
+            : [f.verifyBlocksResult.seq, f.verifyBlocksResult.mismatched];
+      const w = this.verifying.get(seq);
+      if (!w) throw new LinkProtocolError('ERR_LINK_UNEXPECTED', `verify answer ${seq}, not asked`);
+      this.verifying.delete(seq);
+      w.resolve(blocks);
       return;
     }
     if ('pong' in f) return;

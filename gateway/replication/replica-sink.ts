@@ -161,6 +161,27 @@ export class ReplicaSink {
       this.drain();
       return true;
     }
+    if ('scrubBlocks' in f) {
+      const t = this.target;
+      if (!t) throw new LinkProtocolError('ERR_LINK_UNKNOWN_VOLUME', 'scrub before a mirror frame');
+      const { seq, lba, count } = f.scrubBlocks;
+      if (lba + count > t.blocks)
+        throw new LinkProtocolError(
+          'ERR_LINK_MALFORMED',
+          `scrub of blocks ${lba}+${count} of a volume of ${t.blocks} blocks`,
+        );
+      // After the batches before it, as verify's requests: the copy it reads is theirs.
+      this.queue.push(async () => {
+        try {
+          const damaged = await t.store.scrub(t.volumeId, lba, count);
+          this.link.send({ scrubBlocksResult: { seq, damaged } });
+        } catch (err) {
+          this.refuse(new LinkProtocolError('ERR_LINK_BAD_BLOCK', `scrub: ${(err as Error).message}`));
+        }
+      });
+      this.drain();
+      return true;
+    }
     if ('snapshot' in f || 'cutover' in f) {
       const t = this.target;
       if (!t)

@@ -319,6 +319,39 @@ export class BlockReader {
     );
   }
 
+  /**
+   * The blocks of [lba, lba + count) whose stored copy fails its checks, with their
+   * block ids: a window read the long way (one pread per run, decoded on the pool), and
+   * only a window that fails is read again a block at a time to find which. Errors
+   * other than damage (a failed pread) are thrown. `scratch` holds `count` blocks.
+   */
+  async damagedBlocks(
+    volume: number,
+    lba: number,
+    count: number,
+    scratch: Buffer,
+  ): Promise<Array<{ lba: number; id: number }>> {
+    try {
+      await this.readBlocks(volume, lba, count, scratch);
+      return [];
+    } catch (err) {
+      if (!(err instanceof BlockError) || err.code !== 'EIO') throw err;
+    }
+    const damaged: Array<{ lba: number; id: number }> = [];
+    for (let b = lba; b < lba + count; b++) {
+      const id = this.view.resolveMeta(volume, b);
+      if (id === undefined || id === ZERO_BLOCK) continue;
+      try {
+        await this.readStored(id);
+      } catch (err) {
+        if (!(err instanceof CorruptBlockError)) throw err;
+        this.damaged(volume, b, err);
+        damaged.push({ lba: b, id });
+      }
+    }
+    return damaged;
+  }
+
   private async readStored(id: number): Promise<Buffer> {
     const entry = this.view.lookupData(id);
     if (!entry) throw new CorruptBlockError(`block ${id} has no datamap entry`);

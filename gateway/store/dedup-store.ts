@@ -186,6 +186,9 @@ const RECENT_RECORDS = 2048;
  */
 const POOL_ENCODE_MIN = 64;
 
+/** Blocks a scrub reads at a time: one pool job for a volume laid out in order. */
+const SCRUB_WINDOW = 256;
+
 /** A pooled slab's segment write, once started. */
 interface SlabUse {
   written: Promise<void> | null;
@@ -804,6 +807,31 @@ export class DedupStore {
   readBlocks(volume: number, lba: number, count: number, into: Buffer): Promise<void> {
     this.foregroundOps++;
     return this.reader.readBlocks(volume, lba, count, into);
+  }
+
+  /**
+   * Reads back every data block of [lba, lba + count) and checks it against its content
+   * id (a scrub, as ZFS's: what the read path finds only when a client reads the block).
+   * Returns the blocks whose stored bytes are damaged. Their copies leave the hash index,
+   * so neither a write nor a mirrored batch counts on them again: a replica then asks for
+   * the bytes when the primary sends those blocks (verify --scrub marks them for a resync).
+   */
+  async scrub(volume: number, lba: number, count: number): Promise<number[]> {
+    const damaged: number[] = [];
+    const scratch = sharedBufferPool.acquire(SCRUB_WINDOW * BLOCK);
+    try {
+      for (let at = lba; at < lba + count; at += SCRUB_WINDOW) {
+        const n = Math.min(SCRUB_WINDOW, lba + count - at);
+        for (const d of await this.reader.damagedBlocks(volume, at, n, scratch.subarray(0, n * BLOCK))) {
+          damaged.push(d.lba);
+          const entry = this.lookupData(d.id);
+          if (entry) this.hashIndex.delete(entry.hash, d.id);
+        }
+      }
+    } finally {
+      sharedBufferPool.release(scratch);
+    }
+    return damaged;
   }
 
   private volumeName(volume: number): string {

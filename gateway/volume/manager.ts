@@ -25,7 +25,7 @@ import { allocatedBytes, openStack, removeBackingStore } from './backends';
 import { Backend, BACKENDS, Catalog, NAME_PATTERN, ReplicaConfig, VolumeRecord } from './catalog';
 import { LinkProtocolError } from '../../protocol/replication/errors';
 import type { LinkIdentity } from '../replication/link';
-import { Mirror, MirrorMode, MirrorStatus, VerifyReport } from '../replication/mirror';
+import { byteRanges, Mirror, MirrorMode, MirrorStatus, VerifyReport } from '../replication/mirror';
 import { MirrorLayer } from '../replication/mirror-layer';
 import { ReplicaVolumes, SupersededError } from '../replication/replica-sink';
 import { parseListenAddress } from '../nbd/listen-address';
@@ -668,8 +668,19 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
     };
   }
 
-  /** `verify`: each replica compared with this volume by content ids. */
-  async verify(name: string): Promise<{ volume: string; replicas: VerifyReport[] }> {
+  /**
+   * `verify`: each replica compared with this volume by content ids. With `scrub`, both
+   * sides also read their copies back and check every block against its content id (a
+   * scrub): the primary's damaged blocks are reported, a replica's are sent to it again.
+   */
+  async verify(
+    name: string,
+    opts: { scrub?: boolean } = {},
+  ): Promise<{
+    volume: string;
+    replicas: VerifyReport[];
+    damaged?: Array<{ offset: number; length: number }>;
+  }> {
     const vol = this.volume(name);
     if (vol.record.replicaOf !== undefined)
       throw new InvalidArgumentError(`volume '${name}' is a replica here: verify it from its primary`);
@@ -677,12 +688,16 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
     const replicas: VerifyReport[] = [];
     for (const m of vol.mirrors) {
       try {
-        replicas.push(await m.verify());
+        replicas.push(await m.verify(opts));
       } catch (err) {
         throw new BackendError((err as Error).message);
       }
     }
-    return { volume: name, replicas };
+    if (!opts.scrub) return { volume: name, replicas };
+    const store = this.store();
+    const damaged = await store.scrub(store.volumeId(name), 0, Math.ceil(vol.device.size / BLOCK));
+    if (damaged.length) this.log.error(`volume ${name}: ${damaged.length} damaged block(s) in this copy`);
+    return { volume: name, replicas, damaged: byteRanges(damaged) };
   }
 
   /** ReplicaVolumes: this gateway's copy of a volume a peer mirrors here. */

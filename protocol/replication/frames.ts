@@ -71,7 +71,9 @@ export type Frame =
   | { verifyBlocksResult: { seq: number; mismatched: number[] } }
   | { snapshot: { name: string } }
   | { cutover: { volume: string } }
-  | { cutoverDone: { generation: number } };
+  | { cutoverDone: { generation: number } }
+  | { scrubBlocks: { seq: number; lba: number; count: number } }
+  | { scrubBlocksResult: { seq: number; damaged: number[] } };
 
 export type FrameKind =
   | 'hello'
@@ -92,7 +94,9 @@ export type FrameKind =
   | 'verifyBlocksResult'
   | 'snapshot'
   | 'cutover'
-  | 'cutoverDone';
+  | 'cutoverDone'
+  | 'scrubBlocks'
+  | 'scrubBlocksResult';
 
 export function frameKind(f: Frame): FrameKind {
   return Object.keys(f)[0] as FrameKind;
@@ -273,6 +277,25 @@ export function decodeFrameBody(bytes: Uint8Array): Frame {
       return { snapshot: { name: ((msg['snapshot'] as Record<string, unknown>)['name'] as string) ?? '' } };
     case 'cutover':
       return { cutover: { volume: ((msg['cutover'] as Record<string, unknown>)['volume'] as string) ?? '' } };
+    case 'scrubBlocks': {
+      const m = msg['scrubBlocks'] as Record<string, unknown>;
+      return {
+        scrubBlocks: {
+          seq: toNumber(m['seq'] ?? 0),
+          lba: toNumber(m['lba'] ?? 0),
+          count: toNumber(m['count'] ?? 0),
+        },
+      };
+    }
+    case 'scrubBlocksResult': {
+      const m = msg['scrubBlocksResult'] as Record<string, unknown>;
+      return {
+        scrubBlocksResult: {
+          seq: toNumber(m['seq'] ?? 0),
+          damaged: ((m['damaged'] as unknown[] | undefined) ?? []).map(toNumber),
+        },
+      };
+    }
     case 'cutoverDone':
       return {
         cutoverDone: {

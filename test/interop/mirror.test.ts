@@ -13,6 +13,8 @@ import { Gateway } from '../helpers/gateway';
 import { createVolume, MiB, scratchDir, writeRandomFile } from '../helpers/fixtures';
 import { check, run } from '../helpers/run';
 import { openIndex } from '../../gateway/store/index-db';
+import { dataPageKeyInto, entryOffset } from '../../gateway/store/data-pages';
+import { decodeDataEntryAt, decodeId, RECORD_HEADER, segmentFileName } from '../../gateway/store/layout';
 import { TcpProxy } from '../helpers/tcp-proxy';
 import { RawClient } from '../helpers/raw-client';
 
@@ -291,6 +293,63 @@ describe('mirrored volumes', () => {
     assert.equal(differs.code, 1, differs.stderr);
     const report = JSON.parse(differs.stdout) as { replicas: Array<{ mismatched: unknown[] }> };
     assert.deepEqual(report.replicas[0]!.mismatched, [{ offset: 300 * 4096, length: 4096 }]);
+  });
+
+  /**
+   * Behind the replica gateway's back (stopped, a byte of a segment file changed, started
+   * again): the stored bytes of block `lba` of its copy of `volume` are damaged.
+   */
+  async function damageOnReplica(volume: string, lba: number): Promise<void> {
+    const replicaDir = replica.dataDir;
+    const port = replicationPort(replica);
+    await replica.stop();
+    const storeDir = path.join(replicaDir, 'store');
+    const { env, meta, data, state } = openIndex(storeDir);
+    const vid = (state.get('store') as { volumes: Record<string, number> }).volumes[volume]!;
+    const key = Buffer.alloc(12);
+    key.writeUInt32BE(vid, 0);
+    key.writeUInt32BE(lba, 8);
+    const id = decodeId(meta.getBinary(key)!);
+    const page = data!.getBinary(dataPageKeyInto(id, Buffer.alloc(8)))!;
+    const entry = decodeDataEntryAt(page, entryOffset(page, id));
+    await env.close();
+    const fd = fs.openSync(path.join(storeDir, 'segments', segmentFileName(entry.segment)), 'r+');
+    const at = entry.offset + RECORD_HEADER + Math.floor(entry.storedLength / 2);
+    const byte = Buffer.alloc(1);
+    fs.readSync(fd, byte, 0, 1, at);
+    fs.writeSync(fd, Buffer.of(byte[0]! ^ 0x5a), 0, 1, at);
+    fs.closeSync(fd);
+    replica = await Gateway.start({
+      dataDir: replicaDir,
+      args: ['--cluster-key', keyFile, '--replication-listen', `127.0.0.1:${port}`],
+    });
+  }
+
+  interface DataReport {
+    damaged: Array<{ offset: number; length: number }>;
+    replicas: Array<{ mismatched: unknown[]; damaged: Array<{ offset: number; length: number }> }>;
+  }
+
+  it('verify --scrub finds a replica block damaged on disk, which content ids cannot, and the resync mends it', async () => {
+    await mirroredVolume('d1', '16M', ['write -P 0x3d 0 4k', 'write -P 0x3e 4k 4k', 'write -P 0x3f 8k 4k']);
+    await damageOnReplica('d1', 1);
+    await waitForState(primary, 'd1', 'in-sync', true);
+    // The metamaps still agree: only reading the bytes back tells.
+    assert.equal((await primary.cli('verify', 'd1')).code, 0);
+
+    const found = await primary.cli('verify', 'd1', '--scrub', '--json');
+    assert.equal(found.code, 1, found.stderr);
+    const report = JSON.parse(found.stdout) as DataReport;
+    assert.deepEqual(report.damaged, []);
+    assert.deepEqual(report.replicas[0]!.mismatched, []);
+    assert.deepEqual(report.replicas[0]!.damaged, [{ offset: 4096, length: 4096 }]);
+
+    // Sent again, with its bytes (the replica no longer offers the damaged copy).
+    await waitForState(primary, 'd1', 'in-sync', true);
+    await identical(primary.uri('d1'), replica.uri('d1'));
+    const clean = await primary.cli('verify', 'd1', '--scrub');
+    assert.equal(clean.code, 0, clean.stdout + clean.stderr);
+    assert.match(clean.stdout, /every block reads back as its content id/);
   });
 
   it('verify compares a volume larger than one request a slice at a time, and finds a block in the last', async () => {
