@@ -319,6 +319,18 @@ describe('replication link', () => {
     assert.ok('error' in f && f.error.code === 'ERR_LINK_MALFORMED', JSON.stringify(f));
   });
 
+  it('scrubs the blocks a scrub names, and refuses a range past the volume', async () => {
+    const { link } = await mirrorPeer('m-scrub', domain);
+    // The 1 MiB volume is 256 blocks, none written: nothing to find damaged.
+    let next = nextFrame(link);
+    link.send({ scrubBlocks: { seq: 1, lba: 0, count: 256 } });
+    assert.deepEqual(await next, { scrubBlocksResult: { seq: 1, damaged: [] } });
+    next = nextFrame(link);
+    link.send({ scrubBlocks: { seq: 2, lba: 200, count: 57 } });
+    const f = await next;
+    assert.ok('error' in f && f.error.code === 'ERR_LINK_MALFORMED', JSON.stringify(f));
+  });
+
   it('does not apply a batch still waiting for its blocks when the copy is promoted meanwhile', async () => {
     const { link, answer } = await mirrorPeer('m-promoted', domain);
     assert.deepEqual(answer, { mirrorReady: { volume: 'm-promoted', seeded: false } });
