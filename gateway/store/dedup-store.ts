@@ -40,6 +40,7 @@ import { BlockPool } from './block-pool';
 import {
   BLOCK,
   DataEntry,
+  EntryFlag,
   MASK_BLOCK,
   RECORD_HEADER,
   ZERO_BLOCK,
@@ -528,7 +529,7 @@ export class DedupStore {
     // A damaged page's blocks are left out: their reads fail, and fsck names the page.
     const bad = (err: Error): void => this.log.error(err.message);
     for (const { id, entry } of dataEntries({ data: this.dataDb, legacyData: undefined }, bad))
-      index.add(entry.subarray(20, 36), id);
+      if ((entry.readUInt16BE(12) & EntryFlag.DAMAGED) === 0) index.add(entry.subarray(20, 36), id);
     return index;
   }
 
@@ -825,7 +826,10 @@ export class DedupStore {
         for (const d of await this.reader.damagedBlocks(volume, at, n, scratch.subarray(0, n * BLOCK))) {
           damaged.push(d.lba);
           const entry = this.lookupData(d.id);
-          if (entry) this.hashIndex.delete(entry.hash, d.id);
+          if (!entry) continue;
+          this.hashIndex.delete(entry.hash, d.id);
+          // Flagged in the datamap at the next checkpoint: a restart's hash index leaves it out.
+          this.live.damaged.add(d.id);
         }
       }
     } finally {
@@ -1694,6 +1698,7 @@ export class DedupStore {
     live.newData.forEach((id, e) => frozen.newData.set(id, e));
     live.refDelta.forEach((d, id) => frozen.addRef(id, d));
     for (const [id, m] of live.moved) frozen.moved.set(id, m);
+    for (const id of live.damaged) frozen.damaged.add(id);
     live.clear();
     this.spare = live;
   }

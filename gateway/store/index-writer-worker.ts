@@ -8,13 +8,21 @@ import { parentPort, workerData } from 'node:worker_threads';
 import {
   CheckpointReply,
   CheckpointRequest,
+  ROW_DAMAGED,
   ROW_DYING,
   ROW_FRESH,
   ROW_HASH_BYTE,
   ROW_MOVED,
   ROW_SLOTS,
 } from './checkpoint-message';
-import { RECORD_HEADER, encodeIdInto, encodeMetaKeyInto, metaKeyLba, metaKeyVolume } from './layout';
+import {
+  EntryFlag,
+  RECORD_HEADER,
+  encodeIdInto,
+  encodeMetaKeyInto,
+  metaKeyLba,
+  metaKeyVolume,
+} from './layout';
 import { openIndex } from './index-db';
 import { HOLE } from './overlay';
 import {
@@ -258,6 +266,7 @@ function apply(req: CheckpointRequest): CheckpointReply {
       offset = rows[at + 8]!;
       live(segment, stored);
     }
+    if ((kind & ROW_DAMAGED) !== 0) flags |= EntryFlag.DAMAGED;
     page ??= pageFor(id, true)!;
     slot = setPresent(page, id, true);
     page.writeUInt32BE(segment, slot);

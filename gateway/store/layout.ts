@@ -67,6 +67,14 @@ export function decodeId(b: Buffer): number {
 
 export const RecordFlag = { LZ4: 1 } as const;
 
+/**
+ * Flags only a datamap entry carries, above the record's own. DAMAGED: a scrub found the
+ * stored bytes failing their content id; the block stays readable as EIO, but is never
+ * offered by its content id again (not after a restart either), so a mirrored batch or a
+ * write naming that content stores a new copy.
+ */
+export const EntryFlag = { DAMAGED: 0x8000 } as const;
+
 export interface DataEntry {
   segment: number;
   /** Offset of the record header in the segment file. */

@@ -150,9 +150,11 @@ export class Overlay {
   readonly refDelta = new NumMap(1024);
   /** Blocks the compactor copied elsewhere: id -> new record location. */
   readonly moved = new Map<number, { segment: number; offset: number }>();
+  /** Blocks a scrub found damaged, to be flagged so in the datamap (EntryFlag.DAMAGED). */
+  readonly damaged = new Set<number>();
 
   get size(): number {
-    return this.meta.size + this.newData.size + this.refDelta.size + this.moved.size;
+    return this.meta.size + this.newData.size + this.refDelta.size + this.moved.size + this.damaged.size;
   }
 
   addRef(id: number, delta: number): void {
@@ -164,5 +166,6 @@ export class Overlay {
     this.newData.clear();
     this.refDelta.clear();
     this.moved.clear();
+    this.damaged.clear();
   }
 }

@@ -407,6 +407,20 @@ describe('dedup store', () => {
     await store.close();
   });
 
+  it('keeps a scrubbed block from being offered by its content id after a restart', async () => {
+    let store = await storeWithDamagedFirstRecord();
+    const dir = store.dir;
+    const vol = store.volumeId('a');
+    const ranges = [{ lba: 0, kinds: Buffer.of(KIND_DATA), cids: store.captureRange(vol, 0, 1).cids }];
+    assert.deepEqual(await store.scrub(vol, 0, 256), [0]);
+    await store.close(); // its final checkpoint flags the block in the datamap
+    store = DedupStore.open(dir, silentLogger);
+    assert.deepEqual(store.missingContent(ranges), [0]);
+    // Still read as damaged, not as something else.
+    await assert.rejects(new DedupDevice(store, vol, 1 << 20).read(0, Buffer.alloc(4096)), { code: 'EIO' });
+    await store.close();
+  });
+
   it('answers EIO for a long read through a corrupted record, decoded on the pool, and serves the rest', async () => {
     const dir = path.join(tmp, `s${n++}`);
     let store = DedupStore.open(dir, silentLogger);
