@@ -640,6 +640,7 @@ async function main(argv: string[]): Promise<void> {
         volume: string;
         replicas: VerifyReport[];
         damaged?: Array<{ offset: number; length: number }>;
+        mended?: Array<{ offset: number; length: number }>;
       };
       const differ = r.replicas.some((x) => x.mismatched.length > 0 || (x.damaged?.length ?? 0) > 0);
       if (differ || (r.damaged?.length ?? 0) > 0) process.exitCode = 1;
@@ -653,7 +654,10 @@ async function main(argv: string[]): Promise<void> {
             ? ''
             : x.damaged.length === 0
               ? 'this copy: every block reads back as its content id\n'
-              : `this copy: ${x.damaged.length} damaged range(s), reads of them fail (EIO):\n${list(x.damaged)}`) +
+              : `this copy: ${x.damaged.length} damaged range(s):\n${list(x.damaged)}` +
+                (x.mended?.length
+                  ? `this copy: ${x.mended.length} range(s) mended from a replica:\n${list(x.mended)}`
+                  : 'this copy: none mended (no replica in sync gave matching bytes): reads of them fail (EIO)\n')) +
           x.replicas
             .map(
               (m) =>

@@ -43,6 +43,11 @@ const WINDOW = 8;
  * loop of both gateways for as long as it takes.
  */
 export const VERIFY_SLICE_CHUNKS = 4096;
+/**
+ * Blocks a primary asks of a replica per FetchBlocks: the Blocks answer, up to 4 KiB and a
+ * table entry a block, stays under the 1 MiB a replica's frames are held to (LARGEST_FRAME).
+ */
+export const FETCH_BLOCKS_MAX = 128;
 /** A tick's writes share a batch up to this many blocks. */
 const BATCH_BLOCKS = 1024;
 const RETRY_MS = 1000;
@@ -223,6 +228,11 @@ export class Mirror {
   private readonly verifying = new Map<
     number,
     { resolve: (mismatched: number[]) => void; reject: (e: Error) => void }
+  >();
+  /** fetchBlocks waiting for their Blocks answers, by sequence number. */
+  private readonly fetching = new Map<
+    number,
+    { resolve: (blocks: WireBlock[]) => void; reject: (e: Error) => void }
   >();
 
   constructor(
@@ -486,6 +496,48 @@ export class Mirror {
   }
 
   /**
+   * The replica's stored copies of blocks `lbas` (at most FETCH_BLOCKS_MAX), for mending
+   * this copy's damaged ones: a block's ordinal is its index in `lbas`, and those the
+   * replica could not give are missing. Unchecked: the caller checks each against the
+   * content id it expects. Only from a replica in sync, whose copy is this volume's.
+   */
+  fetchBlocks(lbas: number[]): Promise<WireBlock[]> {
+    const link = this.link;
+    if (!link || this.state !== 'in-sync')
+      return Promise.reject(
+        new Error(`replica ${this.address} is ${this.state}: no blocks to fetch from it`),
+      );
+    const seq = ++this.verifySeq;
+    const answer = this.awaitAnswer(this.fetching, seq, 'a fetch');
+    link.send({ fetchBlocks: { seq, lbas } });
+    return answer;
+  }
+
+  /** The answer to request `seq`, registered in `waiting` (the link's loss rejects it), or a timeout. */
+  private awaitAnswer<T>(
+    waiting: Map<number, { resolve: (r: T) => void; reject: (e: Error) => void }>,
+    seq: number,
+    what: string,
+  ): Promise<T> {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        waiting.delete(seq);
+        reject(new Error(`replica ${this.address} did not answer ${what} within ${VERIFY_TIMEOUT_MS} ms`));
+      }, VERIFY_TIMEOUT_MS);
+      waiting.set(seq, {
+        resolve: (r) => {
+          clearTimeout(timer);
+          resolve(r);
+        },
+        reject: (e) => {
+          clearTimeout(timer);
+          reject(e);
+        },
+      });
+    });
+  }
+
+  /**
    * verify --scrub: the replica reads its copy back a slice at a time and names the
    * blocks whose bytes are damaged; each is marked dirty here, so the resync sends it
    * again, and the replica, which took it out of its hash index, asks for its bytes.
@@ -548,23 +600,9 @@ export class Mirror {
           : 'scrubBlocks' in frame
             ? frame.scrubBlocks.seq
             : 0;
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.verifying.delete(seq);
-        reject(new Error(`replica ${this.address} did not answer verify within ${VERIFY_TIMEOUT_MS} ms`));
-      }, VERIFY_TIMEOUT_MS);
-      this.verifying.set(seq, {
-        resolve: (m) => {
-          clearTimeout(timer);
-          resolve(m);
-        },
-        reject: (e) => {
-          clearTimeout(timer);
-          reject(e);
-        },
-      });
-      link.send(frame);
-    });
+    const answer = this.awaitAnswer(this.verifying, seq, 'verify');
+    link.send(frame);
+    return answer;
   }
 
   /** Stops mirroring; `forget` deletes the activity log (the replica was removed). */
@@ -811,8 +849,10 @@ export class Mirror {
     for (const r of this.volatile) this.markDirty(r.lba, r.count);
     this.volatile = [];
     if (this.filling) this.sendFilling();
-    for (const w of this.verifying.values()) w.reject(new Error(`replica ${this.address}: ${why}`));
+    for (const w of [...this.verifying.values(), ...this.fetching.values()])
+      w.reject(new Error(`replica ${this.address}: ${why}`));
     this.verifying.clear();
+    this.fetching.clear();
     link?.socket.destroy();
   }
 
@@ -913,6 +953,13 @@ export class Mirror {
       if (!w) throw new LinkProtocolError('ERR_LINK_UNEXPECTED', `verify answer ${seq}, not asked`);
       this.verifying.delete(seq);
       w.resolve(blocks);
+      return;
+    }
+    if ('blocks' in f) {
+      const w = this.fetching.get(f.blocks.seq);
+      if (!w) throw new LinkProtocolError('ERR_LINK_UNEXPECTED', `blocks ${f.blocks.seq}, none asked for`);
+      this.fetching.delete(f.blocks.seq);
+      w.resolve(f.blocks.blocks);
       return;
     }
     if ('pong' in f) return;

@@ -10,7 +10,7 @@ import { Extent, Frame, KIND_DATA, WireBlock } from '../../protocol/replication/
 import type { DedupStore, MirroredBlock } from '../store/dedup-store';
 import type { Logger } from '../util/log';
 import type { Link } from './link';
-import { CHUNK_BLOCKS } from './mirror';
+import { CHUNK_BLOCKS, FETCH_BLOCKS_MAX } from './mirror';
 
 /** Rounds of Need for one batch (blocks the replica had can be released in between) before giving up. */
 const NEED_ROUNDS = 3;
@@ -178,6 +178,32 @@ export class ReplicaSink {
         } catch (err) {
           this.refuse(new LinkProtocolError('ERR_LINK_BAD_BLOCK', `scrub: ${(err as Error).message}`));
         }
+      });
+      this.drain();
+      return true;
+    }
+    if ('fetchBlocks' in f) {
+      const t = this.target;
+      if (!t) throw new LinkProtocolError('ERR_LINK_UNKNOWN_VOLUME', 'fetch before a mirror frame');
+      const { seq, lbas } = f.fetchBlocks;
+      if (lbas.length > FETCH_BLOCKS_MAX || lbas.some((lba) => lba >= t.blocks))
+        throw new LinkProtocolError(
+          'ERR_LINK_MALFORMED',
+          `fetch of ${lbas.length} blocks (at most ${FETCH_BLOCKS_MAX}) of a volume of ${t.blocks} blocks`,
+        );
+      this.queue.push(async () => {
+        const blocks: WireBlock[] = [];
+        for (const [ordinal, lba] of lbas.entries()) {
+          const r = t.store.captureRange(t.volumeId, lba, 1);
+          const src = r.sources[0];
+          if (r.kinds[0] !== KIND_DATA || !src) continue;
+          try {
+            blocks.push({ ordinal, ...(await t.store.sourcePayload(src)) });
+          } catch {
+            // Damaged here too, or gone since: the primary gets what there is.
+          }
+        }
+        this.link.send({ blocks: { seq, blocks } });
       });
       this.drain();
       return true;

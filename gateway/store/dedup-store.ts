@@ -723,7 +723,7 @@ export class DedupStore {
     if (id === undefined) return undefined;
     if (this.releasing.has(id)) return undefined;
     const entry = this.lookupData(id); // undefined for a dying block
-    return entry && entry.hash.equals(hash) ? { id, entry } : undefined;
+    return entry && entry.hash.equals(hash) && !this.isDamaged(id, entry) ? { id, entry } : undefined;
   }
 
   /**
@@ -836,6 +836,45 @@ export class DedupStore {
       sharedBufferPool.release(scratch);
     }
     return damaged;
+  }
+
+  /** Whether a scrub found block `id`'s stored bytes damaged (this run, or flagged before). */
+  private isDamaged(id: number, entry: DataEntry): boolean {
+    return (
+      this.live.damaged.has(id) ||
+      (this.frozen?.damaged.has(id) ?? false) ||
+      (entry.flags & EntryFlag.DAMAGED) !== 0
+    );
+  }
+
+  /**
+   * Puts good copies (a replica's) in place of blocks a scrub found damaged. In one tick,
+   * a block still mapped to a copy flagged damaged, whose content id the offered bytes
+   * decode to, is stored anew (or linked to another copy of that content) and remapped;
+   * a block written since, or bytes that do not match, are left alone. The contents do
+   * not change, so nothing is mirrored. Returns the blocks mended.
+   */
+  async mendBlocks(volume: number, items: Array<{ lba: number; block: MirroredBlock }>): Promise<number[]> {
+    const ranges: Array<{ lba: number; kinds: Buffer; cids: Buffer }> = [];
+    const provided = new Map<number, MirroredBlock>();
+    for (const { lba, block } of items) {
+      const id = this.lookupMeta(metaKey(volume, lba));
+      const entry = id === undefined || !isData(id) ? undefined : this.lookupData(id);
+      if (!entry || !this.isDamaged(id!, entry)) continue;
+      try {
+        if (!this.hasher.matches(unpackPayload(block.lz4, block.payload, this.mirrorScratch), entry.hash))
+          continue;
+      } catch {
+        continue; // not a block at all
+      }
+      provided.set(ranges.length, block);
+      ranges.push({ lba, kinds: Buffer.of(KIND_DATA), cids: entry.hash });
+    }
+    if (ranges.length === 0) return [];
+    const r = this.applyMirrored(volume, ranges, provided);
+    // Every block is provided, so none can be missing.
+    if ('written' in r) await r.written;
+    return ranges.map((x) => x.lba);
   }
 
   private volumeName(volume: number): string {

@@ -25,7 +25,14 @@ import { allocatedBytes, openStack, removeBackingStore } from './backends';
 import { Backend, BACKENDS, Catalog, NAME_PATTERN, ReplicaConfig, VolumeRecord } from './catalog';
 import { LinkProtocolError } from '../../protocol/replication/errors';
 import type { LinkIdentity } from '../replication/link';
-import { byteRanges, Mirror, MirrorMode, MirrorStatus, VerifyReport } from '../replication/mirror';
+import {
+  byteRanges,
+  FETCH_BLOCKS_MAX,
+  Mirror,
+  MirrorMode,
+  MirrorStatus,
+  VerifyReport,
+} from '../replication/mirror';
 import { MirrorLayer } from '../replication/mirror-layer';
 import { ReplicaVolumes, SupersededError } from '../replication/replica-sink';
 import { parseListenAddress } from '../nbd/listen-address';
@@ -680,6 +687,7 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
     volume: string;
     replicas: VerifyReport[];
     damaged?: Array<{ offset: number; length: number }>;
+    mended?: Array<{ offset: number; length: number }>;
   }> {
     const vol = this.volume(name);
     if (vol.record.replicaOf !== undefined)
@@ -695,9 +703,46 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
     }
     if (!opts.scrub) return { volume: name, replicas };
     const store = this.store();
-    const damaged = await store.scrub(store.volumeId(name), 0, Math.ceil(vol.device.size / BLOCK));
-    if (damaged.length) this.log.error(`volume ${name}: ${damaged.length} damaged block(s) in this copy`);
-    return { volume: name, replicas, damaged: byteRanges(damaged) };
+    const volumeId = store.volumeId(name);
+    const damaged = await store.scrub(volumeId, 0, Math.ceil(vol.device.size / BLOCK));
+    const mended = damaged.length ? await this.mend(name, volumeId, vol.mirrors, damaged) : [];
+    if (damaged.length)
+      this.log.error(
+        `volume ${name}: ${damaged.length} damaged block(s) in this copy, ${mended.length} mended from a replica`,
+      );
+    return { volume: name, replicas, damaged: byteRanges(damaged), mended: byteRanges(mended) };
+  }
+
+  /**
+   * This copy's damaged blocks from replicas in sync, FETCH_BLOCKS_MAX at a time: each
+   * block is asked of the replicas in turn until one gives bytes matching its content id.
+   */
+  private async mend(
+    name: string,
+    volumeId: number,
+    mirrors: Mirror[],
+    damaged: number[],
+  ): Promise<number[]> {
+    const store = this.store();
+    const mended = new Set<number>();
+    for (const m of mirrors) {
+      const todo = damaged.filter((lba) => !mended.has(lba));
+      for (let i = 0; i < todo.length; i += FETCH_BLOCKS_MAX) {
+        const lbas = todo.slice(i, i + FETCH_BLOCKS_MAX);
+        let blocks;
+        try {
+          blocks = await m.fetchBlocks(lbas);
+        } catch (err) {
+          this.log.warn(`volume ${name}: no blocks from ${m.address}: ${(err as Error).message}`);
+          break;
+        }
+        const items = blocks
+          .filter((b) => b.ordinal < lbas.length)
+          .map((b) => ({ lba: lbas[b.ordinal]!, block: b }));
+        for (const lba of await store.mendBlocks(volumeId, items)) mended.add(lba);
+      }
+    }
+    return [...mended].sort((a, b) => a - b);
   }
 
   /** ReplicaVolumes: this gateway's copy of a volume a peer mirrors here. */

@@ -73,7 +73,8 @@ export type Frame =
   | { cutover: { volume: string } }
   | { cutoverDone: { generation: number } }
   | { scrubBlocks: { seq: number; lba: number; count: number } }
-  | { scrubBlocksResult: { seq: number; damaged: number[] } };
+  | { scrubBlocksResult: { seq: number; damaged: number[] } }
+  | { fetchBlocks: { seq: number; lbas: number[] } };
 
 export type FrameKind =
   | 'hello'
@@ -96,7 +97,8 @@ export type FrameKind =
   | 'cutover'
   | 'cutoverDone'
   | 'scrubBlocks'
-  | 'scrubBlocksResult';
+  | 'scrubBlocksResult'
+  | 'fetchBlocks';
 
 export function frameKind(f: Frame): FrameKind {
   return Object.keys(f)[0] as FrameKind;
@@ -293,6 +295,15 @@ export function decodeFrameBody(bytes: Uint8Array): Frame {
         scrubBlocksResult: {
           seq: toNumber(m['seq'] ?? 0),
           damaged: ((m['damaged'] as unknown[] | undefined) ?? []).map(toNumber),
+        },
+      };
+    }
+    case 'fetchBlocks': {
+      const m = msg['fetchBlocks'] as Record<string, unknown>;
+      return {
+        fetchBlocks: {
+          seq: toNumber(m['seq'] ?? 0),
+          lbas: ((m['lbas'] as unknown[] | undefined) ?? []).map(toNumber),
         },
       };
     }

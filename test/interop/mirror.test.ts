@@ -296,14 +296,13 @@ describe('mirrored volumes', () => {
   });
 
   /**
-   * Behind the replica gateway's back (stopped, a byte of a segment file changed, started
-   * again): the stored bytes of block `lba` of its copy of `volume` are damaged.
+   * Behind a gateway's back (stopped, a byte of a segment file changed, started again with
+   * `args`): the stored bytes of block `lba` of its copy of `volume` are damaged.
    */
-  async function damageOnReplica(volume: string, lba: number): Promise<void> {
-    const replicaDir = replica.dataDir;
-    const port = replicationPort(replica);
-    await replica.stop();
-    const storeDir = path.join(replicaDir, 'store');
+  async function damageBlock(gw: Gateway, args: string[], volume: string, lba: number): Promise<Gateway> {
+    const dataDir = gw.dataDir;
+    await gw.stop();
+    const storeDir = path.join(dataDir, 'store');
     const { env, meta, data, state } = openIndex(storeDir);
     const vid = (state.get('store') as { volumes: Record<string, number> }).volumes[volume]!;
     const key = Buffer.alloc(12);
@@ -319,14 +318,17 @@ describe('mirrored volumes', () => {
     fs.readSync(fd, byte, 0, 1, at);
     fs.writeSync(fd, Buffer.of(byte[0]! ^ 0x5a), 0, 1, at);
     fs.closeSync(fd);
-    replica = await Gateway.start({
-      dataDir: replicaDir,
-      args: ['--cluster-key', keyFile, '--replication-listen', `127.0.0.1:${port}`],
-    });
+    return Gateway.start({ dataDir, args });
+  }
+
+  async function damageOnReplica(volume: string, lba: number): Promise<void> {
+    const args = ['--cluster-key', keyFile, '--replication-listen', `127.0.0.1:${replicationPort(replica)}`];
+    replica = await damageBlock(replica, args, volume, lba);
   }
 
   interface DataReport {
     damaged: Array<{ offset: number; length: number }>;
+    mended: Array<{ offset: number; length: number }>;
     replicas: Array<{ mismatched: unknown[]; damaged: Array<{ offset: number; length: number }> }>;
   }
 
@@ -350,6 +352,28 @@ describe('mirrored volumes', () => {
     const clean = await primary.cli('verify', 'd1', '--scrub');
     assert.equal(clean.code, 0, clean.stdout + clean.stderr);
     assert.match(clean.stdout, /every block reads back as its content id/);
+  });
+
+  it("verify --scrub mends a block damaged in the primary's own copy from the replica", async () => {
+    await mirroredVolume('d2', '16M', ['write -P 0x4d 0 4k', 'write -P 0x4e 4k 4k']);
+    primary = await damageBlock(primary, ['--cluster-key', keyFile, '--mirror-timeout', '2'], 'd2', 1);
+    await waitForState(primary, 'd2', 'in-sync', true);
+    await assert.rejects(
+      check('qemu-io', ['-f', 'raw', '-c', 'read -P 0x4e 4k 4k', primary.uri('d2')]),
+      /Input\/output error/,
+    );
+
+    const found = await primary.cli('verify', 'd2', '--scrub', '--json');
+    assert.equal(found.code, 1, found.stderr);
+    const report = JSON.parse(found.stdout) as DataReport;
+    assert.deepEqual(report.damaged, [{ offset: 4096, length: 4096 }]);
+    assert.deepEqual(report.mended, [{ offset: 4096, length: 4096 }]);
+    assert.deepEqual(report.replicas[0]!.damaged, []);
+
+    const read = await check('qemu-io', ['-f', 'raw', '-c', 'read -P 0x4e 4k 4k', primary.uri('d2')]);
+    assert.doesNotMatch(read.stdout, /Pattern verification failed/);
+    await identical(primary.uri('d2'), replica.uri('d2'));
+    assert.equal((await primary.cli('verify', 'd2', '--scrub')).code, 0);
   });
 
   it('verify compares a volume larger than one request a slice at a time, and finds a block in the last', async () => {

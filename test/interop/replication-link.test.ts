@@ -331,6 +331,21 @@ describe('replication link', () => {
     assert.ok('error' in f && f.error.code === 'ERR_LINK_MALFORMED', JSON.stringify(f));
   });
 
+  it('answers a fetch with the blocks it stores, and refuses one past the volume or over the limit', async () => {
+    const { link } = await mirrorPeer('m-fetch', domain);
+    // Nothing written: holes are left out of the answer.
+    let next = nextFrame(link);
+    link.send({ fetchBlocks: { seq: 1, lbas: [0, 5] } });
+    assert.deepEqual(await next, { blocks: { seq: 1, blocks: [] } });
+    for (const lbas of [[256], Array.from({ length: 129 }, (_v, i) => i)]) {
+      const { link: other } = await mirrorPeer('m-fetch', domain);
+      next = nextFrame(other);
+      other.send({ fetchBlocks: { seq: 2, lbas } });
+      const f = await next;
+      assert.ok('error' in f && f.error.code === 'ERR_LINK_MALFORMED', JSON.stringify(f));
+    }
+  });
+
   it('does not apply a batch still waiting for its blocks when the copy is promoted meanwhile', async () => {
     const { link, answer } = await mirrorPeer('m-promoted', domain);
     assert.deepEqual(answer, { mirrorReady: { volume: 'm-promoted', seeded: false } });
