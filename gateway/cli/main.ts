@@ -49,8 +49,8 @@ commands:
   replica remove VOL HOST:PORT
   promote VOL                     (a replica becomes the primary, one generation up)
   verify VOL [--scrub] [--json]   (compare a primary with its replicas by content ids; --scrub also reads
-                                   every block back on both sides, and sends a replica's damaged ones
-                                   again; exit 1 on a difference or damage)
+                                   every block back on both sides and mends damaged ones from the other
+                                   side; exit 1 on a difference or damage)
   demote VOL                      (a primary becomes a replica; its contents are kept as VOL.gN)
   snapshot create VOL SNAP        (crash-consistent point in time; read-only export VOL@SNAP)
   snapshot list VOL [--json]
