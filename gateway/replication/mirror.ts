@@ -116,7 +116,7 @@ const VERIFY_TIMEOUT_MS = 60_000;
  * batches, so a slice holds the batches after it back while it is read (4 MiB, a few
  * ms from the page cache); a whole volume at once would hold a sync writer for seconds.
  */
-const SCRUB_SLICE_BLOCKS = 1024;
+export const SCRUB_SLICE_BLOCKS = 1024;
 
 function waitFor(batch: Batch): Promise<void> {
   return new Promise((resolve, reject) => batch.waiters.push((err) => (err ? reject(err) : resolve())));
@@ -499,11 +499,11 @@ export class Mirror {
    * The replica's stored copies of blocks `lbas` (at most FETCH_BLOCKS_MAX), for mending
    * this copy's damaged ones: a block's ordinal is its index in `lbas`, and those the
    * replica could not give are missing. Unchecked: the caller checks each against the
-   * content id it expects. Only from a replica in sync, whose copy is this volume's.
+   * content id it expects, so a replica still syncing (whose copy may be older) serves too.
    */
   fetchBlocks(lbas: number[]): Promise<WireBlock[]> {
     const link = this.link;
-    if (!link || this.state !== 'in-sync')
+    if (!link || (this.state !== 'in-sync' && this.state !== 'syncing'))
       return Promise.reject(
         new Error(`replica ${this.address} is ${this.state}: no blocks to fetch from it`),
       );

@@ -10,7 +10,7 @@ import { Extent, Frame, KIND_DATA, WireBlock } from '../../protocol/replication/
 import type { DedupStore, MirroredBlock } from '../store/dedup-store';
 import type { Logger } from '../util/log';
 import type { Link } from './link';
-import { CHUNK_BLOCKS, FETCH_BLOCKS_MAX } from './mirror';
+import { CHUNK_BLOCKS, FETCH_BLOCKS_MAX, SCRUB_SLICE_BLOCKS } from './mirror';
 
 /** Rounds of Need for one batch (blocks the replica had can be released in between) before giving up. */
 const NEED_ROUNDS = 3;
@@ -165,10 +165,10 @@ export class ReplicaSink {
       const t = this.target;
       if (!t) throw new LinkProtocolError('ERR_LINK_UNKNOWN_VOLUME', 'scrub before a mirror frame');
       const { seq, lba, count } = f.scrubBlocks;
-      if (lba + count > t.blocks)
+      if (lba + count > t.blocks || count > SCRUB_SLICE_BLOCKS)
         throw new LinkProtocolError(
           'ERR_LINK_MALFORMED',
-          `scrub of blocks ${lba}+${count} of a volume of ${t.blocks} blocks`,
+          `scrub of blocks ${lba}+${count} (at most ${SCRUB_SLICE_BLOCKS}) of a volume of ${t.blocks} blocks`,
         );
       // After the batches before it, as verify's requests: the copy it reads is theirs.
       this.queue.push(async () => {

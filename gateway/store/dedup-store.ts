@@ -826,7 +826,8 @@ export class DedupStore {
         for (const d of await this.reader.damagedBlocks(volume, at, n, scratch.subarray(0, n * BLOCK))) {
           damaged.push(d.lba);
           const entry = this.lookupData(d.id);
-          if (!entry) continue;
+          // Released by the checkpoint running now: deleted, nothing to flag.
+          if (!entry || this.releasing.has(d.id)) continue;
           this.hashIndex.delete(entry.hash, d.id);
           // Flagged in the datamap at the next checkpoint: a restart's hash index leaves it out.
           this.live.damaged.add(d.id);
@@ -850,31 +851,32 @@ export class DedupStore {
   /**
    * Puts good copies (a replica's) in place of blocks a scrub found damaged. In one tick,
    * a block still mapped to a copy flagged damaged, whose content id the offered bytes
-   * decode to, is stored anew (or linked to another copy of that content) and remapped;
-   * a block written since, or bytes that do not match, are left alone. The contents do
-   * not change, so nothing is mirrored. Returns the blocks mended.
+   * decode to, is stored anew as a client's write of those bytes would be, but never
+   * linked to another copy (that one is unread): if its segment write fails, the damaged
+   * mapping comes back, as any failed write's old mapping does. A block written since, or
+   * bytes that do not match, are left alone. The contents do not change, so nothing is
+   * mirrored. Returns the blocks mended.
    */
   async mendBlocks(volume: number, items: Array<{ lba: number; block: MirroredBlock }>): Promise<number[]> {
-    const ranges: Array<{ lba: number; kinds: Buffer; cids: Buffer }> = [];
-    const provided = new Map<number, MirroredBlock>();
+    const stores: Array<Promise<number>> = [];
     for (const { lba, block } of items) {
-      const id = this.lookupMeta(metaKey(volume, lba));
+      const key = metaKey(volume, lba);
+      const id = this.lookupMeta(key);
       const entry = id === undefined || !isData(id) ? undefined : this.lookupData(id);
       if (!entry || !this.isDamaged(id!, entry)) continue;
+      let bytes: Buffer;
       try {
-        if (!this.hasher.matches(unpackPayload(block.lz4, block.payload, this.mirrorScratch), entry.hash))
-          continue;
+        bytes = Buffer.from(unpackPayload(block.lz4, block.payload, this.mirrorScratch));
       } catch {
         continue; // not a block at all
       }
-      provided.set(ranges.length, block);
-      ranges.push({ lba, kinds: Buffer.of(KIND_DATA), cids: entry.hash });
+      if (!this.hasher.matches(bytes, entry.hash)) continue;
+      this.foregroundOps++;
+      stores.push(this.storeBlock(key, bytes, Buffer.from(entry.hash), NO_MATCH).then(() => lba));
     }
-    if (ranges.length === 0) return [];
-    const r = this.applyMirrored(volume, ranges, provided);
-    // Every block is provided, so none can be missing.
-    if ('written' in r) await r.written;
-    return ranges.map((x) => x.lba);
+    const mended: number[] = [];
+    for (const r of await Promise.allSettled(stores)) if (r.status === 'fulfilled') mended.push(r.value);
+    return mended;
   }
 
   private volumeName(volume: number): string {
@@ -1292,6 +1294,9 @@ export class DedupStore {
     const local = this.requestHashes;
     local.clear();
     const later: Promise<void>[] = [];
+    // Zero blocks and hash hits, mapped with the new blocks once their records are encoded:
+    // a request's mappings change in one tick (a verify's digests never see half of one).
+    const linked: Array<{ old: number | undefined; key: number; id: number }> = [];
     // One native call for the request's hashes: a call per block cost more than the hashing.
     let hashes: Buffer | null = null;
     if (!batch) this.hasher.hashBlocks(data, (hashes = Buffer.allocUnsafe(count * 16)));
@@ -1299,7 +1304,7 @@ export class DedupStore {
       const block = data.subarray(i * BLOCK, (i + 1) * BLOCK);
       const key = metaKey(volume, lba + i);
       if (batch ? batch.lengths[i] === PACKED_ZERO : isZeroBlock(block)) {
-        this.setMeta(key, ZERO_BLOCK);
+        linked.push({ old: undefined, key, id: ZERO_BLOCK });
         continue;
       }
       // Copied out of the slab: hashes outlive the batch in the overlay.
@@ -1326,7 +1331,8 @@ export class DedupStore {
         continue;
       }
       if (match > 0) {
-        this.setMeta(key, match);
+        // Kept from dying (as an undoable mapping's old block is) until it is linked below.
+        linked.push({ old: match, key, id: match });
         continue;
       }
       const id = this.state.nextBlockId++;
@@ -1355,14 +1361,19 @@ export class DedupStore {
     // Observed from here on: one failing while the new records are written must not go
     // unhandled (Node ends the process on an unhandled rejection).
     const waited = Promise.allSettled(later);
-    if (hashes && fresh.length) {
-      try {
-        used = await this.encodeFresh(data, hashes, fresh, slab);
-      } catch (err) {
-        await waited;
-        throw err;
+    this.undoable.add(linked);
+    try {
+      if (hashes && fresh.length) {
+        const encoded = this.encodeFresh(data, hashes, fresh, slab);
+        used = typeof encoded === 'number' ? encoded : await encoded;
       }
+    } catch (err) {
+      this.undoable.delete(linked);
+      await waited;
+      throw err;
     }
+    this.undoable.delete(linked);
+    for (const l of linked) this.setMeta(l.key, l.id);
     // Blocks still deciding (`later`) change their mappings after some wait: the request's
     // mapping is whole only at completion, so `applied` is left uncalled.
     const early = later.length === 0 ? applied : undefined;
@@ -1380,10 +1391,11 @@ export class DedupStore {
 
   /**
    * Encodes storeInto's new records one after another into `slab`, on the libuv pool
-   * when there are enough of them to pay for the hand-off; returns the bytes used.
-   * Their mappings change only after this: until then nothing can find the new ids.
+   * when there are enough of them to pay for the hand-off; returns the bytes used, at
+   * once when encoded here (no turn of the event loop in between). Their mappings
+   * change only after this: until then nothing can find the new ids.
    */
-  private async encodeFresh(data: Buffer, hashes: Buffer, fresh: Fresh[], slab: Buffer): Promise<number> {
+  private encodeFresh(data: Buffer, hashes: Buffer, fresh: Fresh[], slab: Buffer): number | Promise<number> {
     let used = 0;
     if (fresh.length < POOL_ENCODE_MIN) {
       for (const f of fresh) {
@@ -1400,14 +1412,15 @@ export class DedupStore {
       items[2 * k + 1] = fresh[k]!.id;
     }
     const lengths = new Int32Array(fresh.length);
-    await native.encodeRecords(data, items, hashes, slab, lengths);
-    for (let k = 0; k < fresh.length; k++) {
-      const f = fresh[k]!;
-      f.at = used;
-      f.length = lengths[k]!;
-      used += f.length;
-    }
-    return used;
+    return native.encodeRecords(data, items, hashes, slab, lengths).then(() => {
+      for (let k = 0; k < fresh.length; k++) {
+        const f = fresh[k]!;
+        f.at = used;
+        f.length = lengths[k]!;
+        used += f.length;
+      }
+      return used;
+    });
   }
 
   /** storeInto's new records: one segment write, then their mappings; undone if it fails. */

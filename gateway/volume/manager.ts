@@ -693,6 +693,20 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
     if (vol.record.replicaOf !== undefined)
       throw new InvalidArgumentError(`volume '${name}' is a replica here: verify it from its primary`);
     if (vol.mirrors.length === 0) throw new InvalidArgumentError(`volume '${name}' has no replicas`);
+    // This copy first, while the replicas are as they were: a replica's own damage, found
+    // below, sends its chunks to the resync, and its copy is then no longer in sync.
+    let damaged: number[] = [];
+    let mended: number[] = [];
+    if (opts.scrub) {
+      const store = this.store();
+      const volumeId = store.volumeId(name);
+      damaged = await store.scrub(volumeId, 0, Math.ceil(vol.device.size / BLOCK));
+      mended = damaged.length ? await this.mend(name, volumeId, vol.mirrors, damaged) : [];
+      if (damaged.length)
+        this.log.error(
+          `volume ${name}: ${damaged.length} damaged block(s) in this copy, ${mended.length} mended from a replica`,
+        );
+    }
     const replicas: VerifyReport[] = [];
     for (const m of vol.mirrors) {
       try {
@@ -702,14 +716,6 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
       }
     }
     if (!opts.scrub) return { volume: name, replicas };
-    const store = this.store();
-    const volumeId = store.volumeId(name);
-    const damaged = await store.scrub(volumeId, 0, Math.ceil(vol.device.size / BLOCK));
-    const mended = damaged.length ? await this.mend(name, volumeId, vol.mirrors, damaged) : [];
-    if (damaged.length)
-      this.log.error(
-        `volume ${name}: ${damaged.length} damaged block(s) in this copy, ${mended.length} mended from a replica`,
-      );
     return { volume: name, replicas, damaged: byteRanges(damaged), mended: byteRanges(mended) };
   }
 

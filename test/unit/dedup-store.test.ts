@@ -4,6 +4,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, describe, it } from 'node:test';
 import { ExtentFlag } from '../../gateway/device/block-device';
+import { BlockError } from '../../gateway/device/errors';
 import { DedupDevice } from '../../gateway/store/dedup-device';
 import { DedupStore } from '../../gateway/store/dedup-store';
 import { fsckStore } from '../../gateway/store/fsck';
@@ -405,6 +406,37 @@ describe('dedup store', () => {
     assert.deepEqual(await store.scrub(vol, 0, 256), [0]);
     assert.deepEqual(store.missingContent(ranges), [0]);
     await store.close();
+  });
+
+  it('mends a damaged block with good bytes, and leaves it damaged, not a hole, when the new copy cannot be written', async () => {
+    const good = Buffer.alloc(4096);
+    for (let i = 0; i < good.length; i++) good[i] = (i * 31) % 251; // block 0 as written
+    for (const failing of [true, false]) {
+      const store = await storeWithDamagedFirstRecord();
+      const vol = store.volumeId('a');
+      assert.deepEqual(await store.scrub(vol, 0, 256), [0]);
+      if (failing) {
+        const segments = store.segments;
+        const append = segments.append.bind(segments);
+        segments.append = (record: Buffer) => {
+          segments.append = append;
+          const r = append(record);
+          return { ...r, written: r.written.then(() => Promise.reject(new BlockError('EIO', 'injected'))) };
+        };
+      }
+      const mended = await store.mendBlocks(vol, [{ lba: 0, block: { payload: good, lz4: false } }]);
+      const dev = new DedupDevice(store, vol, 1 << 20);
+      if (failing) {
+        assert.deepEqual(mended, []);
+        await assert.rejects(dev.read(0, Buffer.alloc(4096)), { code: 'EIO' });
+      } else {
+        assert.deepEqual(mended, [0]);
+        const got = Buffer.alloc(4096);
+        await dev.read(0, got);
+        assert.ok(got.equals(good));
+      }
+      await store.close();
+    }
   });
 
   it('keeps a scrubbed block from being offered by its content id after a restart', async () => {

@@ -10,6 +10,7 @@ import { DedupDevice } from '../../gateway/store/dedup-device';
 import { DedupStore, StoreOptions } from '../../gateway/store/dedup-store';
 import { fsckStore } from '../../gateway/store/fsck';
 import { silentLogger } from '../../gateway/util/log';
+import { KIND_DATA, KIND_ZERO } from '../../protocol/replication/block-kinds';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-write-path-'));
 after(() => fs.rmSync(tmp, { recursive: true, force: true }));
@@ -193,6 +194,21 @@ describe('dedup write path', () => {
       assert.deepEqual(fsckStore(dir).problems, []);
     }
     assert.deepEqual(results[0], results[1]);
+  });
+
+  it("changes all of a large write's mappings in one tick, its zero blocks with its new ones", async () => {
+    const { store } = open({ hashPoolMin: null });
+    const vol = store.volumeId('a');
+    const dev = new DedupDevice(store, vol, 1 << 20);
+    await dev.write(0, crypto.randomBytes(80 * 4096));
+    // Blocks 0-9 zero, 10-79 new: 70 new blocks, packed on the pool.
+    const next = Buffer.concat([Buffer.alloc(10 * 4096), crypto.randomBytes(70 * 4096)]);
+    const write = dev.write(0, next);
+    assert.equal(store.captureRange(vol, 0, 1).kinds[0], KIND_DATA, 'the zero block waits for the new ones');
+    await write;
+    assert.equal(store.captureRange(vol, 0, 1).kinds[0], KIND_ZERO);
+    assert.ok((await readAll(dev, next.length)).equals(next));
+    await store.close();
   });
 
   it('fails a FLUSH when the index writer dies under it, and commits everything at the next', async () => {
