@@ -189,6 +189,8 @@ const POOL_ENCODE_MIN = 64;
 
 /** Blocks a scrub reads at a time: one pool job for a volume laid out in order. */
 const SCRUB_WINDOW = 256;
+/** A scrub that yields to clients sleeps this many times each busy window's read. */
+const SCRUB_YIELD = 3;
 
 /** A pooled slab's segment write, once started. */
 interface SlabUse {
@@ -817,13 +819,26 @@ export class DedupStore {
    * so neither a write nor a mirrored batch counts on them again: a replica then asks for
    * the bytes when the primary sends those blocks (verify --scrub marks them for a resync).
    */
-  async scrub(volume: number, lba: number, count: number): Promise<number[]> {
+  async scrub(
+    volume: number,
+    lba: number,
+    count: number,
+    opts: { yieldToClients?: boolean; sleep?: (ms: number) => Promise<void> } = {},
+  ): Promise<number[]> {
     const damaged: number[] = [];
     const scratch = sharedBufferPool.acquire(SCRUB_WINDOW * BLOCK);
+    const sleep = opts.sleep ?? ((ms: number) => new Promise<void>((r) => setTimeout(r, ms)));
     try {
       for (let at = lba; at < lba + count; at += SCRUB_WINDOW) {
         const n = Math.min(SCRUB_WINDOW, lba + count - at);
-        for (const d of await this.reader.damagedBlocks(volume, at, n, scratch.subarray(0, n * BLOCK))) {
+        // Clients served while this window was read: the scrub then takes at most a
+        // quarter of the time, as ZFS's scrub yields to other I/O.
+        const ops = this.foregroundOps;
+        const began = performance.now();
+        const found = await this.reader.damagedBlocks(volume, at, n, scratch.subarray(0, n * BLOCK));
+        if (opts.yieldToClients && this.foregroundOps !== ops)
+          await sleep(SCRUB_YIELD * (performance.now() - began));
+        for (const d of found) {
           damaged.push(d.lba);
           const entry = this.lookupData(d.id);
           // Released by the checkpoint running now: deleted, nothing to flag.

@@ -700,7 +700,7 @@ export class VolumeManager implements ExportRegistry, ReplicaVolumes {
     if (opts.scrub) {
       const store = this.store();
       const volumeId = store.volumeId(name);
-      damaged = await store.scrub(volumeId, 0, Math.ceil(vol.device.size / BLOCK));
+      damaged = await store.scrub(volumeId, 0, Math.ceil(vol.device.size / BLOCK), { yieldToClients: true });
       mended = damaged.length ? await this.mend(name, volumeId, vol.mirrors, damaged) : [];
       if (damaged.length)
         this.log.error(

@@ -439,6 +439,22 @@ describe('dedup store', () => {
     }
   });
 
+  it('scrubs behind clients: it pauses after a window read while they were served, never while they are idle', async () => {
+    const store = DedupStore.open(path.join(tmp, `s${n++}`), silentLogger);
+    const vol = store.volumeId('a');
+    const dev = new DedupDevice(store, vol, 4 << 20);
+    await dev.write(0, Buffer.concat(Array.from({ length: 768 }, (_v, i) => block(i % 251, i))));
+    const sleeps: number[] = [];
+    const opts = { yieldToClients: true, sleep: async (ms: number) => void sleeps.push(ms) };
+    assert.deepEqual(await store.scrub(vol, 0, 768, opts), []);
+    assert.deepEqual(sleeps, [], 'no client, no pause');
+    const scrub = store.scrub(vol, 0, 768, opts);
+    await dev.read(0, Buffer.alloc(4096)); // served while the first window is read
+    assert.deepEqual(await scrub, []);
+    assert.ok(sleeps.length >= 1, 'a pause after the busy window');
+    await store.close();
+  });
+
   it('keeps a scrubbed block from being offered by its content id after a restart', async () => {
     let store = await storeWithDamagedFirstRecord();
     const dir = store.dir;
