@@ -482,6 +482,31 @@ static napi_value js_hash128_into(napi_env env, napi_callback_info info) {
  * the subarrays and separate calls for header, lz4, hash and compare cost as much
  * as the decoding. The header layout is gateway/store/layout.ts's.
  */
+/*
+ * Starts a pool job whose arguments `refs` hold: its promise, then its async work. If
+ * N-API fails on the way, nothing is left behind (the promise settled and dropped, the
+ * references deleted, `job` freed) and an error is thrown.
+ */
+static napi_value start_job(napi_env env, const char *name, napi_async_execute_callback execute,
+                            napi_async_complete_callback complete, void *job, napi_ref *refs, int nrefs,
+                            napi_deferred *deferred, napi_async_work *work) {
+  napi_value promise, id, undefined;
+  if (napi_create_promise(env, deferred, &promise) == napi_ok) {
+    if (napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &id) == napi_ok &&
+        napi_create_async_work(env, NULL, id, execute, complete, job, work) == napi_ok) {
+      if (napi_queue_async_work(env, *work) == napi_ok) return promise;
+      napi_delete_async_work(env, *work);
+    }
+    /* Resolved, not rejected: nobody holds it, and a rejection would go unhandled. */
+    napi_get_undefined(env, &undefined);
+    napi_resolve_deferred(env, *deferred, undefined);
+  }
+  for (int i = 0; i < nrefs; i++) napi_delete_reference(env, refs[i]);
+  free(job);
+  napi_throw_error(env, NULL, "N-API failure starting a pool job");
+  return NULL;
+}
+
 enum { DECODE_OK, DECODE_NO_HEADER, DECODE_WRONG_BLOCK, DECODE_BAD_PAYLOAD, DECODE_BAD_HASH };
 #define RECORD_MAGIC 0x42475231u
 #define RECORD_HEADER 40
@@ -604,7 +629,7 @@ static void decode_complete(napi_env env, napi_status status, void *arg) {
 }
 
 static napi_value js_decode_records(napi_env env, napi_callback_info info) {
-  napi_value argv[DECODE_ARGS + 2], promise, name;
+  napi_value argv[DECODE_ARGS + 2];
   uint8_t *items_bytes, *status_bytes;
   size_t items_len, status_len, argc = DECODE_ARGS + 2;
   size_t n;
@@ -663,11 +688,8 @@ static napi_value js_decode_records(napi_env env, napi_callback_info info) {
       goto fail;
     }
   }
-  CHECK(napi_create_promise(env, &j->deferred, &promise));
-  CHECK(napi_create_string_utf8(env, "blockgate:decodeRecords", NAPI_AUTO_LENGTH, &name));
-  CHECK(napi_create_async_work(env, NULL, name, decode_execute, decode_complete, j, &j->work));
-  CHECK(napi_queue_async_work(env, j->work));
-  return promise;
+  return start_job(env, "blockgate:decodeRecords", decode_execute, decode_complete, j, j->refs, DECODE_ARGS,
+                   &j->deferred, &j->work);
 fail:
   free(j);
   return NULL;
@@ -740,7 +762,7 @@ static void encode_complete(napi_env env, napi_status status, void *arg) {
 }
 
 static napi_value js_encode_records(napi_env env, napi_callback_info info) {
-  napi_value argv[ENCODE_ARGS], promise, name;
+  napi_value argv[ENCODE_ARGS];
   uint8_t *data, *hashes, *out, *items_bytes, *lengths_bytes;
   size_t data_len, hashes_len, out_len, n_items, n_lengths;
   if (!get_args(env, info, ENCODE_ARGS, argv)) return NULL;
@@ -790,11 +812,8 @@ static napi_value js_encode_records(napi_env env, napi_callback_info info) {
       return NULL;
     }
   }
-  CHECK(napi_create_promise(env, &j->deferred, &promise));
-  CHECK(napi_create_string_utf8(env, "blockgate:encodeRecords", NAPI_AUTO_LENGTH, &name));
-  CHECK(napi_create_async_work(env, NULL, name, encode_execute, encode_complete, j, &j->work));
-  CHECK(napi_queue_async_work(env, j->work));
-  return promise;
+  return start_job(env, "blockgate:encodeRecords", encode_execute, encode_complete, j, j->refs, ENCODE_ARGS,
+                   &j->deferred, &j->work);
 }
 
 static int overlaps(const uint8_t *a, size_t a_len, const uint8_t *b, size_t b_len) {
