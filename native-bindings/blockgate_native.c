@@ -507,6 +507,23 @@ static napi_value start_job(napi_env env, const char *name, napi_async_execute_c
   return NULL;
 }
 
+/*
+ * A job start_job started is done: its references and work go, and its promise settles:
+ * rejected with ECANCELED if the pool never ran it, with `err` (errno of `err_call`) if
+ * the job failed, resolved otherwise. `job` is freed.
+ */
+static void finish_job(napi_env env, napi_status status, napi_ref *refs, int nrefs, napi_async_work work,
+                       napi_deferred deferred, const char *name, int err, const char *err_call, void *job) {
+  napi_value undefined;
+  for (int i = 0; i < nrefs; i++) napi_delete_reference(env, refs[i]);
+  napi_delete_async_work(env, work);
+  napi_get_undefined(env, &undefined);
+  if (status != napi_ok) napi_reject_deferred(env, deferred, make_errno_error(env, ECANCELED, name));
+  else if (err) napi_reject_deferred(env, deferred, make_errno_error(env, err, err_call));
+  else napi_resolve_deferred(env, deferred, undefined);
+  free(job);
+}
+
 enum { DECODE_OK, DECODE_NO_HEADER, DECODE_WRONG_BLOCK, DECODE_BAD_PAYLOAD, DECODE_BAD_HASH };
 #define RECORD_MAGIC 0x42475231u
 #define RECORD_HEADER 40
@@ -618,14 +635,7 @@ static void decode_execute(napi_env env, void *arg) {
 
 static void decode_complete(napi_env env, napi_status status, void *arg) {
   decode_job *j = arg;
-  napi_value undefined;
-  for (int i = 0; i < DECODE_ARGS; i++) napi_delete_reference(env, j->refs[i]);
-  napi_delete_async_work(env, j->work);
-  napi_get_undefined(env, &undefined);
-  if (status != napi_ok) napi_reject_deferred(env, j->deferred, make_errno_error(env, ECANCELED, "decodeRecords"));
-  else if (j->read_error) napi_reject_deferred(env, j->deferred, make_errno_error(env, j->read_error, "pread"));
-  else napi_resolve_deferred(env, j->deferred, undefined);
-  free(j);
+  finish_job(env, status, j->refs, DECODE_ARGS, j->work, j->deferred, "decodeRecords", j->read_error, "pread", j);
 }
 
 static napi_value js_decode_records(napi_env env, napi_callback_info info) {
@@ -752,13 +762,7 @@ static void encode_execute(napi_env env, void *arg) {
 
 static void encode_complete(napi_env env, napi_status status, void *arg) {
   encode_job *j = arg;
-  napi_value undefined;
-  for (int i = 0; i < ENCODE_ARGS; i++) napi_delete_reference(env, j->refs[i]);
-  napi_delete_async_work(env, j->work);
-  napi_get_undefined(env, &undefined);
-  if (status != napi_ok) napi_reject_deferred(env, j->deferred, make_errno_error(env, ECANCELED, "encodeRecords"));
-  else napi_resolve_deferred(env, j->deferred, undefined);
-  free(j);
+  finish_job(env, status, j->refs, ENCODE_ARGS, j->work, j->deferred, "encodeRecords", 0, NULL, j);
 }
 
 static napi_value js_encode_records(napi_env env, napi_callback_info info) {

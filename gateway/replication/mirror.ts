@@ -592,14 +592,8 @@ export class Mirror {
       return Promise.reject(new Error(`replica ${this.address} is ${this.state}: verify needs its link up`));
     this.sendFilling();
     const frame = make();
-    const seq =
-      'verifyChunks' in frame
-        ? frame.verifyChunks.seq
-        : 'verifyBlocks' in frame
-          ? frame.verifyBlocks.seq
-          : 'scrubBlocks' in frame
-            ? frame.scrubBlocks.seq
-            : 0;
+    // Every request's body carries the sequence number its answer comes back under.
+    const seq = (Object.values(frame)[0] as { seq: number }).seq;
     const answer = this.awaitAnswer(this.verifying, seq, 'verify');
     link.send(frame);
     return answer;

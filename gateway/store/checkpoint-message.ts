@@ -73,19 +73,23 @@ export class CheckpointTables {
       meta[i++] = v;
     });
 
-    // At most one row per id in any of the four sets.
+    // At most one row per id in any of the five sets.
     const bound = o.newData.size + o.refDelta.size + o.moved.size + dying.size + o.damaged.size;
     if (this.rows.length < bound * ROW_SLOTS) this.rows = sharedFloats(ROW_SLOTS * grown(bound));
     const rows = this.rows;
     const words = new Uint32Array(rows.buffer);
     let n = 0;
     const moves = o.moved.size > 0;
+    const scrubbed = o.damaged.size > 0;
     const row = (id: number): number => {
       const at = n++ * ROW_SLOTS;
       const m = moves ? o.moved.get(id) : undefined;
       rows[at] = id;
       rows[at + 1] = o.refDelta.get(id) ?? 0;
-      rows[at + 2] = (dying.has(id) || releasing.has(id) ? ROW_DYING : 0) | (m ? ROW_MOVED : 0);
+      rows[at + 2] =
+        (dying.has(id) || releasing.has(id) ? ROW_DYING : 0) |
+        (m ? ROW_MOVED : 0) |
+        (scrubbed && o.damaged.has(id) ? ROW_DAMAGED : 0);
       rows[at + 7] = m?.segment ?? 0;
       rows[at + 8] = m?.offset ?? 0;
       return at;
@@ -110,18 +114,11 @@ export class CheckpointTables {
       if (!o.newData.has(id)) row(id);
     });
     for (const id of o.moved.keys()) if (!o.newData.has(id) && !o.refDelta.has(id)) row(id);
+    const rowed = (id: number): boolean => o.newData.has(id) || o.refDelta.has(id) || o.moved.has(id);
     dying.forEach((_v, id) => {
-      if (!o.newData.has(id) && !o.refDelta.has(id) && !o.moved.has(id)) row(id);
+      if (!rowed(id)) row(id);
     });
-    if (o.damaged.size > 0) {
-      // Rare (a scrub's findings): the rows made above are searched for these ids.
-      const at = new Map<number, number>();
-      for (let r = 0; r < n; r++) at.set(rows[r * ROW_SLOTS]!, r * ROW_SLOTS);
-      for (const id of o.damaged) {
-        const a = at.get(id) ?? row(id);
-        rows[a + 2] = rows[a + 2]! | ROW_DAMAGED;
-      }
-    }
+    for (const id of o.damaged) if (!rowed(id) && !dying.has(id)) row(id);
     return { meta, metaCount, rows, rowCount: n, state };
   }
 }

@@ -887,7 +887,7 @@ export class DedupStore {
       }
       if (!this.hasher.matches(bytes, entry.hash)) continue;
       this.foregroundOps++;
-      stores.push(this.storeBlock(key, bytes, Buffer.from(entry.hash), NO_MATCH).then(() => lba));
+      stores.push(this.storeBlock(key, bytes, entry.hash, NO_MATCH).then(() => lba));
     }
     const mended: number[] = [];
     for (const r of await Promise.allSettled(stores)) if (r.status === 'fulfilled') mended.push(r.value);

@@ -210,6 +210,11 @@ function toNumber(v: unknown): number {
   return typeof v === 'number' ? v : Number((v as { toString(): string }).toString());
 }
 
+/** A repeated uint64 field of message `m` (absent: empty). */
+function numbers(m: Record<string, unknown>, field: string): number[] {
+  return ((m[field] as unknown[] | undefined) ?? []).map(toNumber);
+}
+
 /** One frame's protobuf bytes (without the length). Throws LinkProtocolError. */
 export function decodeFrameBody(bytes: Uint8Array): Frame {
   let msg: protobuf.Message & Record<string, unknown>;
@@ -265,7 +270,7 @@ export function decodeFrameBody(bytes: Uint8Array): Frame {
       const m = msg[kind] as Record<string, unknown>;
       const r = {
         seq: toNumber(m['seq'] ?? 0),
-        mismatched: ((m['mismatched'] as unknown[] | undefined) ?? []).map(toNumber),
+        mismatched: numbers(m, 'mismatched'),
       };
       return kind === 'verifyChunksResult' ? { verifyChunksResult: r } : { verifyBlocksResult: r };
     }
@@ -294,7 +299,7 @@ export function decodeFrameBody(bytes: Uint8Array): Frame {
       return {
         scrubBlocksResult: {
           seq: toNumber(m['seq'] ?? 0),
-          damaged: ((m['damaged'] as unknown[] | undefined) ?? []).map(toNumber),
+          damaged: numbers(m, 'damaged'),
         },
       };
     }
@@ -303,7 +308,7 @@ export function decodeFrameBody(bytes: Uint8Array): Frame {
       return {
         fetchBlocks: {
           seq: toNumber(m['seq'] ?? 0),
-          lbas: ((m['lbas'] as unknown[] | undefined) ?? []).map(toNumber),
+          lbas: numbers(m, 'lbas'),
         },
       };
     }
