@@ -22,8 +22,14 @@ export const ROW_DYING = 2;
 export const ROW_MOVED = 4;
 /** Flag the block's entry EntryFlag.DAMAGED. */
 export const ROW_DAMAGED = 8;
+/** With ROW_MOVED: the record is a new one (a mend), its stored length and flags in the length and flags slots. */
+export const ROW_MENDED = 16;
 
-/** Float64 slots per id row: id, delta, kind, segment, offset, length, flags, moved segment, moved offset, pad, hash (16 bytes). */
+/**
+ * Float64 slots per id row: id, delta, kind, segment, offset, length, flags, moved segment,
+ * moved offset, pad, hash (16 bytes). Length and flags are a fresh block's, or a mended one's
+ * new record's (never both: a block is mended only once its first checkpoint has begun).
+ */
 export const ROW_SLOTS = 12;
 export const ROW_HASH_BYTE = 80;
 
@@ -89,9 +95,14 @@ export class CheckpointTables {
       rows[at + 2] =
         (dying.has(id) || releasing.has(id) ? ROW_DYING : 0) |
         (m ? ROW_MOVED : 0) |
+        (m?.storedLength !== undefined ? ROW_MENDED : 0) |
         (scrubbed && o.damaged.has(id) ? ROW_DAMAGED : 0);
       rows[at + 7] = m?.segment ?? 0;
       rows[at + 8] = m?.offset ?? 0;
+      if (m?.storedLength !== undefined) {
+        rows[at + 5] = m.storedLength;
+        rows[at + 6] = m.flags ?? 0;
+      }
       return at;
     };
     // Straight from the new-block table's columns: an entry object and a hash view per

@@ -28,6 +28,7 @@ import {
   BlockHasher,
   CorruptBlockError,
   decodeRecordInto,
+  encodeRecord,
   encodeRecordInto,
   isZeroBlock,
   recordPayload,
@@ -53,7 +54,7 @@ import {
   metaKeyLba,
   metaKeyVolume,
 } from './layout';
-import { HOLE, Overlay } from './overlay';
+import { HOLE, MovedRecord, Overlay } from './overlay';
 import { KIND_DATA, KIND_ZERO } from '../../protocol/replication/block-kinds';
 import { META_PAGE, MetaCache, MetaPage, pageKey } from './meta-cache';
 import { BlockReader } from './block-reader';
@@ -710,8 +711,19 @@ export class DedupStore {
     }
     if (at < 0) return undefined;
     const d = decodeDataEntryAt(b, at);
-    const m = this.live.moved.get(id) ?? this.frozen?.moved.get(id);
-    return m ? { ...d, segment: m.segment, offset: m.offset } : d;
+    const lm = this.live.moved.get(id);
+    const fm = this.frozen?.moved.get(id);
+    const m = lm ?? fm;
+    if (!m) return d;
+    // A mend committing while the compactor copies its new record: the copy has its length.
+    const mend = lm?.storedLength !== undefined ? lm : fm?.storedLength !== undefined ? fm : undefined;
+    return {
+      ...d,
+      segment: m.segment,
+      offset: m.offset,
+      storedLength: mend?.storedLength ?? d.storedLength,
+      flags: mend?.flags ?? d.flags,
+    };
   }
 
   /** The stored block with this content hash, if any (checked against the datamap's full hash). */
@@ -864,34 +876,63 @@ export class DedupStore {
   }
 
   /**
-   * Puts good copies (a replica's) in place of blocks a scrub found damaged. In one tick,
-   * a block still mapped to a copy flagged damaged, whose content id the offered bytes
-   * decode to, is stored anew as a client's write of those bytes would be, but never
-   * linked to another copy (that one is unread): if its segment write fails, the damaged
-   * mapping comes back, as any failed write's old mapping does. A block written since, or
-   * bytes that do not match, are left alone. The contents do not change, so nothing is
-   * mirrored. Returns the blocks mended.
+   * Puts good copies (a replica's) in place of blocks a scrub found damaged. A block still
+   * mapped to a copy flagged damaged, whose content id the offered bytes decode to, gets a
+   * new record under the same block id at the end of the current segment, and the datamap
+   * entry moves to it (as the compactor moves a record): every mapping to the block, the
+   * volume's, its snapshots' and its clones', reads the good bytes, and the block is offered
+   * by its content id again. If the write fails, the block stays as it was, damaged. Durable
+   * (a checkpoint) before it returns the blocks mended. The contents do not change, so
+   * nothing is mirrored.
    */
   async mendBlocks(volume: number, items: Array<{ lba: number; block: MirroredBlock }>): Promise<number[]> {
-    const stores: Array<Promise<number>> = [];
+    const mends: Array<Promise<number | null>> = [];
     for (const { lba, block } of items) {
-      const key = metaKey(volume, lba);
-      const id = this.lookupMeta(key);
+      const id = this.lookupMeta(metaKey(volume, lba));
       const entry = id === undefined || !isData(id) ? undefined : this.lookupData(id);
       if (!entry || !this.isDamaged(id!, entry)) continue;
-      let bytes: Buffer;
+      // In memory still (a write or a move in flight, or numbered since the last checkpoint
+      // began): not the copy the scrub read. A later verify --scrub finds it again if need be.
+      if (this.pending.has(id!) || this.live.newData.has(id!) || this.releasing.has(id!)) continue;
+      let record: Buffer;
       try {
-        bytes = Buffer.from(unpackPayload(block.lz4, block.payload, this.mirrorScratch));
+        const bytes = unpackPayload(block.lz4, block.payload, this.mirrorScratch);
+        if (!this.hasher.matches(bytes, entry.hash)) continue;
+        record = encodeRecord(id!, bytes, entry.hash);
       } catch {
         continue; // not a block at all
       }
-      if (!this.hasher.matches(bytes, entry.hash)) continue;
       this.foregroundOps++;
-      stores.push(this.storeBlock(key, bytes, entry.hash, NO_MATCH).then(() => lba));
+      mends.push(this.mendRecord(id!, entry.hash, record).then((done) => (done ? lba : null)));
     }
     const mended: number[] = [];
-    for (const r of await Promise.allSettled(stores)) if (r.status === 'fulfilled') mended.push(r.value);
+    for (const r of await Promise.allSettled(mends))
+      if (r.status === 'fulfilled' && r.value !== null) mended.push(r.value);
+    if (mended.length) await this.flush();
     return mended;
+  }
+
+  /** Writes block `id`'s new record and moves its entry there (mendBlocks). False: the block went meanwhile. */
+  private async mendRecord(id: number, hash: Buffer, record: Buffer): Promise<boolean> {
+    this.refuseAfterFailure();
+    const { segment, offset, written } = this.segments.append(record);
+    const inFlight = this.pending.addOne(id, record, written);
+    try {
+      await written;
+      // Released while the record was written (its last mapping overwritten): nothing to mend.
+      if (this.lookupData(id) === undefined || this.releasing.has(id)) return false;
+      this.live.moved.set(id, {
+        segment,
+        offset,
+        storedLength: record.readUInt32BE(16),
+        flags: record.readUInt16BE(4),
+      });
+      this.live.damaged.delete(id);
+      this.hashIndex.add(hash, id);
+      return true;
+    } finally {
+      this.pending.delete(inFlight);
+    }
   }
 
   private volumeName(volume: number): string {
@@ -1114,7 +1155,12 @@ export class DedupStore {
     if (this.releasing.has(id)) return false;
     const { segment, offset, written } = this.segments.append(record);
     const inFlight = this.pending.addOne(id, record, written);
-    const move = { segment, offset };
+    // A mend not yet committed: the copy is of its new record, whose length the entry lacks.
+    const mended = this.live.moved.get(id);
+    const move: MovedRecord =
+      mended?.storedLength === undefined
+        ? { segment, offset }
+        : { segment, offset, storedLength: mended.storedLength, flags: mended.flags };
     this.live.moved.set(id, move);
     try {
       await written;

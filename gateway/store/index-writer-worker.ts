@@ -11,6 +11,7 @@ import {
   ROW_DAMAGED,
   ROW_DYING,
   ROW_FRESH,
+  ROW_MENDED,
   ROW_HASH_BYTE,
   ROW_MOVED,
   ROW_SLOTS,
@@ -238,7 +239,7 @@ function apply(req: CheckpointRequest): CheckpointReply {
       refcount = page.readUInt32BE(slot + 16);
       copy16(page, slot + 20, entryBuf, 20);
     }
-    const stored = RECORD_HEADER + storedLength;
+    let stored = RECORD_HEADER + storedLength;
     refcount += rows[at + 1]!;
     // Born and released between two checkpoints: never indexed. A fresh block left at zero
     // but not dying is one a failed write may still put back: indexed, and kept at zero.
@@ -264,6 +265,14 @@ function apply(req: CheckpointRequest): CheckpointReply {
       live(segment, -stored);
       segment = rows[at + 7]!;
       offset = rows[at + 8]!;
+      if ((kind & ROW_MENDED) !== 0) {
+        // A new record in place of a damaged one: its own length, and flags without DAMAGED.
+        state.storedBytes -= stored;
+        storedLength = rows[at + 5]!;
+        flags = rows[at + 6]!;
+        stored = RECORD_HEADER + storedLength;
+        state.storedBytes += stored;
+      }
       live(segment, stored);
     }
     if ((kind & ROW_DAMAGED) !== 0) flags |= EntryFlag.DAMAGED;

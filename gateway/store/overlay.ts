@@ -137,6 +137,18 @@ export class NewData {
 }
 
 /**
+ * Where a block's record went: the compactor's copy of it (the same record), or a new one
+ * a mend wrote in place of a damaged copy, with its own stored length and record flags
+ * (the entry's DAMAGED flag goes).
+ */
+export interface MovedRecord {
+  segment: number;
+  offset: number;
+  storedLength?: number;
+  flags?: number;
+}
+
+/**
  * Index changes since the last checkpoint, in memory. Reads look here
  * before the index; a checkpoint writes a frozen overlay to the index in
  * one transaction. Reference counts travel as deltas, so a hot block costs
@@ -148,8 +160,8 @@ export class Overlay {
   readonly meta = new NumMap(1024);
   readonly newData = new NewData();
   readonly refDelta = new NumMap(1024);
-  /** Blocks the compactor copied elsewhere: id -> new record location. */
-  readonly moved = new Map<number, { segment: number; offset: number }>();
+  /** Blocks whose record is now elsewhere: id -> new record location. */
+  readonly moved = new Map<number, MovedRecord>();
   /** Blocks a scrub found damaged, to be flagged so in the datamap (EntryFlag.DAMAGED). */
   readonly damaged = new Set<number>();
 

@@ -455,6 +455,36 @@ describe('dedup store', () => {
     await store.close();
   });
 
+  it('mends a damaged copy in place: a snapshot sharing it reads the good bytes too, across a restart, and fsck agrees', async () => {
+    const good = Buffer.alloc(4096);
+    for (let i = 0; i < good.length; i++) good[i] = (i * 31) % 251; // block 0 as written
+    let store = await storeWithDamagedFirstRecord();
+    const dir = store.dir;
+    const vol = store.volumeId('a');
+    const snap = store.snapshotVolume(vol, 'a@1', 256);
+    await store.flush();
+    assert.deepEqual(await store.scrub(vol, 0, 256), [0]);
+    const ranges = [{ lba: 0, kinds: Buffer.of(KIND_DATA), cids: store.captureRange(vol, 0, 1).cids }];
+    assert.deepEqual(store.missingContent(ranges), [0]);
+
+    assert.deepEqual(await store.mendBlocks(vol, [{ lba: 0, block: { payload: good, lz4: false } }]), [0]);
+    // Offered by its content id again: the same copy, mended.
+    assert.deepEqual(store.missingContent(ranges), []);
+    for (const v of [vol, snap]) {
+      const got = Buffer.alloc(4096);
+      await new DedupDevice(store, v, 1 << 20).read(0, got);
+      assert.ok(got.equals(good), `volume ${v} reads the mended block`);
+    }
+    await store.close();
+
+    assert.deepEqual(fsckStore(dir).problems, []);
+    store = DedupStore.open(dir, silentLogger);
+    assert.deepEqual(await store.scrub(vol, 0, 256), []);
+    assert.deepEqual(await store.scrub(snap, 0, 256), []);
+    assert.deepEqual(store.missingContent(ranges), []);
+    await store.close();
+  });
+
   it('keeps a scrubbed block from being offered by its content id after a restart', async () => {
     let store = await storeWithDamagedFirstRecord();
     const dir = store.dir;
