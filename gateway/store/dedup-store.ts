@@ -48,6 +48,7 @@ import {
   decodeDataEntryAt,
   decodeId,
   decodeMetaKey,
+  encodeIdInto,
   encodeMetaKey,
   encodeMetaKeyInto,
   metaKey,
@@ -343,6 +344,12 @@ export class DedupStore {
   private readonly undoable = new Set<ReadonlyArray<{ old: number | undefined }>>();
   /** New blocks of mirrored batches whose segment write is in flight, with who placed them (unsettledBlock). */
   private readonly mirrorPlaced = new Map<number, object>();
+  /**
+   * Copies a scrub found damaged, by content hash (hex): a new record of the same content
+   * (a client's write, a replica's resync) mends them in place too, so snapshots and clones
+   * sharing one read it again. Rare, so looked at only while it holds any.
+   */
+  private readonly damagedCopies = new Map<string, number>();
   /** verify's chunk digests by page key (chunks are metamap pages), dropped by setMeta. */
   private readonly digests = new Map<number, { count: number; digest: Buffer }>();
   private readonly hasher: BlockHasher;
@@ -531,8 +538,10 @@ export class DedupStore {
     const index = new HashIndex(Math.ceil((this.state.uniqueBlocks + 1024) / 0.7));
     // A damaged page's blocks are left out: their reads fail, and fsck names the page.
     const bad = (err: Error): void => this.log.error(err.message);
-    for (const { id, entry } of dataEntries({ data: this.dataDb, legacyData: undefined }, bad))
+    for (const { id, entry } of dataEntries({ data: this.dataDb, legacyData: undefined }, bad)) {
       if ((entry.readUInt16BE(12) & EntryFlag.DAMAGED) === 0) index.add(entry.subarray(20, 36), id);
+      else this.damagedCopies.set(entry.toString('hex', 20, 36), id);
+    }
     return index;
   }
 
@@ -858,6 +867,7 @@ export class DedupStore {
           this.hashIndex.delete(entry.hash, d.id);
           // Flagged in the datamap at the next checkpoint: a restart's hash index leaves it out.
           this.live.damaged.add(d.id);
+          this.damagedCopies.set(entry.hash.toString('hex'), d.id);
         }
       }
     } finally {
@@ -919,6 +929,8 @@ export class DedupStore {
     const inFlight = this.pending.addOne(id, record, written);
     try {
       await written;
+      if (this.damagedCopies.get(hash.toString('hex')) === id)
+        this.damagedCopies.delete(hash.toString('hex'));
       // Released while the record was written (its last mapping overwritten): nothing to mend.
       if (this.lookupData(id) === undefined || this.releasing.has(id)) return false;
       this.live.moved.set(id, {
@@ -932,6 +944,35 @@ export class DedupStore {
       return true;
     } finally {
       this.pending.delete(inFlight);
+    }
+  }
+
+  /**
+   * After new records reached their segment: any whose content a damaged copy holds mends
+   * that copy too, from a copy of the record under the damaged block's id.
+   */
+  private mendFromRecords(
+    records: Buffer,
+    placed: Array<{ at: number; length: number; hash: Buffer }>,
+  ): void {
+    if (this.damagedCopies.size === 0) return;
+    for (const p of placed) {
+      const key = p.hash.toString('hex');
+      const id = this.damagedCopies.get(key);
+      if (id === undefined) continue;
+      const entry = this.lookupData(id);
+      if (!entry || !this.isDamaged(id, entry)) {
+        this.damagedCopies.delete(key); // gone, or mended since
+        continue;
+      }
+      if (this.pending.has(id) || this.live.newData.has(id) || this.releasing.has(id)) continue;
+      const record = Buffer.from(records.subarray(p.at, p.at + p.length));
+      encodeIdInto(id, record.subarray(8, 16));
+      this.mendRecord(id, p.hash, record).then(
+        (done) =>
+          done && this.log.info(`block ${id}: its damaged copy mended from a new record of its content`),
+        (err: Error) => this.log.warn(`block ${id}: mending its damaged copy failed: ${err.message}`),
+      );
     }
   }
 
@@ -1102,6 +1143,7 @@ export class DedupStore {
       applied?.();
       await written;
       this.remember(id, record);
+      this.mendFromRecords(record, [{ at: 0, length: record.length, hash }]);
     } catch (err) {
       this.unstore(key, id, hash, undo[0]!.old);
       throw err;
@@ -1523,6 +1565,7 @@ export class DedupStore {
       await written;
       // Copied from the slab in place: a view per block was an allocation per block.
       for (const f of fresh) this.remember(f.id, records, f.at, f.length);
+      this.mendFromRecords(records, fresh);
     } catch (err) {
       for (const f of fresh) this.unstore(f.key, f.id, f.hash, f.old);
       for (const r of repeats)
@@ -2200,21 +2243,27 @@ export class DedupStore {
         for (const p of placed) this.mirrorPlaced.delete(p.id);
         sharedBufferPool.release(slab);
       };
-      written = appended.written.then(forget, (err: unknown) => {
-        forget();
-        // Nothing may point at bytes that never reached the disk: every mapping to them
-        // becomes a hole (this batch's, and later batches' of the same link, which linked
-        // to them: all in the overlays, as the blocks are new), and the primary, told of
-        // the failure, sends the volume again.
-        const keys: number[] = [];
-        for (const o of [this.frozen, this.live])
-          o?.meta.forEach((id, key) => {
-            if (placedIds.has(id)) keys.push(key);
-          });
-        for (const key of keys) if (placedIds.has(this.lookupMeta(key) ?? HOLE)) this.setMeta(key, HOLE);
-        for (const p of placed) this.hashIndex.delete(p.hash, p.id);
-        throw err;
-      });
+      written = appended.written.then(
+        () => {
+          this.mendFromRecords(records, placed);
+          forget();
+        },
+        (err: unknown) => {
+          forget();
+          // Nothing may point at bytes that never reached the disk: every mapping to them
+          // becomes a hole (this batch's, and later batches' of the same link, which linked
+          // to them: all in the overlays, as the blocks are new), and the primary, told of
+          // the failure, sends the volume again.
+          const keys: number[] = [];
+          for (const o of [this.frozen, this.live])
+            o?.meta.forEach((id, key) => {
+              if (placedIds.has(id)) keys.push(key);
+            });
+          for (const key of keys) if (placedIds.has(this.lookupMeta(key) ?? HOLE)) this.setMeta(key, HOLE);
+          for (const p of placed) this.hashIndex.delete(p.hash, p.id);
+          throw err;
+        },
+      );
       // Settling is arranged before anything below can throw: an error there must not
       // leave the records registered as in flight (and the slab unreleased) for good.
       try {

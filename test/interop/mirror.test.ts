@@ -332,8 +332,10 @@ describe('mirrored volumes', () => {
     replicas: Array<{ mismatched: unknown[]; damaged: Array<{ offset: number; length: number }> }>;
   }
 
-  it('verify --scrub finds a replica block damaged on disk, which content ids cannot, and the resync mends it', async () => {
+  it('verify --scrub finds a replica block damaged on disk, which content ids cannot, and the resync mends it, for its snapshot too', async () => {
     await mirroredVolume('d1', '16M', ['write -P 0x3d 0 4k', 'write -P 0x3e 4k 4k', 'write -P 0x3f 8k 4k']);
+    assert.equal((await primary.cli('snapshot', 'create', 'd1', 's')).code, 0);
+    await replica.waitForLog(/volume d1: snapshot s taken as on gateway/, 10_000);
     await damageOnReplica('d1', 1);
     await waitForState(primary, 'd1', 'in-sync', true);
     // The metamaps still agree: only reading the bytes back tells.
@@ -346,9 +348,12 @@ describe('mirrored volumes', () => {
     assert.deepEqual(report.replicas[0]!.mismatched, []);
     assert.deepEqual(report.replicas[0]!.damaged, [{ offset: 4096, length: 4096 }]);
 
-    // Sent again, with its bytes (the replica no longer offers the damaged copy).
+    // Sent again, with its bytes (the replica no longer offers the damaged copy); the damaged
+    // copy, which the snapshot shares, is written again from the new one.
     await waitForState(primary, 'd1', 'in-sync', true);
+    await replica.waitForLog(/its damaged copy mended from a new record of its content/, 10_000);
     await identical(primary.uri('d1'), replica.uri('d1'));
+    await identical(primary.uri('d1@s'), replica.uri('d1@s'));
     const clean = await primary.cli('verify', 'd1', '--scrub');
     assert.equal(clean.code, 0, clean.stdout + clean.stderr);
     assert.match(clean.stdout, /every block reads back as its content id/);

@@ -485,6 +485,32 @@ describe('dedup store', () => {
     await store.close();
   });
 
+  it('mends a damaged copy from a new write of its content: a snapshot sharing it reads it again, across a restart', async () => {
+    const good = Buffer.alloc(4096);
+    for (let i = 0; i < good.length; i++) good[i] = (i * 31) % 251; // block 0 as written
+    let store = await storeWithDamagedFirstRecord();
+    const dir = store.dir;
+    const vol = store.volumeId('a');
+    const snap = store.snapshotVolume(vol, 'a@1', 256);
+    await store.flush();
+    assert.deepEqual(await store.scrub(vol, 0, 256), [0]);
+    // A client writes the same bytes elsewhere: a new copy (the damaged one is offered no more),
+    // and the damaged copy is written again from it.
+    const dev = new DedupDevice(store, vol, 1 << 20);
+    await dev.write(5 * 4096, good);
+    await dev.flush();
+    const got = Buffer.alloc(4096);
+    await new DedupDevice(store, snap, 1 << 20).read(0, got);
+    assert.ok(got.equals(good), "the snapshot's block reads back");
+    await store.close();
+
+    assert.deepEqual(fsckStore(dir).problems, []);
+    store = DedupStore.open(dir, silentLogger);
+    assert.deepEqual(await store.scrub(vol, 0, 256), []);
+    assert.deepEqual(await store.scrub(snap, 0, 256), []);
+    await store.close();
+  });
+
   it('keeps a scrubbed block from being offered by its content id after a restart', async () => {
     let store = await storeWithDamagedFirstRecord();
     const dir = store.dir;
