@@ -455,15 +455,25 @@ describe('dedup store', () => {
     await store.close();
   });
 
-  it('mends a damaged copy in place: a snapshot sharing it reads the good bytes too, across a restart, and fsck agrees', async () => {
+  /**
+   * storeWithDamagedFirstRecord with a snapshot of volume 'a' sharing the damaged copy, which
+   * a scrub found; closed (the flag committed). `good` is block 0 as written.
+   */
+  async function scrubbedWithSnapshot(): Promise<{ good: Buffer; dir: string; vol: number; snap: number }> {
     const good = Buffer.alloc(4096);
-    for (let i = 0; i < good.length; i++) good[i] = (i * 31) % 251; // block 0 as written
-    let store = await storeWithDamagedFirstRecord();
-    const dir = store.dir;
+    for (let i = 0; i < good.length; i++) good[i] = (i * 31) % 251;
+    const store = await storeWithDamagedFirstRecord();
     const vol = store.volumeId('a');
     const snap = store.snapshotVolume(vol, 'a@1', 256);
     await store.flush();
     assert.deepEqual(await store.scrub(vol, 0, 256), [0]);
+    await store.close();
+    return { good, dir: store.dir, vol, snap };
+  }
+
+  it('mends a damaged copy in place: a snapshot sharing it reads the good bytes too, across a restart, and fsck agrees', async () => {
+    const { good, dir, vol, snap } = await scrubbedWithSnapshot();
+    let store = DedupStore.open(dir, silentLogger);
     const ranges = [{ lba: 0, kinds: Buffer.of(KIND_DATA), cids: store.captureRange(vol, 0, 1).cids }];
     assert.deepEqual(store.missingContent(ranges), [0]);
 
@@ -486,14 +496,8 @@ describe('dedup store', () => {
   });
 
   it('mends a damaged copy from a new write of its content: a snapshot sharing it reads it again, across a restart', async () => {
-    const good = Buffer.alloc(4096);
-    for (let i = 0; i < good.length; i++) good[i] = (i * 31) % 251; // block 0 as written
-    let store = await storeWithDamagedFirstRecord();
-    const dir = store.dir;
-    const vol = store.volumeId('a');
-    const snap = store.snapshotVolume(vol, 'a@1', 256);
-    await store.flush();
-    assert.deepEqual(await store.scrub(vol, 0, 256), [0]);
+    const { good, dir, vol, snap } = await scrubbedWithSnapshot();
+    let store = DedupStore.open(dir, silentLogger);
     // A client writes the same bytes elsewhere: a new copy (the damaged one is offered no more),
     // and the damaged copy is written again from it.
     const dev = new DedupDevice(store, vol, 1 << 20);
