@@ -214,6 +214,12 @@ interface Fresh {
   old: number | undefined;
 }
 
+/** A plain move of a record a mend wrote (not yet committed): it keeps the mend's length and flags. */
+function keepMend(move: MovedRecord, earlier: MovedRecord | undefined): MovedRecord {
+  if (move.storedLength !== undefined || earlier?.storedLength === undefined) return move;
+  return { ...move, storedLength: earlier.storedLength, flags: earlier.flags };
+}
+
 /** A block of a write request that repeats an earlier new block of the same request. */
 interface Repeat {
   key: number;
@@ -862,8 +868,11 @@ export class DedupStore {
         for (const d of found) {
           damaged.push(d.lba);
           const entry = this.lookupData(d.id);
-          // Released by the checkpoint running now: deleted, nothing to flag.
+          // Released by the checkpoint running now: deleted, nothing to flag. Mended while
+          // the window was read: the read was of the old record.
           if (!entry || this.releasing.has(d.id)) continue;
+          if ((this.live.moved.get(d.id) ?? this.frozen?.moved.get(d.id))?.storedLength !== undefined)
+            continue;
           this.hashIndex.delete(entry.hash, d.id);
           // Flagged in the datamap at the next checkpoint: a restart's hash index leaves it out.
           this.live.damaged.add(d.id);
@@ -891,19 +900,22 @@ export class DedupStore {
    * new record under the same block id at the end of the current segment, and the datamap
    * entry moves to it (as the compactor moves a record): every mapping to the block, the
    * volume's, its snapshots' and its clones', reads the good bytes, and the block is offered
-   * by its content id again. If the write fails, the block stays as it was, damaged. Durable
+   * by its content id again (unless a copy stored since took its place). If the write fails, the block stays as it was, damaged. Durable
    * (a checkpoint) before it returns the blocks mended. The contents do not change, so
    * nothing is mirrored.
    */
   async mendBlocks(volume: number, items: Array<{ lba: number; block: MirroredBlock }>): Promise<number[]> {
-    const mends: Array<Promise<number | null>> = [];
+    const mends: Array<Promise<number[]>> = [];
+    /** Blocks mapped to a copy this call mends already: reported with it. */
+    const sharing = new Map<number, number[]>();
     for (const { lba, block } of items) {
       const id = this.lookupMeta(metaKey(volume, lba));
+      if (id !== undefined && sharing.has(id)) {
+        sharing.get(id)!.push(lba);
+        continue;
+      }
       const entry = id === undefined || !isData(id) ? undefined : this.lookupData(id);
-      if (!entry || !this.isDamaged(id!, entry)) continue;
-      // In memory still (a write or a move in flight, or numbered since the last checkpoint
-      // began): not the copy the scrub read. A later verify --scrub finds it again if need be.
-      if (this.pending.has(id!) || this.live.newData.has(id!) || this.releasing.has(id!)) continue;
+      if (!this.mendable(id!, entry)) continue;
       let record: Buffer;
       try {
         const bytes = unpackPayload(block.lz4, block.payload, this.mirrorScratch);
@@ -913,11 +925,13 @@ export class DedupStore {
         continue; // not a block at all
       }
       this.foregroundOps++;
-      mends.push(this.mendRecord(id!, entry.hash, record).then((done) => (done ? lba : null)));
+      const lbas = [lba];
+      sharing.set(id!, lbas);
+      mends.push(this.mendRecord(id!, entry.hash, record).then((done) => (done ? lbas : [])));
     }
     const mended: number[] = [];
-    for (const r of await Promise.allSettled(mends))
-      if (r.status === 'fulfilled' && r.value !== null) mended.push(r.value);
+    for (const r of await Promise.allSettled(mends)) if (r.status === 'fulfilled') mended.push(...r.value);
+    mended.sort((a, b) => a - b);
     if (mended.length) await this.flush();
     return mended;
   }
@@ -925,26 +939,31 @@ export class DedupStore {
   /** Writes block `id`'s new record and moves its entry there (mendBlocks). False: the block went meanwhile. */
   private async mendRecord(id: number, hash: Buffer, record: Buffer): Promise<boolean> {
     this.refuseAfterFailure();
-    const { segment, offset, written } = this.segments.append(record);
-    const inFlight = this.pending.addOne(id, record, written);
-    try {
-      await written;
-      if (this.damagedCopies.get(hash.toString('hex')) === id)
-        this.damagedCopies.delete(hash.toString('hex'));
-      // Released while the record was written (its last mapping overwritten): nothing to mend.
-      if (this.lookupData(id) === undefined || this.releasing.has(id)) return false;
-      this.live.moved.set(id, {
-        segment,
-        offset,
-        storedLength: record.readUInt32BE(16),
-        flags: record.readUInt16BE(4),
-      });
-      this.live.damaged.delete(id);
-      this.hashIndex.add(hash, id);
-      return true;
-    } finally {
-      this.pending.delete(inFlight);
-    }
+    await this.appendMove(id, record, true);
+    const key = hash.toString('hex');
+    if (this.damagedCopies.get(key) === id) this.damagedCopies.delete(key);
+    // Released while the record was written: its move went with the block's deletion.
+    if (this.lookupData(id) === undefined || this.releasing.has(id)) return false;
+    this.live.damaged.delete(id);
+    // Unless another copy of the content was filed since (a client's write after the scrub).
+    this.hashIndex.add(hash, id);
+    return true;
+  }
+
+  /**
+   * Whether block `id` (its entry `entry`) is a damaged copy on disk that a mend may write
+   * again: not in memory still (a write or a move in flight, or numbered since a checkpoint
+   * that has not committed: not the copy the scrub read), nor being deleted.
+   */
+  private mendable(id: number, entry: DataEntry | undefined): entry is DataEntry {
+    return (
+      entry !== undefined &&
+      this.isDamaged(id, entry) &&
+      !this.pending.has(id) &&
+      !this.live.newData.has(id) &&
+      !(this.frozen?.newData.has(id) ?? false) &&
+      !this.releasing.has(id)
+    );
   }
 
   /**
@@ -965,7 +984,7 @@ export class DedupStore {
         this.damagedCopies.delete(key); // gone, or mended since
         continue;
       }
-      if (this.pending.has(id) || this.live.newData.has(id) || this.releasing.has(id)) continue;
+      if (!this.mendable(id, entry)) continue;
       const record = Buffer.from(records.subarray(p.at, p.at + p.length));
       encodeIdInto(id, record.subarray(8, 16));
       this.mendRecord(id, p.hash, record).then(
@@ -1195,26 +1214,42 @@ export class DedupStore {
     this.refuseAfterFailure();
     // Perhaps deleted by the running checkpoint: moved by a later pass if it stays.
     if (this.releasing.has(id)) return false;
+    await this.appendMove(id, record, false);
+    return true;
+  }
+
+  /**
+   * Appends block `id`'s `record` to the current segment and moves the block's entry there
+   * in the live overlay in the same tick, as every writer records a record it appends (a
+   * checkpoint freezing meanwhile counts the segment live, and its sync waits for the
+   * write). A mend's move carries the new record's length and flags; a plain copy keeps
+   * those of a mend not yet committed. If the write fails, the move it replaced comes back.
+   */
+  private async appendMove(id: number, record: Buffer, mend: boolean): Promise<void> {
     const { segment, offset, written } = this.segments.append(record);
     const inFlight = this.pending.addOne(id, record, written);
-    // A mend not yet committed: the copy is of its new record, whose length the entry lacks.
-    const mended = this.live.moved.get(id);
-    const move: MovedRecord =
-      mended?.storedLength === undefined
-        ? { segment, offset }
-        : { segment, offset, storedLength: mended.storedLength, flags: mended.flags };
+    const replaced = this.live.moved.get(id);
+    const move: MovedRecord = mend
+      ? { segment, offset, storedLength: record.readUInt32BE(16), flags: record.readUInt16BE(4) }
+      : keepMend(
+          { segment, offset },
+          replaced?.storedLength !== undefined ? replaced : this.frozen?.moved.get(id),
+        );
     this.live.moved.set(id, move);
     try {
       await written;
     } catch (err) {
       // A checkpoint may have frozen the move meanwhile: it fails too (its sync waits for
       // this write) and merges its overlay back, which must not bring the move with it.
-      for (const o of [this.live, this.frozen]) if (o?.moved.get(id) === move) o.moved.delete(id);
+      for (const o of [this.live, this.frozen])
+        if (o?.moved.get(id) === move) {
+          if (replaced) o.moved.set(id, replaced);
+          else o.moved.delete(id);
+        }
       throw err;
     } finally {
       this.pending.delete(inFlight);
     }
-    return true;
   }
 
   // ---- layout of a volume's records: fragmentation and materialize ------------------------
@@ -1853,7 +1888,7 @@ export class DedupStore {
     live.meta.forEach((v, k) => frozen.meta.set(k, v));
     live.newData.forEach((id, e) => frozen.newData.set(id, e));
     live.refDelta.forEach((d, id) => frozen.addRef(id, d));
-    for (const [id, m] of live.moved) frozen.moved.set(id, m);
+    for (const [id, m] of live.moved) frozen.moved.set(id, keepMend(m, frozen.moved.get(id)));
     for (const id of live.damaged) frozen.damaged.add(id);
     live.clear();
     this.spare = live;

@@ -275,7 +275,9 @@ function apply(req: CheckpointRequest): CheckpointReply {
       }
       live(segment, stored);
     }
-    if ((kind & ROW_DAMAGED) !== 0) flags |= EntryFlag.DAMAGED;
+    // A mend in the same overlay came after the scrub's flag (a scrub flags no copy mended
+    // since the overlay began; a failed checkpoint's merge brings the two together).
+    if ((kind & ROW_DAMAGED) !== 0 && (kind & ROW_MENDED) === 0) flags |= EntryFlag.DAMAGED;
     page ??= pageFor(id, true)!;
     slot = setPresent(page, id, true);
     page.writeUInt32BE(segment, slot);
