@@ -900,9 +900,9 @@ export class DedupStore {
    * new record under the same block id at the end of the current segment, and the datamap
    * entry moves to it (as the compactor moves a record): every mapping to the block, the
    * volume's, its snapshots' and its clones', reads the good bytes, and the block is offered
-   * by its content id again (unless a copy stored since took its place). If the write fails, the block stays as it was, damaged. Durable
-   * (a checkpoint) before it returns the blocks mended. The contents do not change, so
-   * nothing is mirrored.
+   * by its content id again (unless a copy stored since took its place). If the write fails,
+   * the block stays as it was, damaged. Durable (a checkpoint) before it returns the blocks
+   * mended. The contents do not change, so nothing is mirrored.
    */
   async mendBlocks(volume: number, items: Array<{ lba: number; block: MirroredBlock }>): Promise<number[]> {
     const mends: Array<Promise<number[]>> = [];
