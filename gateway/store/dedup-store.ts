@@ -46,15 +46,12 @@ import {
   RECORD_HEADER,
   ZERO_BLOCK,
   decodeDataEntryAt,
-  decodeId,
-  decodeMetaKey,
   encodeIdInto,
-  encodeMetaKey,
-  encodeMetaKeyInto,
   metaKey,
   metaKeyLba,
   metaKeyVolume,
 } from './layout';
+import { convertLegacyMeta, forEachMeta, lookupMetaPage } from './meta-pages';
 import { HOLE, MovedRecord, Overlay } from './overlay';
 import { KIND_DATA, KIND_ZERO } from '../../protocol/replication/block-kinds';
 import { META_PAGE, MetaCache, MetaPage, pageKey } from './meta-cache';
@@ -439,6 +436,7 @@ export class DedupStore {
     const {
       env,
       meta: metaDb,
+      legacyMeta,
       data: dataDb,
       legacyData,
       hash: hashDb,
@@ -446,6 +444,8 @@ export class DedupStore {
     } = openIndex(dir, opts);
     if (!dataDb || (opts.readOnly && legacyData && legacyData.getKeysCount() > 0))
       throw new Error(`${dir}: the store's datamap predates pages; open it once read-write to convert it`);
+    if (!metaDb || (opts.readOnly && legacyMeta && legacyMeta.getKeysCount() > 0))
+      throw new Error(`${dir}: the store's metamap predates pages; open it once read-write to convert it`);
     let state = stateDb.get('store') as StoreState | undefined;
     if (!state) {
       if (opts.readOnly) throw new Error(`${dir} holds no dedup store`);
@@ -474,6 +474,10 @@ export class DedupStore {
     if (!opts.readOnly && legacyData) {
       const moved = convertLegacyRows(env, legacyData, dataDb);
       if (moved) log.info(`datamap: ${moved} entries converted to pages`);
+    }
+    if (!opts.readOnly && legacyMeta) {
+      const moved = convertLegacyMeta(env, legacyMeta, metaDb);
+      if (moved) log.info(`metamap: ${moved} entries converted to pages`);
     }
     const segments = new SegmentFiles(path.join(dir, 'segments'), (err) => log.error(err.message));
     const poolMin = opts.readOnly
@@ -520,8 +524,14 @@ export class DedupStore {
 
   /** Each volume's data blocks, from the whole metamap: once, for a store that never counted them. */
   private countVolumeBlocks(): void {
-    for (const { key, value } of this.metaDb.getRange({}))
-      if (isData(decodeId(value as Buffer))) this.volumeBlocks.add(decodeMetaKey(key as Buffer).volume, 1);
+    forEachMeta(
+      this.metaDb,
+      null,
+      (volume, _lba, id) => {
+        if (isData(id)) this.volumeBlocks.add(volume, 1);
+      },
+      (err) => this.log.error(err.message),
+    );
   }
 
   /** Blocks the volume's own metamap entries map to data, acknowledged writes included. */
@@ -568,12 +578,14 @@ export class DedupStore {
   async truncateVolume(volume: number, fromLba: number): Promise<void> {
     this.tree.truncate(volume, fromLba);
     await this.flush();
-    const start = encodeMetaKey(volume, fromLba);
-    const end = encodeMetaKey(volume + 1, 0);
-    for (const { key } of this.metaDb.getRange({ start, end })) {
-      const { lba } = decodeMetaKey(key as Buffer);
-      this.setMeta(metaKey(volume, lba), HOLE);
-    }
+    const stored: number[] = [];
+    forEachMeta(
+      this.metaDb,
+      { volume, from: fromLba },
+      (_v, lba) => stored.push(lba),
+      (err) => this.log.error(err.message),
+    );
+    for (const lba of stored) this.setMeta(metaKey(volume, lba), HOLE);
     // Both overlays: a checkpoint running meanwhile (a client's FLUSH) froze part of what was live.
     const overlaid = [...(this.frozen?.meta.keysOf() ?? []), ...this.live.meta.keysOf()];
     for (const k of overlaid) {
@@ -599,14 +611,9 @@ export class DedupStore {
   async volumeContents(volume: number): Promise<Map<number, number>> {
     await this.flush();
     const ids = new Map<number, number>();
-    const range = this.metaDb.getRange({
-      start: encodeMetaKey(volume, 0),
-      end: encodeMetaKey(volume + 1, 0),
-    });
-    for (const { value } of range) {
-      const id = decodeId(value as Buffer);
+    forEachMeta(this.metaDb, { volume, from: 0 }, (_v, _lba, id) => {
       if (isData(id)) ids.set(id, (ids.get(id) ?? 0) + 1);
-    }
+    });
     return ids;
   }
 
@@ -618,20 +625,15 @@ export class DedupStore {
     let mappedBlocks = 0;
     let zeroBlocks = 0;
     let exclusiveBlocks = 0;
-    const range = this.metaDb.getRange({
-      start: encodeMetaKey(volume, 0),
-      end: encodeMetaKey(volume + 1, 0),
-    });
-    for (const { value } of range) {
-      const id = decodeId(value as Buffer);
-      if (id === MASK_BLOCK) continue;
+    forEachMeta(this.metaDb, { volume, from: 0 }, (_v, _lba, id) => {
+      if (id === MASK_BLOCK) return;
       if (id === ZERO_BLOCK) {
         zeroBlocks++;
-        continue;
+        return;
       }
       mappedBlocks++;
       if (this.lookupData(id)?.refcount === 1) exclusiveBlocks++;
-    }
+    });
     return { mappedBlocks, zeroBlocks, exclusiveBlocks };
   }
 
@@ -646,9 +648,7 @@ export class DedupStore {
     let v = this.live.meta.get(key);
     if (v === undefined && this.frozen) v = this.frozen.meta.get(key);
     if (v !== undefined) return v === HOLE ? undefined : v;
-    const k = encodeMetaKeyInto(metaKeyVolume(key), metaKeyLba(key), this.metaKeyBuf);
-    const b = this.metaDb.getBinaryFast(k);
-    return b === undefined ? undefined : decodeId(b);
+    return lookupMetaPage(this.metaDb, metaKeyVolume(key), metaKeyLba(key), this.metaKeyBuf);
   }
 
   /** What a block reads as (through the parents of a linked volume): an id, ZERO_BLOCK, or undefined for a hole. */
@@ -661,11 +661,7 @@ export class DedupStore {
   /** The blocks `volume` has entries of its own for (its metamap, not what it reads through), ascending. */
   private ownBlocks(volume: number): number[] {
     const blocks = new Set<number>();
-    for (const key of this.metaDb.getKeys({
-      start: encodeMetaKey(volume, 0),
-      end: encodeMetaKey(volume + 1, 0),
-    }))
-      blocks.add(decodeMetaKey(key as Buffer).lba);
+    forEachMeta(this.metaDb, { volume, from: 0 }, (_v, lba) => blocks.add(lba));
     for (const overlay of [this.frozen, this.live]) {
       if (!overlay) continue;
       overlay.meta.forEach((v, k) => {
@@ -689,12 +685,9 @@ export class DedupStore {
     const start = pk * META_PAGE;
     const volume = metaKeyVolume(start);
     const lba = metaKeyLba(start);
-    const range = this.metaDb.getRange({
-      start: encodeMetaKey(volume, lba),
-      end: encodeMetaKey(volume, lba + META_PAGE),
+    forEachMeta(this.metaDb, { volume, from: lba, to: lba + META_PAGE }, (_v, l, id) => {
+      page.ids[l - lba] = id;
     });
-    for (const { key: k, value } of range)
-      page.ids[decodeMetaKey(k as Buffer).lba - lba] = decodeId(value as Buffer);
     for (const overlay of [this.frozen, this.live]) {
       if (!overlay || overlay.meta.size === 0) continue;
       for (let i = 0; i < META_PAGE; i++) {
@@ -1006,12 +999,9 @@ export class DedupStore {
       for (let i = 0; i < count; i++) ids[i] = this.tree.resolve(volume, lba + i);
       return ids;
     }
-    const range = this.metaDb.getRange({
-      start: encodeMetaKey(volume, lba),
-      end: encodeMetaKey(volume, lba + count),
+    forEachMeta(this.metaDb, { volume, from: lba, to: lba + count }, (_v, l, id) => {
+      ids[l - lba] = id;
     });
-    for (const { key, value } of range)
-      ids[decodeMetaKey(key as Buffer).lba - lba] = decodeId(value as Buffer);
     for (const overlay of [this.frozen, this.live]) {
       if (!overlay || overlay.meta.size === 0) continue;
       // Probe the overlay per block: it is a hash map, and the request is short.

@@ -9,6 +9,7 @@ import path from 'node:path';
 import type { TreeState } from './volume-tree';
 import { openIndex } from './index-db';
 import { dataEntries } from './data-pages';
+import { forEachMeta } from './meta-pages';
 import { isSpareFile } from './segments';
 import { BlockHasher, CorruptBlockError, decodeRecord } from './block-codec';
 import {
@@ -39,7 +40,7 @@ export interface FsckReport {
 const MAX_LISTED = 50;
 
 export function fsckStore(storeDir: string): FsckReport {
-  const { env, meta: metaDb, data, legacyData, state: stateDb } = openIndex(storeDir, { readOnly: true });
+  const { env, meta, legacyMeta, data, legacyData, state: stateDb } = openIndex(storeDir, { readOnly: true });
   const problems: string[] = [];
   let problemCount = 0;
   const problem = (p: string): void => {
@@ -75,11 +76,9 @@ export function fsckStore(storeDir: string): FsckReport {
     let zeroBlocks = 0;
     let masks = 0;
     const perVolume = new Map<number, number>(); // volume -> blocks mapped to data
-    for (const { key, value } of metaDb.getRange({})) {
+    const entry = (volume: number, lba: number, id: number): void => {
       metaEntries++;
-      const { volume, lba } = decodeMetaKey(key as Buffer);
       if (!volumeIds.has(volume)) problem(`metamap entry for unknown volume #${volume} block ${lba}`);
-      const id = decodeId(value as Buffer);
       if (id === ZERO_BLOCK) zeroBlocks++;
       else if (id === MASK_BLOCK) {
         masks++;
@@ -89,6 +88,12 @@ export function fsckStore(storeDir: string): FsckReport {
         refs.set(id, (refs.get(id) ?? 0) + 1);
         perVolume.set(volume, (perVolume.get(volume) ?? 0) + 1);
       }
+    };
+    if (meta) forEachMeta(meta, null, entry, (err) => problem(err.message));
+    // A store not yet converted to pages (the gateway converts it when it opens it).
+    for (const { key, value } of legacyMeta?.getRange({}) ?? []) {
+      const { volume, lba } = decodeMetaKey(key as Buffer);
+      entry(volume, lba, decodeId(value as Buffer));
     }
 
     const live = new Map<number, number>(); // segment -> live record bytes

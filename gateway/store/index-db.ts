@@ -4,7 +4,13 @@ import { Database, open, RootDatabase } from 'lmdb';
 /** The dedup store's LMDB environment and its trees, as the store, its writer and fsck open it. */
 export interface IndexDb {
   env: RootDatabase;
-  meta: Database<Buffer, Buffer>;
+  /** The metamap, in pages of entries (meta-pages.ts). Absent only read-only, from a store not yet converted. */
+  meta: Database<Buffer, Buffer> | undefined;
+  /**
+   * The metamap as stores before pages kept it, an entry per block, converted when the
+   * store opens (convertLegacyMeta). Absent read-only, from a store made since.
+   */
+  legacyMeta: Database<Buffer, Buffer> | undefined;
   /** The datamap, in pages of entries (data-pages.ts). Absent only read-only, from a store not yet converted. */
   data: Database<Buffer, Buffer> | undefined;
   /**
@@ -27,7 +33,8 @@ export function openIndex(storeDir: string, opts: { readOnly?: boolean } = {}): 
   // Read-only, openDB answers undefined for a tree the store does not have.
   return {
     env,
-    meta: env.openDB<Buffer, Buffer>({ name: 'meta', ...binary }),
+    meta: env.openDB<Buffer, Buffer>({ name: 'meta-pages', ...binary }),
+    legacyMeta: env.openDB<Buffer, Buffer>({ name: 'meta', ...binary }),
     data: env.openDB<Buffer, Buffer>({ name: 'data-pages', ...binary }),
     legacyData: env.openDB<Buffer, Buffer>({ name: 'data', ...binary }),
     hash: env.openDB<Buffer, Buffer>({ name: 'hash', ...binary }),

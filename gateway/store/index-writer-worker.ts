@@ -16,14 +16,7 @@ import {
   ROW_MOVED,
   ROW_SLOTS,
 } from './checkpoint-message';
-import {
-  EntryFlag,
-  RECORD_HEADER,
-  encodeIdInto,
-  encodeMetaKeyInto,
-  metaKeyLba,
-  metaKeyVolume,
-} from './layout';
+import { EntryFlag, RECORD_HEADER, encodeIdInto, metaKeyLba, metaKeyVolume } from './layout';
 import { openIndex } from './index-db';
 import { HOLE } from './overlay';
 import {
@@ -35,11 +28,13 @@ import {
   isEmptyPage,
   setPresent,
 } from './data-pages';
+import { META_PAGE_BYTES, META_SLOTS, isEmptyMetaPage, metaPageKeyInto, setSlot } from './meta-pages';
 import { NumMap } from './num-map';
 
 const { dir } = workerData as { dir: string };
-const { env, meta: metaDb, data, state: stateDb } = openIndex(dir);
+const { env, meta, data, state: stateDb } = openIndex(dir);
 // Made by the store's own open, which converts older stores before it starts this worker.
+const metaDb = meta!;
 const dataDb = data!;
 
 /** What this worker owns in the store state; the rest comes from the main thread. */
@@ -131,7 +126,6 @@ function releasePages(): void {
 // Key and value buffers reused for every put: LMDB copies them at the call.
 const keyBuf = Buffer.allocUnsafe(12);
 const idBuf = Buffer.allocUnsafe(8);
-const valueBuf = Buffer.allocUnsafe(8);
 const entryBuf = Buffer.allocUnsafe(36);
 
 /**
@@ -166,6 +160,44 @@ function copy16(src: Buffer, from: number, dst: Buffer, to: number): void {
   for (let k = 0; k < 16; k++) dst[to + k] = src[from + k]!;
 }
 
+/** The metamap pages a commit changes, by their first block's metaKey: loaded once, put once. */
+const touchedMeta = new Map<number, Buffer>();
+const freeMetaPages: Buffer[] = [];
+
+/**
+ * The overlay's metamap changes, a page at a time (meta-pages.ts). A page whose stored
+ * value is not one (its length is wrong) starts over as holes: its entries were lost already.
+ */
+function applyMeta(meta: Float64Array, count: number): void {
+  for (const page of touchedMeta.values())
+    if (freeMetaPages.length < KEEP_FREE_PAGES) freeMetaPages.push(page);
+  touchedMeta.clear();
+  for (let i = 0; i < count * 2; i += 2) {
+    const k = meta[i]!;
+    const slot = metaKeyLba(k) % META_SLOTS;
+    const first = k - slot;
+    let page = touchedMeta.get(first);
+    if (!page) {
+      page = freeMetaPages.pop() ?? Buffer.allocUnsafe(META_PAGE_BYTES);
+      const stored = metaDb.getBinaryFast(metaPageKeyInto(metaKeyVolume(first), metaKeyLba(first), keyBuf));
+      // lmdb-js's buffer is longer than the value; only its `length` says how long the value is.
+      if (stored?.length === META_PAGE_BYTES)
+        page.set(new Uint8Array(stored.buffer, stored.byteOffset, META_PAGE_BYTES));
+      else page.fill(0xff);
+      touchedMeta.set(first, page);
+    }
+    const v = meta[i + 1]!;
+    setSlot(page, slot, v === HOLE ? undefined : v);
+  }
+  // In key order: neighbouring puts then share B-tree pages.
+  for (const first of [...touchedMeta.keys()].sort((a, b) => a - b)) {
+    const page = touchedMeta.get(first)!;
+    const key = metaPageKeyInto(metaKeyVolume(first), metaKeyLba(first), keyBuf);
+    if (isEmptyMetaPage(page)) metaDb.remove(key);
+    else metaDb.put(key, page);
+  }
+}
+
 function apply(req: CheckpointRequest): CheckpointReply {
   committed ??= loadCommitted();
   const { zero } = committed;
@@ -189,13 +221,7 @@ function apply(req: CheckpointRequest): CheckpointReply {
     else delete state.segmentLive[segment];
   };
 
-  const meta = req.meta;
-  for (let i = 0; i < req.metaCount * 2; i += 2) {
-    const k = meta[i]!;
-    const key = encodeMetaKeyInto(metaKeyVolume(k), metaKeyLba(k), keyBuf);
-    if (meta[i + 1] === HOLE) metaDb.remove(key);
-    else metaDb.put(key, encodeIdInto(meta[i + 1]!, valueBuf));
-  }
+  applyMeta(req.meta, req.metaCount);
 
   const rows = req.rows;
   const bytes = Buffer.from(rows.buffer, rows.byteOffset, rows.byteLength);

@@ -14,7 +14,8 @@ import { createVolume, MiB, scratchDir, writeRandomFile } from '../helpers/fixtu
 import { check, run } from '../helpers/run';
 import { openIndex } from '../../gateway/store/index-db';
 import { dataPageKeyInto, entryOffset } from '../../gateway/store/data-pages';
-import { decodeDataEntryAt, decodeId, RECORD_HEADER, segmentFileName } from '../../gateway/store/layout';
+import { decodeDataEntryAt, RECORD_HEADER, segmentFileName } from '../../gateway/store/layout';
+import { metaEntry, setMetaEntry } from '../helpers/metamap';
 import { TcpProxy } from '../helpers/tcp-proxy';
 import { RawClient } from '../helpers/raw-client';
 
@@ -118,13 +119,7 @@ describe('mirrored volumes', () => {
     await replica.stop();
     const { env, meta, state } = openIndex(path.join(replicaDir, 'store'));
     const vid = (state.get('store') as { volumes: Record<string, number> }).volumes[volume]!;
-    const key = (block: number): Buffer => {
-      const k = Buffer.alloc(12);
-      k.writeUInt32BE(vid, 0);
-      k.writeUInt32BE(block, 8);
-      return k;
-    };
-    await meta.put(key(lba), Buffer.from(meta.getBinary(key(like))!));
+    await setMetaEntry(meta!, vid, lba, metaEntry(meta!, vid, like));
     await env.close();
     replica = await Gateway.start({
       dataDir: replicaDir,
@@ -305,10 +300,7 @@ describe('mirrored volumes', () => {
     const storeDir = path.join(dataDir, 'store');
     const { env, meta, data, state } = openIndex(storeDir);
     const vid = (state.get('store') as { volumes: Record<string, number> }).volumes[volume]!;
-    const key = Buffer.alloc(12);
-    key.writeUInt32BE(vid, 0);
-    key.writeUInt32BE(lba, 8);
-    const id = decodeId(meta.getBinary(key)!);
+    const id = metaEntry(meta!, vid, lba)!;
     const page = data!.getBinary(dataPageKeyInto(id, Buffer.alloc(8)))!;
     const entry = decodeDataEntryAt(page, entryOffset(page, id));
     await env.close();

@@ -23,6 +23,8 @@ import { silentLogger } from '../../gateway/util/log';
 import { KIND_DATA, KIND_ZERO } from '../../protocol/replication/block-kinds';
 import { native } from '../../native-bindings';
 import { IoBatcher } from '../../gateway/device/io-batcher';
+import { setMetaEntry } from '../helpers/metamap';
+import { forEachMeta } from '../../gateway/store/meta-pages';
 
 /** What the compaction test reads of an IoBatcher's private state. */
 interface BatcherState {
@@ -108,6 +110,20 @@ async function unpageDatamap(dir: string): Promise<number> {
   await data!.clearAsync();
   await env.close();
   return n;
+}
+
+/**
+ * Rewrites a closed store's metamap as stores before pages kept it, an entry per block in
+ * the old tree. Returns the entries.
+ */
+async function unpageMetamap(dir: string): Promise<number> {
+  const { env, meta, legacyMeta } = openIndex(dir);
+  const entries: Array<[number, number, number]> = [];
+  forEachMeta(meta!, null, (volume, lba, id) => entries.push([volume, lba, id]));
+  for (const [volume, lba, id] of entries) await legacyMeta!.put(encodeMetaKey(volume, lba), encodeId(id));
+  await meta!.clearAsync();
+  await env.close();
+  return entries.length;
 }
 
 /** Flips a bit of the hash in the first datamap entry (block 1) of a closed store. */
@@ -761,7 +777,7 @@ describe('fsck', () => {
     assert.deepEqual(fsckStore(dir).problems, []);
     // Block 1 unmapped and counted down as a checkpoint would, but never queued for deletion.
     const { env, meta, data, state } = openIndex(dir);
-    await meta.remove(encodeMetaKey(1, 0));
+    await setMetaEntry(meta!, 1, 0, undefined);
     await editEntry(data!, 1, (entry) => entry.writeUInt32BE(0, 16)); // refcount
     const s = state.get('store') as {
       mappedBlocks: number;
@@ -822,6 +838,56 @@ describe('fsck', () => {
     const report = fsckStore(dir);
     assert.deepEqual(report.problems, []);
     assert.equal(report.dataBlocks, 4);
+  });
+});
+
+describe('metamap pages in a store', () => {
+  it('converts a metamap kept an entry per block into pages when the store opens', async () => {
+    const { dir, store, dev } = freshVolume('legacy');
+    for (let i = 0; i < 40; i++) await dev.write(i * 4096, block(i + 1, i));
+    await dev.write(40 * 4096, Buffer.alloc(4096)); // a zero block's entry too
+    await store.close();
+    assert.equal(await unpageMetamap(dir), 41);
+    assert.deepEqual(fsckStore(dir).problems, [], 'fsck reads the old form');
+
+    const again = DedupStore.open(dir, silentLogger);
+    const { meta, legacyMeta } = openIndex(dir);
+    assert.equal(legacyMeta!.getKeysCount(), 0);
+    assert.equal(meta!.getKeysCount(), 3); // blocks 0-15, 16-31, 32-40
+    const dev2 = new DedupDevice(again, again.volumeId('a'), 1 << 20);
+    const got = Buffer.alloc(4096);
+    for (let i = 0; i < 40; i++) {
+      await dev2.read(i * 4096, got);
+      assert.ok(got.equals(block(i + 1, i)), `block ${i}`);
+    }
+    assert.deepEqual(again.blockStates(again.volumeId('a'), 40, 1), ['zero']);
+    await dev2.write(0, block(2, 1));
+    await closeConsistent(again, dir);
+  });
+
+  it('writes a run of blocks as one page per 16 of them, and removes a page left without entries', async () => {
+    const { dir, store, dev } = freshVolume('pages');
+    await dev.write(8 * 4096, Buffer.concat(Array.from({ length: 64 }, (_, i) => block(i + 1, i))));
+    await store.flush();
+    const { meta } = openIndex(dir);
+    // Blocks 8-71: pages at 0, 16, 32, 48 and 64.
+    assert.equal(meta!.getKeysCount(), 5);
+    await dev.trim(64 * 4096, 8 * 4096);
+    await store.flush();
+    assert.equal(meta!.getKeysCount(), 4);
+    await closeConsistent(store, dir);
+  });
+
+  it('names a metamap page whose value is damaged in fsck', async () => {
+    const { dir, store, dev } = freshVolume('damaged');
+    for (let i = 0; i < 4; i++) await dev.write(i * 4096, block(i + 1, i));
+    await store.close();
+    const { env, meta } = openIndex(dir);
+    const key = Buffer.alloc(12);
+    key.writeUInt32BE(1, 0);
+    await meta!.put(key, Buffer.alloc(100, 0xff));
+    await env.close();
+    assert.match(fsckStore(dir).problems[0]!, /metamap page of volume #1 at block 0 holds 100 bytes/);
   });
 });
 
