@@ -1,8 +1,8 @@
 // The deduplicating block store shared by every dedup volume of a gateway.
 //
-//   metamap   (volume, block) -> block id            LMDB "meta"
-//   datamap   block id -> segment record, refcount   LMDB "data"
-//   hash      keyed XXH3-128 -> block id             LMDB "hash"
+//   metamap   (volume, block) -> block id            LMDB "meta-pages" (meta-pages.ts)
+//   datamap   block id -> segment record, refcount   LMDB "data-pages" (data-pages.ts)
+//   hash      keyed XXH3-128 -> block id             in memory (hash-index.ts)
 //   segments  append-only files of lz4 records       segments.ts
 //   reads     metamap -> datamap -> record, checked  block-reader.ts
 //
