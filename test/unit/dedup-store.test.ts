@@ -14,6 +14,7 @@ import { dataEntries, dataPageKeyInto, entryOffset } from '../../gateway/store/d
 import {
   DATA_ENTRY,
   encodeId,
+  EntryFlag,
   encodeMetaKey,
   RECORD_HEADER,
   segmentFileName,
@@ -24,6 +25,7 @@ import { KIND_DATA, KIND_ZERO } from '../../protocol/replication/block-kinds';
 import { native } from '../../native-bindings';
 import { IoBatcher } from '../../gateway/device/io-batcher';
 import { setMetaEntry } from '../helpers/metamap';
+import { encodeRecord } from '../../gateway/store/block-codec';
 import { forEachMeta } from '../../gateway/store/meta-pages';
 
 /** What the compaction test reads of an IoBatcher's private state. */
@@ -124,6 +126,17 @@ async function unpageMetamap(dir: string): Promise<number> {
   await meta!.clearAsync();
   await env.close();
   return entries.length;
+}
+
+/** The store's next segment append reports EIO once its bytes are written (the write, not the disk, fails). */
+function failNextAppend(store: DedupStore): void {
+  const segments = store.segments;
+  const append = segments.append.bind(segments);
+  segments.append = (record: Buffer) => {
+    segments.append = append;
+    const r = append(record);
+    return { ...r, written: r.written.then(() => Promise.reject(new BlockError('EIO', 'injected'))) };
+  };
 }
 
 /** Flips a bit of the hash in the first datamap entry (block 1) of a closed store. */
@@ -431,15 +444,7 @@ describe('dedup store', () => {
       const store = await storeWithDamagedFirstRecord();
       const vol = store.volumeId('a');
       assert.deepEqual(await store.scrub(vol, 0, 256), [0]);
-      if (failing) {
-        const segments = store.segments;
-        const append = segments.append.bind(segments);
-        segments.append = (record: Buffer) => {
-          segments.append = append;
-          const r = append(record);
-          return { ...r, written: r.written.then(() => Promise.reject(new BlockError('EIO', 'injected'))) };
-        };
-      }
+      if (failing) failNextAppend(store);
       const mended = await store.mendBlocks(vol, [{ lba: 0, block: { payload: good, lz4: false } }]);
       const dev = new DedupDevice(store, vol, 1 << 20);
       if (failing) {
@@ -529,6 +534,37 @@ describe('dedup store', () => {
     assert.deepEqual(await store.scrub(vol, 0, 256), []);
     assert.deepEqual(await store.scrub(snap, 0, 256), []);
     await store.close();
+  });
+
+  it('keeps a mend not yet committed when the compactor copies the block, and when that copy fails', async () => {
+    for (const failing of [false, true]) {
+      const { good, dir, vol, snap } = await scrubbedWithSnapshot();
+      let store = DedupStore.open(dir, silentLogger);
+      const { sources } = store.captureRange(vol, 0, 1);
+      const { id, hash } = sources[0]!;
+      // The new copy's write mends block `id` (a move in the live overlay, not yet committed)...
+      await new DedupDevice(store, vol, 1 << 20).write(5 * 4096, good);
+      // ...and the compactor copies the mended record on before any checkpoint.
+      if (failing) failNextAppend(store);
+      const copied = store.relocate(id, encodeRecord(id, good, hash));
+      if (failing) await assert.rejects(copied, { code: 'EIO' });
+      else assert.equal(await copied, true);
+      await store.flush();
+      const got = Buffer.alloc(4096);
+      await new DedupDevice(store, snap, 1 << 20).read(0, got);
+      assert.ok(got.equals(good), `the mended block reads back (copy ${failing ? 'failed' : 'landed'})`);
+      await store.close();
+
+      const { env, data } = openIndex(dir);
+      const page = data!.getBinary(dataPageKeyInto(id, Buffer.alloc(8)))!;
+      const flags = page.readUInt16BE(entryOffset(page, id) + 12);
+      await env.close();
+      assert.equal(flags & EntryFlag.DAMAGED, 0, 'the entry is no longer flagged damaged');
+      assert.deepEqual(fsckStore(dir).problems, []);
+      store = DedupStore.open(dir, silentLogger);
+      assert.deepEqual(await store.scrub(snap, 0, 256), []);
+      await store.close();
+    }
   });
 
   it('keeps a scrubbed block from being offered by its content id after a restart', async () => {
