@@ -134,11 +134,15 @@ export class RequestLoop {
     try {
       op = this.begin(req);
     } catch (err) {
-      // Validation failures: answered at once, the connection lives on.
-      const e = err as RequestError;
-      this.log.warn(`${CMD_NAMES[req.type] ?? `command ${req.type}`} refused: ${e.message}`);
-      this.replies.sendError(req.cookieHi, req.cookieLo, e.errno, e.message);
-      return;
+      // A device that threw instead of rejecting is answered as a rejection would be (EIO
+      // unless it is a BlockError): only a validation failure carries an NBD errno.
+      if (!(err instanceof RequestError)) op = Promise.reject(err);
+      else {
+        // Validation failures: answered at once, the connection lives on.
+        this.log.warn(`${CMD_NAMES[req.type] ?? `command ${req.type}`} refused: ${err.message}`);
+        this.replies.sendError(req.cookieHi, req.cookieLo, err.errno, err.message);
+        return;
+      }
     }
     const cost = req.type === Cmd.READ || req.type === Cmd.WRITE ? req.length : 0;
     this.inflight++;

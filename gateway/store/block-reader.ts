@@ -19,6 +19,7 @@ import {
 } from './block-codec';
 import { BLOCK, DataEntry, RECORD_HEADER, ZERO_BLOCK, metaKey } from './layout';
 import { META_PAGE, MetaPage, packPlace, placeOffset, placeSegment } from './meta-cache';
+import { MetaPageError } from './meta-pages';
 import { HOLE } from './overlay';
 import type { PendingRecords } from './pending-records';
 import type { SegmentFiles } from './segments';
@@ -95,9 +96,9 @@ export class BlockReader {
 
   /** The block's 4 KiB, or null where it reads as zeroes. EIO if its stored copy is damaged. */
   async readBlock(volume: number, lba: number): Promise<Buffer | null> {
-    const id = this.view.resolveMeta(volume, lba);
-    if (id === undefined || id === ZERO_BLOCK) return null;
     try {
+      const id = this.view.resolveMeta(volume, lba);
+      if (id === undefined || id === ZERO_BLOCK) return null;
       return await this.readStored(id);
     } catch (err) {
       throw this.damaged(volume, lba, err);
@@ -110,10 +111,16 @@ export class BlockReader {
    */
   readBlockInto(volume: number, lba: number, into: Buffer): Promise<void> {
     const key = metaKey(volume, lba);
-    // A linked volume's pages hold its own entries only: it reads through its parent.
-    const page = this.view.linked(volume) ? undefined : this.view.metaPage(key);
+    let page: MetaPage | undefined;
+    let id: number;
     const i = key % META_PAGE;
-    const id = page ? page.ids[i]! : (this.view.resolveMeta(volume, lba) ?? HOLE);
+    try {
+      // A linked volume's pages hold its own entries only: it reads through its parent.
+      page = this.view.linked(volume) ? undefined : this.view.metaPage(key);
+      id = page ? page.ids[i]! : (this.view.resolveMeta(volume, lba) ?? HOLE);
+    } catch (err) {
+      return Promise.reject(this.damaged(volume, lba, err));
+    }
     if (id === HOLE || id === ZERO_BLOCK) {
       into.fill(0);
       return RESOLVED;
@@ -159,9 +166,9 @@ export class BlockReader {
     }
   }
 
-  /** A damaged record becomes EIO for its block, with a log line naming it; other errors pass. */
+  /** A damaged record or metamap page becomes EIO for the block, with a log line naming it; other errors pass. */
   private damaged(volume: number, lba: number, err: unknown): unknown {
-    if (!(err instanceof CorruptBlockError)) return err;
+    if (!(err instanceof CorruptBlockError) && !(err instanceof MetaPageError)) return err;
     this.view.log.error(`volume ${this.view.volumeName(volume)} block ${lba}: ${err.message}`);
     return new BlockError('EIO', `block ${lba} is damaged: ${err.message}`);
   }
@@ -173,6 +180,26 @@ export class BlockReader {
    * straight into place.
    */
   async readBlocks(volume: number, lba: number, count: number, into: Buffer): Promise<void> {
+    let runs: RunItem[][];
+    let singles: Promise<void>[];
+    try {
+      ({ runs, singles } = this.planRuns(volume, lba, count, into));
+    } catch (err) {
+      throw this.damaged(volume, lba, err); // a damaged metamap page
+    }
+    await settleAll([...singles, ...runs.map((r) => this.readRun(volume, lba, r, into))]);
+  }
+
+  /**
+   * The records of a long read in runs of neighbours, holes and zero blocks filled in
+   * `into` meanwhile; singles are blocks read the single-block way, started here.
+   */
+  private planRuns(
+    volume: number,
+    lba: number,
+    count: number,
+    into: Buffer,
+  ): { runs: RunItem[][]; singles: Promise<void>[] } {
     const runs: RunItem[][] = [];
     const singles: Promise<void>[] = [];
     let run: RunItem[] = [];
@@ -180,6 +207,10 @@ export class BlockReader {
     let runSegment = -1;
     const ids =
       this.view.cacheEnabled() && !this.view.linked(volume) ? null : this.view.blockIds(volume, lba, count);
+    // Every metamap page first: a damaged one throws before any read below has started.
+    if (!ids)
+      for (let b = 0; b < count; b += META_PAGE - ((lba + b) % META_PAGE))
+        this.view.metaPage(metaKey(volume, lba + b));
     for (let b = 0; b < count; b++) {
       const key = metaKey(volume, lba + b);
       const page = ids ? undefined : this.view.metaPage(key);
@@ -220,7 +251,7 @@ export class BlockReader {
       runEnd = Math.max(runEnd, item.offset + RECORD_HEADER + item.storedLength);
     }
     if (run.length) runs.push(run);
-    await settleAll([...singles, ...runs.map((r) => this.readRun(volume, lba, r, into))]);
+    return { runs, singles };
   }
 
   /**

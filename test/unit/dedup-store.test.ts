@@ -914,6 +914,27 @@ describe('metamap pages in a store', () => {
     await closeConsistent(store, dir);
   });
 
+  it('fails reads through a damaged metamap page, never reading its blocks as holes, and serves blocks elsewhere', async () => {
+    const { dir, store, dev } = freshVolume('damaged-read');
+    for (let i = 0; i < 20; i++) await dev.write(i * 4096, block(i + 1, i));
+    await dev.write(2000 * 4096, block(77, 77));
+    await store.close();
+    const { env, meta } = openIndex(dir);
+    const key = Buffer.alloc(12);
+    key.writeUInt32BE(1, 0);
+    key.writeUInt32BE(16, 8); // blocks 16-31
+    await meta!.put(key, Buffer.alloc(10));
+    await env.close();
+    const again = DedupStore.open(dir, silentLogger);
+    const dev2 = new DedupDevice(again, again.volumeId('a'), 1 << 24);
+    await assert.rejects(dev2.read(17 * 4096, Buffer.alloc(4096)), { code: 'EIO' });
+    await assert.rejects(dev2.read(0, Buffer.alloc(64 * 4096)), { code: 'EIO' });
+    const far = Buffer.alloc(4096);
+    await dev2.read(2000 * 4096, far);
+    assert.ok(far.equals(block(77, 77)));
+    await again.close();
+  });
+
   it('names a metamap page whose value is damaged in fsck', async () => {
     const { dir, store, dev } = freshVolume('damaged');
     for (let i = 0; i < 4; i++) await dev.write(i * 4096, block(i + 1, i));
