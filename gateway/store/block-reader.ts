@@ -38,6 +38,8 @@ export interface StoreView {
   /** A snapshot or clone, which reads through its parents (its pages hold its own entries only). */
   linked(volume: number): boolean;
   metaPage(key: number): MetaPage | undefined;
+  /** Whether the block's cached entry comes from a damaged page of the tree (its reads fail). */
+  metaDamaged(key: number): boolean;
   resolveMeta(volume: number, lba: number): number | undefined;
   lookupData(id: number): DataEntry | undefined;
   /** Block ids of `count` blocks from `lba` without the page cache (undefined: hole). */
@@ -72,6 +74,10 @@ function notePlace(
   if (rec.compare(entry.hash, 0, 16, at, at + 16) !== 0) return;
   page.places[i] = packPlace(entry.segment, entry.offset);
   page.lengths[i] = entry.storedLength;
+}
+
+function metaDamage(volume: number, lba: number): MetaPageError {
+  return new MetaPageError(`block ${lba} of volume #${volume}: its metamap page is damaged`);
 }
 
 /** A block of a multi-block read, where its record is. */
@@ -117,6 +123,7 @@ export class BlockReader {
     try {
       // A linked volume's pages hold its own entries only: it reads through its parent.
       page = this.view.linked(volume) ? undefined : this.view.metaPage(key);
+      if (page && this.view.metaDamaged(key)) throw metaDamage(volume, lba);
       id = page ? page.ids[i]! : (this.view.resolveMeta(volume, lba) ?? HOLE);
     } catch (err) {
       return Promise.reject(this.damaged(volume, lba, err));
@@ -208,9 +215,12 @@ export class BlockReader {
     const ids =
       this.view.cacheEnabled() && !this.view.linked(volume) ? null : this.view.blockIds(volume, lba, count);
     // Every metamap page first: a damaged one throws before any read below has started.
-    if (!ids)
+    if (!ids) {
       for (let b = 0; b < count; b += META_PAGE - ((lba + b) % META_PAGE))
         this.view.metaPage(metaKey(volume, lba + b));
+      for (let b = 0; b < count; b++)
+        if (this.view.metaDamaged(metaKey(volume, lba + b))) throw metaDamage(volume, lba + b);
+    }
     for (let b = 0; b < count; b++) {
       const key = metaKey(volume, lba + b);
       const page = ids ? undefined : this.view.metaPage(key);

@@ -51,7 +51,7 @@ import {
   metaKeyLba,
   metaKeyVolume,
 } from './layout';
-import { convertLegacyMeta, forEachMeta, lookupMetaPage } from './meta-pages';
+import { META_SLOTS, MetaPageError, convertLegacyMeta, forEachMeta, lookupMetaPage } from './meta-pages';
 import { HOLE, MovedRecord, Overlay } from './overlay';
 import { KIND_DATA, KIND_ZERO } from '../../protocol/replication/block-kinds';
 import { META_PAGE, MetaCache, MetaPage, pageKey } from './meta-cache';
@@ -353,6 +353,8 @@ export class DedupStore {
    * sharing one read it again. Rare, so looked at only while it holds any.
    */
   private readonly damagedCopies = new Map<string, number>();
+  /** First keys of the metamap tree's 16-block pages found damaged (metaDamaged). */
+  private readonly damagedMeta = new Set<number>();
   /** verify's chunk digests by page key (chunks are metamap pages), dropped by setMeta. */
   private readonly digests = new Map<number, { count: number; digest: Buffer }>();
   private readonly hasher: BlockHasher;
@@ -407,6 +409,7 @@ export class DedupStore {
       cacheEnabled: () => this.cache.enabled,
       linked: (volume) => this.tree.linked(volume),
       metaPage: (key) => this.metaPage(key),
+      metaDamaged: (key) => this.metaDamaged(key),
       resolveMeta: (volume, lba) => this.resolveMeta(volume, lba),
       lookupData: (id) => this.lookupData(id),
       blockIds: (volume, lba, count) => this.blockIds(volume, lba, count),
@@ -642,6 +645,10 @@ export class DedupStore {
   private lookupMeta(key: number): number | undefined {
     const page = this.metaPage(key);
     if (page) {
+      if (this.metaDamaged(key))
+        throw new MetaPageError(
+          `block ${metaKeyLba(key)} of volume #${metaKeyVolume(key)}: its metamap page is damaged`,
+        );
       const id = page.ids[key % META_PAGE]!;
       return id === HOLE ? undefined : id;
     }
@@ -649,6 +656,11 @@ export class DedupStore {
     if (v === undefined && this.frozen) v = this.frozen.meta.get(key);
     if (v !== undefined) return v === HOLE ? undefined : v;
     return lookupMetaPage(this.metaDb, metaKeyVolume(key), metaKeyLba(key), this.metaKeyBuf);
+  }
+
+  /** Whether metamap key `key` lies in a page of the tree found damaged (its cached entry is not to be trusted). */
+  private metaDamaged(key: number): boolean {
+    return this.damagedMeta.size > 0 && this.damagedMeta.has(key - (metaKeyLba(key) % META_SLOTS));
   }
 
   /** What a block reads as (through the parents of a linked volume): an id, ZERO_BLOCK, or undefined for a hole. */
@@ -685,9 +697,20 @@ export class DedupStore {
     const start = pk * META_PAGE;
     const volume = metaKeyVolume(start);
     const lba = metaKeyLba(start);
-    forEachMeta(this.metaDb, { volume, from: lba, to: lba + META_PAGE }, (_v, l, id) => {
-      page.ids[l - lba] = id;
-    });
+    // A damaged 16-block page of the tree fails its own blocks only (metaDamaged), not the 1024.
+    forEachMeta(
+      this.metaDb,
+      { volume, from: lba, to: lba + META_PAGE },
+      (_v, l, id) => {
+        page.ids[l - lba] = id;
+      },
+      (err) => {
+        const first = metaKey(err.volume, err.first);
+        if (this.damagedMeta.has(first)) return;
+        this.damagedMeta.add(first);
+        this.log.error(`${err.message}: its blocks fail (EIO); run fsck`);
+      },
+    );
     for (const overlay of [this.frozen, this.live]) {
       if (!overlay || overlay.meta.size === 0) continue;
       for (let i = 0; i < META_PAGE; i++) {

@@ -93,7 +93,9 @@ export function fsckStore(storeDir: string): FsckReport {
     // A store not yet converted to pages (the gateway converts it when it opens it).
     for (const { key, value } of legacyMeta?.getRange({}) ?? []) {
       const { volume, lba } = decodeMetaKey(key as Buffer);
-      entry(volume, lba, decodeId(value as Buffer));
+      const v = value as Buffer;
+      if (v.length === 8) entry(volume, lba, decodeId(v));
+      else problem(`volume #${volume} block ${lba}: metamap entry of ${v.length} bytes`);
     }
 
     const live = new Map<number, number>(); // segment -> live record bytes

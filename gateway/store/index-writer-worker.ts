@@ -165,8 +165,9 @@ const touchedMeta = new Map<number, Buffer>();
 const freeMetaPages: Buffer[] = [];
 
 /**
- * The overlay's metamap changes, a page at a time (meta-pages.ts). A page whose stored
- * value is not one (its length is wrong) starts over as holes: its entries were lost already.
+ * The overlay's metamap changes, a page at a time (meta-pages.ts). The store sends no change
+ * for a block of a page whose stored value is not one (its length is wrong: writes to its
+ * blocks fail); were one sent, the page would start over as holes.
  */
 function applyMeta(meta: Float64Array, count: number): void {
   for (const page of touchedMeta.values())

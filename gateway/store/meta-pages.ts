@@ -18,6 +18,14 @@ const NONE = 0xffffffff;
 /** A metamap page that is not one (its length is wrong): its blocks cannot be found. */
 export class MetaPageError extends Error {
   readonly code = 'ERR_META_PAGE';
+  constructor(
+    message: string,
+    /** The page's volume and first block, when it is a page of the tree. */
+    readonly volume = -1,
+    readonly first = -1,
+  ) {
+    super(message);
+  }
 }
 
 /** The key of the page holding block `lba` of `volume`, into a 12-byte buffer. */
@@ -56,6 +64,8 @@ export function setSlot(page: Buffer, slot: number, id: number | undefined): voi
 function pageError(volume: number, first: number, page: Buffer): MetaPageError {
   return new MetaPageError(
     `metamap page of volume #${volume} at block ${first} holds ${page.length} bytes, not ${META_PAGE_BYTES}`,
+    volume,
+    first,
   );
 }
 
