@@ -75,6 +75,11 @@ import { IndexWriter } from './index-writer';
 const CHECKPOINT_INTERVAL_MS = 5000;
 /** ... and as soon as the overlay holds this many changes. */
 const CHECKPOINT_ENTRIES = 50_000;
+/**
+ * Volume ids stay below this: a metamap key (volume * 2^40 + block, layout.ts) must be an
+ * exact double. Past it, ids of deleted volumes are reused (freeVolumeId).
+ */
+const VOLUME_IDS = 2 ** 13;
 /** An empty sealed segment is removed at the first commit this long after it emptied. */
 const EMPTY_SEGMENT_GRACE_MS = 500;
 /** Writes wait for the running checkpoint once the next overlay has grown this big (bounds its memory). */
@@ -519,10 +524,31 @@ export class DedupStore {
   volumeId(name: string): number {
     let id = this.state.volumes[name];
     if (id === undefined) {
-      id = this.state.nextVolumeId++;
+      id = this.state.nextVolumeId < VOLUME_IDS ? this.state.nextVolumeId++ : this.freeVolumeId();
       this.state.volumes[name] = id;
     }
     return id;
+  }
+
+  /**
+   * Once every volume id has been handed out (snapshots and clones take one each), one that
+   * no volume holds now: with no metamap entry left (a deleted volume's are all removed before
+   * its name goes), none in the overlays, and no place in the snapshot tree.
+   */
+  private freeVolumeId(): number {
+    const held = new Set(Object.values(this.state.volumes));
+    const inOverlays = new Set<number>();
+    for (const o of [this.live, this.frozen]) o?.meta.forEach((_v, k) => inOverlays.add(metaKeyVolume(k)));
+    for (let id = 1; id < VOLUME_IDS; id++) {
+      if (held.has(id) || inOverlays.has(id) || this.tree.mentions(id)) continue;
+      let entries = false;
+      const seen = (): void => {
+        entries = true;
+      };
+      forEachMeta(this.metaDb, { volume: id, from: 0 }, seen, seen);
+      if (!entries) return id;
+    }
+    throw new Error(`the store holds ${VOLUME_IDS - 1} volumes, snapshots and clones: no volume id is free`);
   }
 
   /** Each volume's data blocks, from the whole metamap: once, for a store that never counted them. */

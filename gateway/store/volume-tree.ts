@@ -62,6 +62,14 @@ export class VolumeTree {
     return { links, newest };
   }
 
+  /** Whether the tree names `volume` at all: linked, a parent, or an origin's newest snapshot. */
+  mentions(volume: number): boolean {
+    if (this.links.has(volume) || this.newest.has(volume)) return true;
+    for (const link of this.links.values()) if (link.parent === volume) return true;
+    for (const snap of this.newest.values()) if (snap === volume) return true;
+    return false;
+  }
+
   /** True when reads of `volume` may fall through to another volume. */
   linked(volume: number): boolean {
     return this.links.has(volume);

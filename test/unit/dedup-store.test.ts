@@ -877,6 +877,29 @@ describe('fsck', () => {
   });
 });
 
+describe('volume ids', () => {
+  it('reuses the id of a deleted volume once all 8191 have been handed out, never a held one', async () => {
+    const { store, dev } = freshVolume('ids');
+    const a = store.volumeId('a');
+    await dev.write(0, block(1, 1));
+    const gone = store.volumeId('gone');
+    await new DedupDevice(store, gone, 1 << 20).write(0, block(2, 2));
+    await store.flush();
+    await store.deleteVolume('gone');
+    // As if 8190 more volumes, snapshots and clones had come and gone.
+    (store as unknown as { state: { nextVolumeId: number } }).state.nextVolumeId = 2 ** 13;
+    const fresh = store.volumeId('fresh');
+    assert.equal(fresh, gone);
+    assert.notEqual(fresh, a);
+    const got = Buffer.alloc(4096);
+    await new DedupDevice(store, fresh, 1 << 20).read(0, got);
+    assert.ok(got.equals(Buffer.alloc(4096)), 'nothing of the deleted volume shows through');
+    await new DedupDevice(store, a, 1 << 20).read(0, got);
+    assert.ok(got.equals(block(1, 1)));
+    await store.close();
+  });
+});
+
 describe('metamap pages in a store', () => {
   it('converts a metamap kept an entry per block into pages when the store opens', async () => {
     const { dir, store, dev } = freshVolume('legacy');
