@@ -19,7 +19,7 @@ import {
 } from './block-codec';
 import { BLOCK, DataEntry, RECORD_HEADER, ZERO_BLOCK, metaKey } from './layout';
 import { META_PAGE, MetaPage, packPlace, placeOffset, placeSegment } from './meta-cache';
-import { MetaPageError } from './meta-pages';
+import { MetaPageError, metaPageDamaged } from './meta-pages';
 import { HOLE } from './overlay';
 import type { PendingRecords } from './pending-records';
 import type { SegmentFiles } from './segments';
@@ -40,6 +40,8 @@ export interface StoreView {
   metaPage(key: number): MetaPage | undefined;
   /** Whether the block's cached entry comes from a damaged page of the tree (its reads fail). */
   metaDamaged(key: number): boolean;
+  /** Whether any page of the tree has been found damaged (metaDamaged can say yes at all). */
+  anyMetaDamaged(): boolean;
   resolveMeta(volume: number, lba: number): number | undefined;
   lookupData(id: number): DataEntry | undefined;
   /** Block ids of `count` blocks from `lba` without the page cache (undefined: hole). */
@@ -74,10 +76,6 @@ function notePlace(
   if (rec.compare(entry.hash, 0, 16, at, at + 16) !== 0) return;
   page.places[i] = packPlace(entry.segment, entry.offset);
   page.lengths[i] = entry.storedLength;
-}
-
-function metaDamage(volume: number, lba: number): MetaPageError {
-  return new MetaPageError(`block ${lba} of volume #${volume}: its metamap page is damaged`);
 }
 
 /** A block of a multi-block read, where its record is. */
@@ -123,7 +121,7 @@ export class BlockReader {
     try {
       // A linked volume's pages hold its own entries only: it reads through its parent.
       page = this.view.linked(volume) ? undefined : this.view.metaPage(key);
-      if (page && this.view.metaDamaged(key)) throw metaDamage(volume, lba);
+      if (page && this.view.metaDamaged(key)) throw metaPageDamaged(volume, lba);
       id = page ? page.ids[i]! : (this.view.resolveMeta(volume, lba) ?? HOLE);
     } catch (err) {
       return Promise.reject(this.damaged(volume, lba, err));
@@ -218,8 +216,9 @@ export class BlockReader {
     if (!ids) {
       for (let b = 0; b < count; b += META_PAGE - ((lba + b) % META_PAGE))
         this.view.metaPage(metaKey(volume, lba + b));
-      for (let b = 0; b < count; b++)
-        if (this.view.metaDamaged(metaKey(volume, lba + b))) throw metaDamage(volume, lba + b);
+      if (this.view.anyMetaDamaged())
+        for (let b = 0; b < count; b++)
+          if (this.view.metaDamaged(metaKey(volume, lba + b))) throw metaPageDamaged(volume, lba + b);
     }
     for (let b = 0; b < count; b++) {
       const key = metaKey(volume, lba + b);

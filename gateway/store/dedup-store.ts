@@ -51,7 +51,7 @@ import {
   metaKeyLba,
   metaKeyVolume,
 } from './layout';
-import { META_SLOTS, MetaPageError, convertLegacyMeta, forEachMeta, lookupMetaPage } from './meta-pages';
+import { META_SLOTS, convertLegacyMeta, forEachMeta, lookupMetaPage, metaPageDamaged } from './meta-pages';
 import { HOLE, MovedRecord, Overlay } from './overlay';
 import { KIND_DATA, KIND_ZERO } from '../../protocol/replication/block-kinds';
 import { META_PAGE, MetaCache, MetaPage, pageKey } from './meta-cache';
@@ -415,6 +415,7 @@ export class DedupStore {
       linked: (volume) => this.tree.linked(volume),
       metaPage: (key) => this.metaPage(key),
       metaDamaged: (key) => this.metaDamaged(key),
+      anyMetaDamaged: () => this.damagedMeta.size > 0,
       resolveMeta: (volume, lba) => this.resolveMeta(volume, lba),
       lookupData: (id) => this.lookupData(id),
       blockIds: (volume, lba, count) => this.blockIds(volume, lba, count),
@@ -671,10 +672,7 @@ export class DedupStore {
   private lookupMeta(key: number): number | undefined {
     const page = this.metaPage(key);
     if (page) {
-      if (this.metaDamaged(key))
-        throw new MetaPageError(
-          `block ${metaKeyLba(key)} of volume #${metaKeyVolume(key)}: its metamap page is damaged`,
-        );
+      if (this.metaDamaged(key)) throw metaPageDamaged(metaKeyVolume(key), metaKeyLba(key));
       const id = page.ids[key % META_PAGE]!;
       return id === HOLE ? undefined : id;
     }
@@ -768,19 +766,26 @@ export class DedupStore {
     }
     if (at < 0) return undefined;
     const d = decodeDataEntryAt(b, at);
-    const lm = this.live.moved.get(id);
-    const fm = this.frozen?.moved.get(id);
-    const m = lm ?? fm;
+    const m = this.movedRecord(id);
     if (!m) return d;
-    // A mend committing while the compactor copies its new record: the copy has its length.
-    const mend = lm?.storedLength !== undefined ? lm : fm?.storedLength !== undefined ? fm : undefined;
     return {
       ...d,
       segment: m.segment,
       offset: m.offset,
-      storedLength: mend?.storedLength ?? d.storedLength,
-      flags: mend?.flags ?? d.flags,
+      storedLength: m.storedLength ?? d.storedLength,
+      flags: m.flags ?? d.flags,
     };
+  }
+
+  /**
+   * Where block `id`'s record went since the last commit, if it moved: the live overlay's
+   * move over the frozen one's, with the length and flags of a mend among them (a mend
+   * committing while the compactor copies its new record: the copy has its length).
+   */
+  private movedRecord(id: number): MovedRecord | undefined {
+    const frozen = this.frozen?.moved.get(id);
+    const live = this.live.moved.get(id);
+    return live ? keepMend(live, frozen) : frozen;
   }
 
   /** The stored block with this content hash, if any (checked against the datamap's full hash). */
@@ -913,8 +918,7 @@ export class DedupStore {
           // Released by the checkpoint running now: deleted, nothing to flag. Mended while
           // the window was read: the read was of the old record.
           if (!entry || this.releasing.has(d.id)) continue;
-          if ((this.live.moved.get(d.id) ?? this.frozen?.moved.get(d.id))?.storedLength !== undefined)
-            continue;
+          if (this.movedRecord(d.id)?.storedLength !== undefined) continue;
           this.hashIndex.delete(entry.hash, d.id);
           // Flagged in the datamap at the next checkpoint: a restart's hash index leaves it out.
           this.live.damaged.add(d.id);
@@ -1017,6 +1021,18 @@ export class DedupStore {
     placed: Array<{ at: number; length: number; hash: Buffer }>,
   ): void {
     if (this.damagedCopies.size === 0) return;
+    // Called once a client's or a replica's records are safely written: nothing here may fail them.
+    try {
+      this.mendDamagedCopies(records, placed);
+    } catch (err) {
+      this.log.warn(`mending damaged copies from new records: ${(err as Error).message}`);
+    }
+  }
+
+  private mendDamagedCopies(
+    records: Buffer,
+    placed: Array<{ at: number; length: number; hash: Buffer }>,
+  ): void {
     for (const p of placed) {
       const key = p.hash.toString('hex');
       const id = this.damagedCopies.get(key);
@@ -1270,10 +1286,7 @@ export class DedupStore {
     const replaced = this.live.moved.get(id);
     const move: MovedRecord = mend
       ? { segment, offset, storedLength: record.readUInt32BE(16), flags: record.readUInt16BE(4) }
-      : keepMend(
-          { segment, offset },
-          replaced?.storedLength !== undefined ? replaced : this.frozen?.moved.get(id),
-        );
+      : keepMend({ segment, offset }, this.movedRecord(id));
     this.live.moved.set(id, move);
     try {
       await written;
@@ -2319,7 +2332,7 @@ export class DedupStore {
       };
       written = appended.written.then(
         () => {
-          this.mendFromRecords(records, placed);
+          this.mendFromRecords(records, placed); // copies what it needs before the slab goes
           forget();
         },
         (err: unknown) => {

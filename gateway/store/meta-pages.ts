@@ -28,6 +28,15 @@ export class MetaPageError extends Error {
   }
 }
 
+/** The error for block `lba` of `volume`, whose page of the tree was found damaged. */
+export function metaPageDamaged(volume: number, lba: number): MetaPageError {
+  return new MetaPageError(
+    `block ${lba} of volume #${volume}: its metamap page is damaged`,
+    volume,
+    lba - (lba % META_SLOTS),
+  );
+}
+
 /** The key of the page holding block `lba` of `volume`, into a 12-byte buffer. */
 export function metaPageKeyInto(volume: number, lba: number, b: Buffer): Buffer {
   return encodeMetaKeyInto(volume, lba - (lba % META_SLOTS), b);
