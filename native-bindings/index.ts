@@ -113,6 +113,12 @@ export interface NativeBindings {
    * the same stdio. Returns only by throwing (an Error with `code`, e.g. ENOENT).
    */
   reexec(path: string, args: string[]): never;
+  /**
+   * Puts the calling thread under SCHED_BATCH (no wake-up preemption, same share of the
+   * CPU), as every libuv pool thread is at its first native job; false where refused.
+   * For worker threads, whose work should not preempt the event loop's thread.
+   */
+  throughputThread(): boolean;
   readonly FALLOC_FL_KEEP_SIZE: number;
   readonly FALLOC_FL_PUNCH_HOLE: number;
   readonly FALLOC_FL_ZERO_RANGE: number;

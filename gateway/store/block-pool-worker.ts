@@ -7,6 +7,9 @@ import { BatchTask, BatchView, PACKED_RAW, PACKED_ZERO } from './block-batch';
 import { BlockHasher, isZeroBlock } from './block-codec';
 import { BLOCK } from './layout';
 
+// Batches are throughput work, as the libuv pool's jobs are (native-bindings, throughputThread).
+native.throughputThread();
+
 const hasher = new BlockHasher(Buffer.from((workerData as { secret: string }).secret, 'base64'));
 const views = new WeakMap<SharedArrayBuffer, BatchView>();
 

@@ -30,6 +30,11 @@ import {
 } from './data-pages';
 import { META_PAGE_BYTES, META_SLOTS, isEmptyMetaPage, metaPageKeyInto, setSlot } from './meta-pages';
 import { NumMap } from './num-map';
+import { native } from '../../native-bindings';
+
+// Commits are throughput work: woken by a checkpoint, this thread should not take the
+// CPU from the event loop that posted it (native-bindings, throughputThread).
+native.throughputThread();
 
 const { dir } = workerData as { dir: string };
 const { env, meta, data, state: stateDb } = openIndex(dir);
