@@ -46,10 +46,10 @@
  * event loop's thread is the gateway's one serial path. Under the default policy a pool
  * thread woken while no CPU is free preempts the thread that woke it, and the event loop
  * then sits out the job it has just handed off: wall-clock profiles of 1 MiB reads on a
- * 2-CPU guest put a third of the loop's time inside the calls that queue jobs, and as
- * much again inside the reply writes that wake the client. SCHED_BATCH keeps a thread's
- * share of the CPU (same nice level) and gives up only wake-up preemption. It takes no
- * privilege; where it is refused (another OS, a sandbox) nothing changes.
+ * 2-CPU guest put a third of the loop's time inside the calls that queue jobs. SCHED_BATCH
+ * keeps a thread's share of the CPU (same nice level) and gives up only wake-up
+ * preemption. It takes no privilege; where it is refused (another OS, a sandbox) nothing
+ * changes.
  */
 static int throughput_policy(void) {
 #ifdef SCHED_BATCH

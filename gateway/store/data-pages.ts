@@ -12,6 +12,7 @@
 // about 2 KiB go to overflow pages, copied whole on every change.
 
 import type { Database, RootDatabase } from 'lmdb';
+import { foldIntoPages } from './index-db';
 import { DATA_ENTRY, decodeId, encodeIdInto } from './layout';
 
 export const PAGE_ENTRIES = 32;
@@ -107,39 +108,25 @@ export function* dataEntries(
 
 /**
  * Moves a datamap kept an entry per block id (stores written before pages) into
- * pages, emptying the old tree, in one transaction: a crash leaves either format
- * whole. Returns the entries moved. A row of the wrong length stops it: the store
- * is left as it was, for fsck to report.
+ * pages (foldIntoPages). A row of the wrong length stops it: the store is left as it
+ * was, for fsck to report. Returns the entries moved.
  */
 export function convertLegacyRows(
   env: RootDatabase,
   legacy: Database<Buffer, Buffer>,
   pages: Database<Buffer, Buffer>,
 ): number {
-  if (legacy.getKeysCount() === 0) return 0;
-  let moved = 0;
-  env.transactionSync(() => {
-    const key = Buffer.allocUnsafe(8);
-    let page: Buffer | null = null;
-    let pageNumber = -1;
-    const put = (): void => {
-      if (page) pages.put(encodeIdInto(pageNumber, key), page);
-    };
-    for (const { key: k, value } of legacy.getRange({})) {
-      const id = decodeId(k as Buffer);
-      const entry = value as Buffer;
+  return foldIntoPages(env, legacy, pages, {
+    keyBytes: 8,
+    pageKeyInto(key, entry, into) {
+      const id = decodeId(key);
       if (entry.length !== DATA_ENTRY)
         throw new DataPageError(`block ${id}: datamap entry of ${entry.length} bytes; run fsck`);
-      if (dataPageNumber(id) !== pageNumber) {
-        put();
-        pageNumber = dataPageNumber(id);
-        page = emptyPage();
-      }
-      entry.copy(page!, setPresent(page!, id, true));
-      moved++;
-    }
-    put();
-    legacy.clearSync();
+      dataPageKeyInto(id, into);
+    },
+    newPage: emptyPage,
+    place(page, key, entry) {
+      entry.copy(page, setPresent(page, decodeId(key), true));
+    },
   });
-  return moved;
 }

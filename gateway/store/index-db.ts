@@ -41,3 +41,49 @@ export function openIndex(storeDir: string, opts: { readOnly?: boolean } = {}): 
     state: env.openDB<unknown, string>({ name: 'state', encoding: 'json' }),
   };
 }
+
+/** How rows of a tree kept an entry per key go into pages (foldIntoPages). */
+export interface PageFold {
+  /** Bytes of a page key. */
+  keyBytes: number;
+  /** Writes the key of the page `key`'s row belongs in; throws for a row that cannot be converted. */
+  pageKeyInto(key: Buffer, value: Buffer, into: Buffer): void;
+  newPage(): Buffer;
+  /** Puts the row into its page. */
+  place(page: Buffer, key: Buffer, value: Buffer): void;
+}
+
+/**
+ * Moves a tree kept an entry per key (stores written before pages) into pages, emptying
+ * the old tree, in one transaction: a crash leaves either format whole, and a row that
+ * throws leaves the store as it was, for fsck to report. The rows of one page come
+ * together, in key order. Returns the rows moved.
+ */
+export function foldIntoPages(
+  env: RootDatabase,
+  legacy: Database<Buffer, Buffer>,
+  pages: Database<Buffer, Buffer>,
+  fold: PageFold,
+): number {
+  if (legacy.getKeysCount() === 0) return 0;
+  let moved = 0;
+  env.transactionSync(() => {
+    // lmdb-js copies a key as it puts it: the two buffers take turns.
+    let key = Buffer.alloc(fold.keyBytes);
+    let next = Buffer.alloc(fold.keyBytes);
+    let page: Buffer | null = null;
+    for (const { key: k, value } of legacy.getRange({})) {
+      fold.pageKeyInto(k, value, next);
+      if (page === null || !next.equals(key)) {
+        if (page) pages.put(key, page);
+        [key, next] = [next, key];
+        page = fold.newPage();
+      }
+      fold.place(page, k, value);
+      moved++;
+    }
+    if (page) pages.put(key, page);
+    legacy.clearSync();
+  });
+  return moved;
+}

@@ -9,6 +9,7 @@
 // MASK_BLOCK encodes to. A page of holes only is removed.
 
 import type { Database, RootDatabase } from 'lmdb';
+import { foldIntoPages } from './index-db';
 import { decodeId, decodeMetaKey, encodeMetaKeyInto } from './layout';
 
 export const META_SLOTS = 16;
@@ -134,43 +135,28 @@ export function forEachMeta(
 }
 
 /**
- * Converts a metamap kept as an entry per block (stores made before pages) into pages,
- * in one transaction, and empties the old tree. Returns the entries converted.
+ * Converts a metamap kept as an entry per block (stores made before pages) into pages
+ * (foldIntoPages). An entry of the wrong length stops it, the store left as it was.
+ * Returns the entries converted.
  */
 export function convertLegacyMeta(
   env: RootDatabase,
   legacy: Database<Buffer, Buffer>,
   pages: Database<Buffer, Buffer>,
 ): number {
-  if (legacy.getKeysCount() === 0) return 0;
-  let moved = 0;
-  env.transactionSync(() => {
-    const key = Buffer.allocUnsafe(12);
-    let page: Buffer | null = null;
-    let volume = -1;
-    let first = -1;
-    const put = (): void => {
-      if (page) pages.put(metaPageKeyInto(volume, first, key), page);
-    };
-    for (const { key: k, value } of legacy.getRange({})) {
-      const at = decodeMetaKey(k as Buffer);
-      const v = value as Buffer;
-      if (v.length !== 8)
+  return foldIntoPages(env, legacy, pages, {
+    keyBytes: 12,
+    pageKeyInto(key, value, into) {
+      const at = decodeMetaKey(key);
+      if (value.length !== 8)
         throw new MetaPageError(
-          `volume #${at.volume} block ${at.lba}: metamap entry of ${v.length} bytes; run fsck`,
+          `volume #${at.volume} block ${at.lba}: metamap entry of ${value.length} bytes; run fsck`,
         );
-      const pageFirst = at.lba - (at.lba % META_SLOTS);
-      if (at.volume !== volume || pageFirst !== first) {
-        put();
-        volume = at.volume;
-        first = pageFirst;
-        page = emptyMetaPage();
-      }
-      setSlot(page!, at.lba % META_SLOTS, decodeId(v));
-      moved++;
-    }
-    put();
-    legacy.clearSync();
+      metaPageKeyInto(at.volume, at.lba, into);
+    },
+    newPage: emptyMetaPage,
+    place(page, key, value) {
+      setSlot(page, decodeMetaKey(key).lba % META_SLOTS, decodeId(value));
+    },
   });
-  return moved;
 }

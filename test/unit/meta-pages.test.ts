@@ -4,9 +4,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, describe, it } from 'node:test';
 import { openIndex } from '../../gateway/store/index-db';
-import { MASK_BLOCK, ZERO_BLOCK } from '../../gateway/store/layout';
+import { MASK_BLOCK, ZERO_BLOCK, encodeId, encodeMetaKey } from '../../gateway/store/layout';
 import {
   META_SLOTS,
+  convertLegacyMeta,
   emptyMetaPage,
   forEachMeta,
   isEmptyMetaPage,
@@ -67,6 +68,37 @@ describe('metamap pages', () => {
     );
     assert.deepEqual(ids, [9]);
     assert.match(bad[0]!, /volume #1 at block 0 holds 10 bytes/);
+    await env.close();
+  });
+  it('converts entries kept one per block into pages, by volume and page, and empties the old tree', async () => {
+    const { env, meta, legacyMeta } = openIndex(path.join(tmp, 'convert'));
+    const entries: Array<[number, number, number]> = [
+      [1, 0, 10],
+      [1, 15, 11],
+      [1, 16, 12],
+      [2, 3, 13],
+    ];
+    for (const [volume, lba, id] of entries) await legacyMeta!.put(encodeMetaKey(volume, lba), encodeId(id));
+    assert.equal(convertLegacyMeta(env, legacyMeta!, meta!), 4);
+    assert.equal(legacyMeta!.getKeysCount(), 0);
+    assert.equal(meta!.getKeysCount(), 3);
+    const seen: Array<[number, number, number]> = [];
+    forEachMeta(meta!, null, (volume, lba, id) => seen.push([volume, lba, id]));
+    assert.deepEqual(seen, entries);
+    assert.equal(convertLegacyMeta(env, legacyMeta!, meta!), 0);
+    await env.close();
+  });
+
+  it('leaves both trees as they were when an entry cannot be converted', async () => {
+    const { env, meta, legacyMeta } = openIndex(path.join(tmp, 'convert-bad'));
+    await legacyMeta!.put(encodeMetaKey(1, 0), encodeId(10));
+    await legacyMeta!.put(encodeMetaKey(1, 40), Buffer.alloc(5));
+    assert.throws(
+      () => convertLegacyMeta(env, legacyMeta!, meta!),
+      /volume #1 block 40: metamap entry of 5 bytes/,
+    );
+    assert.equal(legacyMeta!.getKeysCount(), 2);
+    assert.equal(meta!.getKeysCount(), 0);
     await env.close();
   });
 });
